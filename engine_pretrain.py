@@ -1,0 +1,419 @@
+"""The shared pre-training pipeline and loop, used by the ViT and the CNN entry scripts.
+
+run_pretraining reads top to bottom: distributed set-up -> checks -> data -> model -> optimizer ->
+resume -> epochs -> checkpoints. train_one_epoch follows MAE's engine: the LR is set every
+iteration, gradients accumulate over --accum_iter, and the loss is averaged over processes.
+"""
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import data as data_lib
+from data.sampler import ResumableSampler
+from data.transforms import build_eval_transform, norm_stats_for
+from util import checkpoint as ckpt_lib
+from util import dist as dist_lib
+from util.args import REQUEUE_EXIT_CODE, resolve_lr, validate_args
+from util.log import MetricLogger, RunLog, setup_logging
+from util.lr_sched import adjust_learning_rate
+from util.precision import LossScaler, autocast, resolve_precision
+from util.preemption import Preempted, PreemptionFlag
+from util.vis import save_loss_curve, save_reconstruction_png
+
+logger = logging.getLogger(__name__)
+
+INPUT_BOUND_WARNING = 0.3  # data-wait share of step time above which the log warns
+VIS_IMAGES = 4
+VIS_MASK_SEED = 1234
+
+
+class TooManyBadSteps(RuntimeError):
+    """--max_bad_steps non-finite steps in a row."""
+
+
+@dataclass
+class TrainState:
+    """What the loop carries across steps and epochs (and what a checkpoint must restore)."""
+
+    epoch: int = 0
+    step: int = 0  # next data_iter_step inside `epoch`
+    optimizer_steps: int = 0
+    bad_steps_total: int = 0
+    bad_steps_in_a_row: int = 0
+    replaced_files: int = 0
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything built once by run_pretraining and used by the loop."""
+
+    args: object
+    info: dist_lib.DistInfo
+    device: torch.device
+    precision: str
+    model: torch.nn.Module  # DDP-wrapped when distributed
+    model_without_ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: LossScaler
+    loader: torch.utils.data.DataLoader
+    sampler: ResumableSampler
+    steps_per_epoch: int
+    run_log: RunLog
+    preemption: PreemptionFlag
+    norm_stats: dict
+    vis_images: torch.Tensor | None = None
+    preemption_requested: bool = False  # a signal reached some rank; agreed on at each optimizer step
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only weight matrices and kernels: no decay on biases, norms, or the cls/mask tokens."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), **kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_loader(args, dataset, info: dist_lib.DistInfo, device: torch.device):
+    repeats = 3 if args.repeated_aug else 1
+    sampler = ResumableSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=args.seed, repeats=repeats)
+    steps = sampler.num_samples // args.batch_size
+    if steps == 0:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than this rank's share of the data "
+                         f"({sampler.num_samples} images over {info.world_size} process(es)); lower --batch_size")
+    if args.max_steps_per_epoch:
+        steps = min(steps, args.max_steps_per_epoch * args.accum_iter)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
+        persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None,
+        # its own generator, so creating an iterator never consumes the global RNG (exact resume)
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    return loader, sampler, steps
+
+
+def log_resolved(args, info, device, precision, eff_batch_size, steps_per_epoch) -> None:
+    summary = {
+        "world_size": info.world_size, "launcher": info.source, "device": str(device), "precision": precision,
+        "batch_size_per_process": args.batch_size, "accum_iter": args.accum_iter, "eff_batch_size": eff_batch_size,
+        "base_lr": args.lr * 256 / eff_batch_size, "actual_lr": args.lr, "steps_per_epoch": steps_per_epoch,
+        "epochs": args.epochs, "git": git_commit(),
+    }
+    logger.info("resolved run: %s", json.dumps(summary))
+    logger.info("base lr: %.2e  actual lr: %.2e  effective batch size: %d (= %d per process x %d accum x %d processes)",
+                summary["base_lr"], args.lr, eff_batch_size, args.batch_size, args.accum_iter, info.world_size)
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def prepare_outputs(args, info) -> None:
+    if not info.is_main:
+        return
+    ckpt_lib.check_writable(args.output_dir)
+    if args.log_dir:
+        ckpt_lib.check_writable(args.log_dir)
+    ckpt_lib.remove_stale_temp_files(args.output_dir)
+
+
+def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int) -> dict | None:
+    """The checkpoint dict (reference keys first) on rank 0; None elsewhere. All ranks must call it."""
+    rng = [ckpt_lib.rng_state()]
+    if run.info.distributed:
+        rng = [None] * run.info.world_size
+        torch.distributed.all_gather_object(rng, ckpt_lib.rng_state())
+    if not run.info.is_main:
+        return None
+    args = {k: v for k, v in vars(run.args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+    return {
+        "model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch,
+        "scaler": run.scaler.state_dict(), "args": args,
+        "step": step, "optimizer_steps": state.optimizer_steps, "bad_steps_total": state.bad_steps_total,
+        "rng": rng, "world_size": run.info.world_size, "norm_stats": run.norm_stats, "format": "medical_mae/1",
+    }
+
+
+def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = False) -> None:
+    """checkpoint-last (always) and checkpoint-{epoch} (periodic); rank 0 writes, every rank joins."""
+    ckpt = checkpoint_state(run, state, epoch, step)
+    if ckpt is None:
+        return
+    out = run.args.output_dir
+    ckpt_lib.atomic_save(ckpt, os.path.join(out, ckpt_lib.LAST_NAME))
+    if periodic:
+        ckpt_lib.link_or_copy(os.path.join(out, ckpt_lib.LAST_NAME), os.path.join(out, f"checkpoint-{epoch}.pth"))
+        ckpt_lib.prune_periodic(out, run.args.keep_last)
+
+
+def resume(run: Run, state: TrainState) -> None:
+    """Load --resume, or with --auto_resume the newest good checkpoint in output_dir."""
+    args = run.args
+    if args.resume:
+        path, ckpt = args.resume, ckpt_lib.load_checkpoint(args.resume)
+    elif args.auto_resume and os.path.isdir(args.output_dir):
+        found = ckpt_lib.find_resumable(args.output_dir)
+        if found is None:
+            return
+        path, ckpt = found
+    else:
+        return
+    run.model_without_ddp.load_state_dict(ckpt["model"])
+    if "optimizer" in ckpt and "epoch" in ckpt:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scaler.load_state_dict(ckpt.get("scaler") or {})
+        state.epoch, state.step = ckpt_lib.progress_of(ckpt)
+        state.optimizer_steps = int(ckpt.get("optimizer_steps", 0))
+        state.bad_steps_total = int(ckpt.get("bad_steps_total", 0))
+        rng = ckpt.get("rng")
+        if rng and ckpt.get("world_size") == run.info.world_size:
+            ckpt_lib.set_rng_state(rng[run.info.rank])
+        elif rng:
+            logger.warning("checkpoint was written by %s processes, this run has %d: RNG streams restart from "
+                           "the seed", ckpt.get("world_size"), run.info.world_size)
+    logger.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.step)
+
+
+def train_one_epoch(run: Run, state: TrainState) -> dict:
+    args, model, optimizer = run.args, run.model, run.optimizer
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    metric_logger = MetricLogger()
+    metric_logger.meters["lr"].fmt = "{value:.3e}"
+    header = f"Epoch: [{state.epoch}]"
+    accum_iter, steps = args.accum_iter, run.steps_per_epoch
+    loss_accum = torch.zeros((), device=run.device)
+    start_time, images = time.time(), 0
+    batches = metric_logger.log_every(run.loader, args.print_freq, header, total=steps, start=state.step)
+    for data_iter_step, (samples, replaced) in batches:
+        if data_iter_step >= steps:
+            break
+        if data_iter_step % accum_iter == 0:
+            lr = adjust_learning_rate(optimizer, data_iter_step / steps + state.epoch, args)
+        samples = samples.to(run.device, non_blocking=True)
+        state.replaced_files += int(replaced.sum())
+        update = (data_iter_step + 1) % accum_iter == 0
+        # DDP all-reduces gradients only on the iteration that steps
+        grad_sync = contextlib.nullcontext() if update or not run.info.distributed else model.no_sync()
+        with grad_sync:
+            with autocast(run.precision, run.device):
+                loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
+            run.scaler.backward(loss / accum_iter)
+        loss_accum += loss.detach().float()
+        images += samples.shape[0]
+        if not update:
+            continue
+        loss_value = optimizer_step(run, state, loss_accum / accum_iter)
+        loss_accum.zero_()
+        state.step = data_iter_step + 1
+        metric_logger.update(loss=loss_value, lr=lr)
+        epoch_1000x = int((data_iter_step / steps + state.epoch) * 1000)
+        run.run_log.scalar("train_loss", loss_value, epoch_1000x)
+        run.run_log.scalar("lr", lr, epoch_1000x)
+        if run.preemption_requested:
+            save(run, state, state.epoch, state.step)
+            raise Preempted(run.preemption.signal_name or "signal on another rank")
+        if args.save_every_steps and state.optimizer_steps % args.save_every_steps == 0 and state.step < steps:
+            save(run, state, state.epoch, state.step)
+    elapsed = time.time() - start_time
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats.update(images_per_s=images * run.info.world_size / max(elapsed, 1e-9),
+                 data_wait_fraction=metric_logger.data_wait_fraction, bad_steps=state.bad_steps_total,
+                 replaced_files=state.replaced_files)
+    if stats["data_wait_fraction"] > INPUT_BOUND_WARNING:
+        logger.warning("input-bound: %.0f%% of step time waited for data. Raise --num_workers, or train from "
+                       "tools/prepare_data.py output.", 100 * stats["data_wait_fraction"])
+    return stats
+
+
+def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> float:
+    """Step unless the loss or gradient is non-finite; one all-reduce and one host sync per step.
+
+    The stop flag travels with the loss so every rank sees a pre-emption signal at the same step.
+    """
+    args = run.args
+    norm = run.scaler.step_prepare(run.optimizer, run.model.parameters(), args.clip_grad)
+    stop = 1.0 if run.preemption.set else 0.0
+    packed = torch.stack([loss.float(), torch.tensor(stop, device=run.device), norm.float().to(run.device)])
+    dist_lib.all_reduce(packed)
+    loss_value, stop_count, norm_value = packed.tolist()
+    loss_value /= run.info.world_size
+    run.preemption_requested = stop_count > 0
+    finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or run.scaler.enabled)
+    if finite:
+        run.scaler.step_apply(run.optimizer)
+        state.bad_steps_in_a_row = 0
+        state.optimizer_steps += 1
+    else:
+        run.scaler.step_skip(run.optimizer)
+        state.bad_steps_total += 1
+        state.bad_steps_in_a_row += 1
+        logger.warning("non-finite loss (%s) or gradient norm (%s) at epoch %d step %d: update skipped "
+                       "(%d in a row, %d in total)", loss_value, norm_value, state.epoch, state.step,
+                       state.bad_steps_in_a_row, state.bad_steps_total)
+        run.run_log.scalar("bad_steps", state.bad_steps_total, state.optimizer_steps)
+        if state.bad_steps_in_a_row >= args.max_bad_steps:
+            raise TooManyBadSteps(
+                f"{state.bad_steps_in_a_row} non-finite steps in a row (--max_bad_steps {args.max_bad_steps}). "
+                f"checkpoint-last.pth holds the last good state. Remedies: --precision bf16 (or fp32) instead of "
+                f"fp16, a lower --blr, or --clip_grad 1.0; then rerun the same command to resume.")
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_value
+
+
+def visualize(run: Run, epoch: int) -> float | None:
+    """Reconstruction PNG + TensorBoard image and val_loss on the fixed monitor batch (rank 0)."""
+    if run.vis_images is None or not run.info.is_main:
+        return None
+    model = run.model_without_ddp
+    was_training = model.training
+    model.eval()
+    name = run.norm_stats["sources"][0]
+    mean, std = run.norm_stats["per_source"][name]
+    path = os.path.join(run.args.output_dir, f"reconstruction-{epoch:04d}.png")
+    with autocast(run.precision, run.device):
+        loss = save_reconstruction_png(path, model, run.vis_images.to(run.device), run.args.mask_ratio, VIS_MASK_SEED,
+                                       mean, std, f"epoch {epoch}")
+    model.train(was_training)
+    run.run_log.scalar("val_loss", loss, (epoch + 1) * 1000)
+    logger.info("wrote %s (val_loss %.4f on %d monitor images, fixed mask seed)", path, loss, VIS_IMAGES)
+    return loss
+
+
+def monitor_images(args, indexes_dataset) -> torch.Tensor:
+    """A fixed batch from the first source with a deterministic resize, for reconstructions and val_loss."""
+    first = indexes_dataset.datasets[0]
+    mean, std = norm_stats_for(first.name, args.norm_stats, args.in_chans)
+    transform = build_eval_transform(args.input_size, mean, std, args.in_chans)
+    count = min(VIS_IMAGES, len(first))
+    return torch.stack([transform(first.load(i)) for i in range(count)])
+
+
+def run_epochs(run: Run, state: TrainState) -> None:
+    args = run.args
+    for epoch in range(state.epoch, args.epochs):
+        state.epoch = epoch
+        run.sampler.set_epoch(epoch)
+        run.sampler.set_start(state.step * args.batch_size)
+        stats = train_one_epoch(run, state)
+        state.step = 0
+        last = epoch + 1 == args.epochs
+        save(run, state, epoch, 0, periodic=epoch % args.save_freq == 0 or last)
+        if (args.vis_freq and epoch % args.vis_freq == 0) or last:
+            stats["val_loss"] = visualize(run, epoch)
+        log_stats = {**{f"train_{k}": v for k, v in stats.items() if k != "val_loss"}, "epoch": epoch}
+        if stats.get("val_loss") is not None:
+            log_stats["val_loss"] = stats["val_loss"]
+        run.run_log.epoch_line(log_stats)
+        if run.info.is_main:
+            save_loss_curve(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "loss_curve.png"))
+
+
+def run_pretraining(args, build_model, check_model_args=None) -> int:
+    """Entry point shared by both scripts; returns the process exit code."""
+    info, device = dist_lib.init_distributed(args)
+    setup_logging(args.output_dir if info.is_main else None, info.rank)
+    try:
+        return _run(args, info, device, build_model, check_model_args)
+    except Preempted as e:
+        logger.warning("pre-empted (%s): checkpoint-last written; exiting with %d so the job can be requeued",
+                       e, REQUEUE_EXIT_CODE)
+        return REQUEUE_EXIT_CODE
+    except TooManyBadSteps as e:
+        logger.error("%s", e)
+        return 2
+    finally:
+        dist_lib.cleanup()
+
+
+def _run(args, info, device, build_model, check_model_args) -> int:
+    problems = data_lib.check_data_args(args) + (check_model_args(args) if check_model_args else [])
+    validate_args(args, problems)
+    prepare_outputs(args, info)
+    seed_everything(args.seed + info.rank)
+    dataset, counts = data_lib.build_pretrain_dataset(args)
+    if info.is_main:
+        logger.info("%s", data_lib.format_count_tree(counts))
+        write_json(os.path.join(args.output_dir, "data_counts.json"), counts)
+    loader, sampler, steps = build_loader(args, dataset, info, device)
+    precision = resolve_precision(args.precision, device)
+    eff_batch_size = resolve_lr(args, info.world_size)
+    log_resolved(args, info, device, precision, eff_batch_size, steps // args.accum_iter)
+    model = build_model(args).to(device)
+    model_without_ddp = model
+    if args.compile:
+        model = torch.compile(model)
+    optimizer = build_optimizer(model_without_ddp, args, device)
+    norm_stats = {"policy": args.norm_stats, "sources": list(args.datasets_names),
+                  "per_source": {n: norm_stats_for(n, args.norm_stats, args.in_chans) for n in args.datasets_names}}
+    run = Run(args, info, device, precision, model, model_without_ddp, optimizer, LossScaler(precision, device),
+              loader, sampler, steps, RunLog(args.output_dir, args.log_dir, info.is_main), PreemptionFlag().install(),
+              norm_stats)
+    state = TrainState(epoch=args.start_epoch)
+    resume(run, state)
+    if info.distributed:
+        run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if info.is_main:
+        run.vis_images = monitor_images(args, dataset)
+        write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+    logger.info("model: %s, %.1fM parameters; start at epoch %d step %d", args.model,
+                sum(p.numel() for p in model_without_ddp.parameters()) / 1e6, state.epoch, state.step)
+    start = time.time()
+    run_epochs(run, state)
+    run.run_log.close()
+    logger.info("training time %s", datetime.timedelta(seconds=int(time.time() - start)))
+    return 0
+
+
+def main(args, build_model, check_model_args=None) -> None:
+    sys.exit(run_pretraining(args, build_model, check_model_args))
+
+
+def cli_main(parser, model_names, build_model, check_model_args) -> None:
+    """Parse, answer --model list, and run: the whole body of each entry script."""
+    args = parser.parse_args()
+    if args.model == "list":
+        print("\n".join(model_names))
+        sys.exit(0)
+    main(args, build_model, check_model_args)

@@ -1,0 +1,52 @@
+"""MAE pre-training of a ViT on chest X-rays (WACV 2023 "Delving into Masked Autoencoders for
+Multi-Label Thorax Disease Classification"; the reference is lambert-x/medical_mae).
+
+One process, CPU or one GPU:
+    python main_pretrain_multi_datasets_xray.py --model mae_vit_small_patch16_dec128d2b --mask_ratio 0.90 \
+        --data_path data --datasets_names chexpert chestxray_nih --output_dir out --log_dir out
+One node, 8 GPUs (torchrun, or the reference's python -m torch.distributed.launch --use_env):
+    torchrun --nproc_per_node=8 main_pretrain_multi_datasets_xray.py ...
+SLURM, one task per GPU or torchrun per node: scripts/ and PRETRAIN.md.
+"""
+import argparse
+
+import models_mae
+from data import add_data_args
+from engine_pretrain import cli_main
+from util.args import add_common_args
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE pre-training on chest X-rays", add_help=False)
+    add_common_args(parser)
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
+                       help="model name, e.g. mae_vit_small_patch16_dec128d2b; 'list' prints all "
+                            "(default: mae_vit_large_patch16)")
+    add_data_args(parser)
+    return parser
+
+
+def check_model_args(args) -> list[str]:
+    if args.model not in models_mae.MODELS:
+        try:
+            models_mae.MODELS.get(args.model)
+        except ValueError as e:
+            return [f"--model: {e}"]
+    patch = 14 if "patch14" in args.model else 16
+    problems = []
+    if args.input_size % patch:
+        problems.append(f"--input_size {args.input_size} must be divisible by the patch size {patch} of {args.model}")
+    if args.model.endswith("_448") and args.input_size != 448:
+        problems.append(f"--model {args.model} is the 448-pixel variant; pass --input_size 448")
+    return problems
+
+
+def build_model(args):
+    return models_mae.create_model(args.model, img_size=args.input_size, in_chans=args.in_chans,
+                                   norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
+
+
+if __name__ == "__main__":
+    cli_main(argparse.ArgumentParser(parents=[get_args_parser()]), models_mae.MODELS.names(), build_model,
+             check_model_args)

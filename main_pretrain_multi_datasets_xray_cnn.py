@@ -1,0 +1,51 @@
+"""Masked-reconstruction pre-training of a CNN (an SMP U-Net over any encoder) on chest X-rays,
+the CNN path of lambert-x/medical_mae. Same data, engine, outputs and launch modes as the ViT script.
+
+    python main_pretrain_multi_datasets_xray_cnn.py --model densenet121 --mask_ratio 0.75 --data_path data ...
+    torchrun --nproc_per_node=8 main_pretrain_multi_datasets_xray_cnn.py --model densenet121 ...
+"""
+import argparse
+
+import torch
+
+import models_mae_cnn
+from data import add_data_args
+from engine_pretrain import cli_main
+from util.args import add_common_args
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("CNN masked-reconstruction pre-training on chest X-rays", add_help=False)
+    add_common_args(parser)
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model", default="densenet121", type=str, metavar="ENCODER",
+                       help="any segmentation-models-pytorch encoder, e.g. densenet121 or resnet50; 'list' prints all "
+                            "(default: densenet121)")
+    group.add_argument("--model_arch", default="Unet", choices=models_mae_cnn.ARCHITECTURES,
+                       help="SMP architecture around the encoder (default: Unet)")
+    group.add_argument("--patch_size", default=16, type=int, help="masking patch size in pixels (default: 16)")
+    group.add_argument("--cnn_loss", default="all", choices=models_mae_cnn.LOSS_REGIONS,
+                       help="'all': MSE over every pixel (the reference); 'masked': removed patches only (default: all)")
+    add_data_args(parser)
+    return parser
+
+
+def check_model_args(args) -> list[str]:
+    try:
+        models_mae_cnn.check_cnn_config(args.model, args.model_arch, args.input_size, args.patch_size)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def build_model(args):
+    model = models_mae_cnn.create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
+                                        model_arch=args.model_arch, in_chans=args.in_chans,
+                                        norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio,
+                                        loss_region=args.cnn_loss)
+    return model.to(memory_format=torch.channels_last)
+
+
+if __name__ == "__main__":
+    cli_main(argparse.ArgumentParser(parents=[get_args_parser()]), models_mae_cnn.encoder_names(), build_model,
+             check_model_args)

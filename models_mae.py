@@ -1,0 +1,209 @@
+"""Masked autoencoder with a ViT backbone (He et al. 2021), as used by medical_mae.
+
+State-dict keys and shapes match the reference (and facebookresearch/mae) exactly, so checkpoints
+move both ways. Built on timm >= 1.0 blocks, which use PyTorch's fused SDPA attention.
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from util.masking import (binary_mask, check_mask_ratio, normalize_patch_targets, patchify, random_masking_ids,
+                          unpatchify)
+from util.pos_embed import get_2d_sincos_pos_embed
+from util.registry import Registry
+
+MODELS = Registry("ViT MAE model")
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """Masked autoencoder with a VisionTransformer encoder and a narrow transformer decoder."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False, mask_ratio=0.75):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"input_size {img_size} must be divisible by the patch size {patch_size}")
+        check_mask_ratio(mask_ratio)
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+
+        # encoder
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # fixed sin-cos table; a Parameter without grad keeps the reference's state_dict key
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)
+        ])
+        self.norm = norm_layer(embed_dim)
+
+        # decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(decoder_depth)
+        ])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        grid = self.patch_embed.grid_size
+        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid, cls_token=True)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        dec_pos = get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid, cls_token=True)
+        self.decoder_pos_embed.data.copy_(torch.from_numpy(dec_pos).float().unsqueeze(0))
+        # patch_embed is initialised like nn.Linear, not nn.Conv2d (MAE)
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        torch.nn.init.normal_(self.cls_token, std=0.02)
+        torch.nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def patchify(self, imgs):
+        """[N, C, H, W] -> [N, L, p*p*C]"""
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x):
+        """[N, L, p*p*C] -> [N, C, H, W]"""
+        return unpatchify(x, self.patch_size, self.in_chans, self.patch_embed.grid_size)
+
+    def random_masking(self, x, mask_ratio):
+        """Keep int(L*(1-mask_ratio)) tokens per sample. x: [N, L, D] -> [N, len_keep, D], mask [N, L]."""
+        n, num_patches, dim = x.shape
+        ids_shuffle, ids_restore, len_keep = random_masking_ids(n, num_patches, mask_ratio, x.device)
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, dim))
+        return x_masked, binary_mask(ids_restore, len_keep), ids_restore
+
+    def forward_encoder(self, x, mask_ratio):
+        x = self.patch_embed(x)  # [N, L, D]
+        x = x + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio)
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # [N, 1 + len_keep, D]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_features(self, x):
+        """Unmasked encoder output [N, 1 + L, D], deterministic: for probes and downstream use."""
+        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_decoder(self, x, ids_restore):
+        x = self.decoder_embed(x)  # [N, 1 + len_keep, Dd]
+        num_masked = ids_restore.shape[1] + 1 - x.shape[1]
+        mask_tokens = self.mask_token.repeat(x.shape[0], num_masked, 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # no cls token
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # [N, 1 + L, p*p*C]
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs, pred, mask):
+        """Per-patch MSE averaged over the removed patches, computed in fp32."""
+        target = self.patchify(imgs).float()
+        if self.norm_pix_loss:
+            target = normalize_patch_targets(target)
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=None):
+        mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        check_mask_ratio(mask_ratio)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def encoder_state_dict(self) -> dict:
+        """Encoder weights under timm VisionTransformer names (the decoder and mask token dropped)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("decoder_", "mask_token"))}
+
+
+def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
+    return MODELS.get(name)(**kwargs)
+
+
+def _vit(embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, **kwargs):
+    kwargs.setdefault("patch_size", 16)
+    return MaskedAutoencoderViT(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
+                                decoder_num_heads=16, mlp_ratio=4, **kwargs)
+
+
+@MODELS.register
+def mae_vit_small_patch16_dec128d2b(**kwargs):
+    return _vit(384, 12, 6, 128, 2, **kwargs)
+
+
+@MODELS.register
+def mae_vit_small_patch16_dec512d8b(**kwargs):
+    return _vit(384, 12, 6, 512, 8, **kwargs)
+
+
+@MODELS.register
+def mae_vit_small_patch16_dec512d2b(**kwargs):
+    return _vit(384, 12, 6, 512, 2, **kwargs)
+
+
+@MODELS.register
+def mae_vit_small_patch16_dec512d2b_448(**kwargs):
+    kwargs.setdefault("img_size", 448)
+    return _vit(384, 12, 6, 512, 2, **kwargs)
+
+
+@MODELS.register
+def mae_vit_base_patch16_dec512d2b(**kwargs):
+    return _vit(768, 12, 12, 512, 2, **kwargs)
+
+
+@MODELS.register
+def mae_vit_base_patch16_dec512d8b(**kwargs):
+    return _vit(768, 12, 12, 512, 8, **kwargs)
+
+
+@MODELS.register
+def mae_vit_large_patch16_dec512d8b(**kwargs):
+    return _vit(1024, 24, 16, 512, 8, **kwargs)
+
+
+@MODELS.register
+def mae_vit_huge_patch14_dec512d8b(**kwargs):
+    kwargs.setdefault("patch_size", 14)
+    return _vit(1280, 32, 16, 512, 8, **kwargs)
+
+
+# reference aliases: the recommended architectures under their short names
+MODELS.register(mae_vit_small_patch16_dec512d8b, name="mae_vit_small_patch16_dec512d8")
+MODELS.register(mae_vit_small_patch16_dec512d2b, name="mae_vit_small_patch16_dec512d2")
+MODELS.register(mae_vit_small_patch16_dec512d8b, name="mae_vit_small_patch16")
+MODELS.register(mae_vit_base_patch16_dec512d2b, name="mae_vit_base_patch16_dec512d2")
+MODELS.register(mae_vit_base_patch16_dec512d8b, name="mae_vit_base_patch16")
+MODELS.register(mae_vit_large_patch16_dec512d8b, name="mae_vit_large_patch16")
+MODELS.register(mae_vit_huge_patch14_dec512d8b, name="mae_vit_huge_patch14")

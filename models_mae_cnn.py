@@ -1,0 +1,93 @@
+"""Masked image reconstruction with a segmentation-models-pytorch network (the reference's CNN path).
+
+The image is cut into patches, a random subset (same noise-argsort rule as the ViT) is set to zero
+in normalised space, and the network reconstructs the whole image. The reference loss is the MSE
+over all pixels; loss_region='masked' restricts it to the removed patches.
+"""
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn as nn
+
+from util.masking import (binary_mask, check_mask_ratio, normalize_patch_targets, patchify, random_masking_ids,
+                          unpatchify)
+
+ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "DeepLabV3Plus", "MAnet", "PAN", "UPerNet",
+                 "Segformer")
+LOSS_REGIONS = ("all", "masked")
+
+
+def encoder_names() -> list[str]:
+    return list(smp.encoders.get_encoder_names())
+
+
+def check_cnn_config(encoder_name: str, model_arch: str, img_size: int, patch_size: int) -> None:
+    """Every constraint the U-Net path has, checked before a model is built."""
+    if encoder_name not in smp.encoders.encoders:
+        import difflib
+
+        close = difflib.get_close_matches(encoder_name, encoder_names(), n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"--model '{encoder_name}' is not an SMP encoder.{hint} Use --model list to print every name.")
+    if model_arch not in ARCHITECTURES:
+        raise ValueError(f"--model_arch must be one of {list(ARCHITECTURES)}, got '{model_arch}'")
+    stride = 32  # five 2x downsamplings in every SMP encoder at its default depth
+    if img_size % stride:
+        raise ValueError(f"--input_size {img_size} is not divisible by {stride}, the output stride of "
+                         f"'{encoder_name}'; use a multiple of {stride} such as {max(stride, img_size // stride * stride)}")
+    if img_size % patch_size:
+        raise ValueError(f"--input_size {img_size} must be divisible by --patch_size {patch_size}")
+
+
+class MaskedAutoencoderCNN(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, model_arch="Unet", encoder_name="densenet121", in_chans=3,
+                 norm_pix_loss=False, mask_ratio=0.75, loss_region="all"):
+        super().__init__()
+        check_cnn_config(encoder_name, model_arch, img_size, patch_size)
+        check_mask_ratio(mask_ratio)
+        if loss_region not in LOSS_REGIONS:
+            raise ValueError(f"--cnn_loss must be one of {list(LOSS_REGIONS)}, got '{loss_region}'")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.norm_pix_loss = norm_pix_loss
+        self.mask_ratio = mask_ratio
+        self.loss_region = loss_region
+        self.model = getattr(smp, model_arch)(encoder_name=encoder_name, encoder_weights=None,
+                                              in_channels=in_chans, classes=in_chans)
+
+    def patchify(self, imgs):
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x):
+        return unpatchify(x, self.patch_size, self.in_chans)
+
+    def random_masking(self, x, mask_ratio):
+        """x: [N, L, D] patches -> the same with removed patches zeroed, and mask [N, L] (1 is removed)."""
+        n, num_patches, _ = x.shape
+        _, ids_restore, len_keep = random_masking_ids(n, num_patches, mask_ratio, x.device)
+        mask = binary_mask(ids_restore, len_keep)
+        return x * (1 - mask.unsqueeze(-1)).to(x.dtype), mask
+
+    def forward_loss(self, imgs, pred, mask):
+        target = self.patchify(imgs).float()
+        if self.norm_pix_loss:
+            target = normalize_patch_targets(target)
+        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
+        if self.loss_region == "masked":
+            return (loss * mask).sum() / mask.sum()
+        return loss.mean()
+
+    def forward(self, imgs, mask_ratio=None):
+        mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        check_mask_ratio(mask_ratio)
+        x_masked, mask = self.random_masking(self.patchify(imgs), mask_ratio)
+        x_masked = self.unpatchify(x_masked).contiguous(memory_format=torch.channels_last)
+        pred = self.patchify(self.model(x_masked))  # [N, L, p*p*C]
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def encoder_state_dict(self) -> dict:
+        return self.model.encoder.state_dict()
+
+
+def create_model(encoder_name: str, **kwargs) -> MaskedAutoencoderCNN:
+    return MaskedAutoencoderCNN(encoder_name=encoder_name, **kwargs)

@@ -1,0 +1,109 @@
+"""Flags shared by both entry scripts (the reference parser plus the new options), and their checks."""
+import argparse
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+REQUEUE_EXIT_CODE = 3  # exit status after a pre-emption checkpoint; scripts/ requeue on it
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    run = parser.add_argument_group("Run")
+    run.add_argument("--batch_size", default=64, type=int,
+                     help="batch size per process; effective batch = batch_size * accum_iter * world size (default: 64)")
+    run.add_argument("--epochs", default=400, type=int, help="number of epochs (default: 400)")
+    run.add_argument("--accum_iter", default=1, type=int,
+                     help="accumulate gradients over this many iterations before a step (default: 1)")
+    run.add_argument("--mask_ratio", default=0.75, type=float,
+                     help="fraction of patches removed, in [0, 1) (default: 0.75)")
+    run.add_argument("--norm_pix_loss", action="store_true",
+                     help="use per-patch normalised pixels as the reconstruction target (default: off)")
+    run.add_argument("--mask_strategy", default="random", choices=["random"],
+                     help="masking rule; the reference's heat-map modes needed a file it never shipped (default: random)")
+    run.add_argument("--device", default=None, type=str,
+                     help="device to train on, e.g. cuda or cpu (default: cuda when available, else cpu)")
+    run.add_argument("--seed", default=0, type=int, help="random seed; each rank adds its rank (default: 0)")
+    run.add_argument("--num_workers", default=10, type=int, help="data-loading worker processes (default: 10)")
+    run.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the loader (default: on)")
+    run.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    run.add_argument("--repeated-aug", "--repeated_aug", action="store_true", dest="repeated_aug",
+                     help="repeat each sample 3 times per epoch across ranks, with different augmentations (default: off)")
+    run.add_argument("--max_steps_per_epoch", default=None, type=int,
+                     help="cap the optimizer steps of an epoch, for smoke tests and demos (default: no cap)")
+
+    opt = parser.add_argument_group("Optimiser")
+    opt.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
+    opt.add_argument("--lr", type=float, default=None, metavar="LR",
+                     help="absolute learning rate (default: derived, blr * effective batch / 256)")
+    opt.add_argument("--blr", type=float, default=1e-3, metavar="LR",
+                     help="base learning rate: lr = blr * effective batch / 256 (default: 1e-3)")
+    opt.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default: 0)")
+    opt.add_argument("--warmup_epochs", type=int, default=40, help="epochs of linear LR warmup (default: 40)")
+    opt.add_argument("--fixed_lr", action="store_true", help="constant LR after warmup, no cosine (default: off)")
+    opt.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this (default: off)")
+
+    prec = parser.add_argument_group("Precision and speed")
+    prec.add_argument("--precision", default="auto", choices=PRECISIONS,
+                      help="auto: bf16 on CUDA that supports it, fp16 on other CUDA, fp32 on CPU (default: auto)")
+    prec.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+
+    ckpt = parser.add_argument_group("Checkpoints and logs")
+    ckpt.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go (default: ./output_dir)")
+    ckpt.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder (default: ./output_dir)")
+    ckpt.add_argument("--resume", default="", help="resume from this checkpoint (default: none; see --auto_resume)")
+    ckpt.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (default: 0)")
+    ckpt.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
+                      help="continue from the newest good checkpoint in output_dir (default: on)")
+    ckpt.add_argument("--save_freq", default=20, type=int,
+                      help="write checkpoint-{epoch}.pth every N epochs and at the last (default: 20)")
+    ckpt.add_argument("--save_every_steps", default=0, type=int,
+                      help="also write checkpoint-last.pth every N optimizer steps inside an epoch (default: 0, off)")
+    ckpt.add_argument("--keep_last", default=0, type=int,
+                      help="keep only the newest N checkpoint-{epoch}.pth files; 0 keeps all (default: 0)")
+    ckpt.add_argument("--max_bad_steps", default=20, type=int,
+                      help="stop after this many non-finite steps in a row, after a checkpoint (default: 20)")
+    ckpt.add_argument("--print_freq", default=20, type=int, help="progress line every N iterations (default: 20)")
+    ckpt.add_argument("--vis_freq", default=0, type=int,
+                      help="every N epochs write a reconstruction PNG and val_loss on a held-out batch (default: 0, "
+                           "only at the end of training)")
+
+    dist = parser.add_argument_group("Distributed")
+    dist.add_argument("--world_size", default=1, type=int,
+                      help="number of processes; the launcher's environment wins (default: 1)")
+    dist.add_argument("--local_rank", "--local-rank", default=-1, type=int,
+                      help="accepted for torch.distributed.launch; LOCAL_RANK from the environment wins")
+    dist.add_argument("--dist_on_itp", action="store_true", help="read ranks from OpenMPI variables (default: off)")
+    dist.add_argument("--dist_url", default="env://", help="url used to set up distributed training (default: env://)")
+    dist.add_argument("--dist_timeout", default=600, type=int,
+                      help="seconds a collective may wait for a dead or stuck rank before failing (default: 600)")
+
+
+def validate_args(args, extra_problems=()) -> None:
+    """Collect every problem with the flags and raise once, naming each flag."""
+    problems = list(extra_problems)
+    if not 0.0 <= args.mask_ratio < 1.0:
+        problems.append(f"--mask_ratio is the fraction removed and must be in [0, 1), got {args.mask_ratio}")
+    for flag in ("batch_size", "epochs", "accum_iter"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
+        problems.append(f"--warmup_epochs must be in [0, --epochs={args.epochs}], got {args.warmup_epochs}")
+    if args.blr <= 0 and args.lr is None:
+        problems.append(f"--blr must be > 0, got {args.blr}")
+    if args.input_size < 1:
+        problems.append(f"--input_size must be positive, got {args.input_size}")
+    if args.save_every_steps < 0 or args.keep_last < 0 or args.save_freq < 1:
+        problems.append("--save_every_steps and --keep_last must be >= 0, --save_freq >= 1")
+    if args.max_bad_steps < 1:
+        problems.append(f"--max_bad_steps must be >= 1, got {args.max_bad_steps}")
+    if args.resume and args.start_epoch:
+        problems.append("--resume and --start_epoch conflict: the checkpoint sets the epoch")
+    if problems:
+        raise SystemExit("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def resolve_lr(args, world_size: int) -> int:
+    """lr = blr * eff_batch / 256 unless --lr is given; returns the effective batch."""
+    eff_batch_size = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    return eff_batch_size

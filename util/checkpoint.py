@@ -1,0 +1,171 @@
+"""Checkpoints that survive crashes and load safely.
+
+Writes are atomic (temp file in the same folder, fsync, os.replace), so a kill during a save leaves
+the previous file intact. Loading always uses torch.load(weights_only=True); reference checkpoints,
+which pickle an argparse.Namespace, load through an explicit allow-list of that one class.
+"""
+import argparse
+import glob
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import zipfile
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+LAST_NAME = "checkpoint-last.pth"
+_PERIODIC = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """The file asks the unpickler to build something other than tensors and plain data."""
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temp file, fsync it, rename over `path`, fsync the folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RuntimeError(
+            f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint, if any, is intact. "
+            "Free disk space or point --output_dir at a writable disk, then rerun the same command to resume."
+        ) from e
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Make dst a snapshot of src without serialising twice: a hard link (src is later replaced, never
+    rewritten in place, so dst keeps its content), or an atomic copy where links are not supported."""
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load with weights_only=True; args saved as a Namespace (reference files) come back as a dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: it contains objects other than tensors and plain data, which could run "
+            f"code when unpickled. Checkpoints from this project and from the reference never do. "
+            f"Details: {str(e).splitlines()[0]}"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt["args"] = vars(ckpt["args"])
+    return ckpt
+
+
+def rng_state() -> dict:
+    """Every RNG a training step touches, in weights_only-loadable types."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_python_state(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_python_state(state):
+    """random.setstate wants tuples; serialisation can hand back lists."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def progress_of(ckpt: dict) -> tuple[int, int]:
+    """(epoch to run next, step inside it). A checkpoint without 'step' marks a finished epoch."""
+    step = int(ckpt.get("step", 0) or 0)
+    epoch = int(ckpt["epoch"])
+    return (epoch, step) if step > 0 else (epoch + 1, 0)
+
+
+def candidates(output_dir: str) -> list[str]:
+    """Checkpoints in output_dir, newest first (by modification time)."""
+    paths = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")) if os.path.isfile(p)]
+    return sorted(paths, key=lambda p: (os.path.getmtime(p), p == os.path.join(output_dir, LAST_NAME)), reverse=True)
+
+
+def find_resumable(output_dir: str) -> tuple[str, dict] | None:
+    """The newest checkpoint that loads; damaged ones are reported and passed over."""
+    for path in candidates(output_dir):
+        try:
+            return path, load_checkpoint(path)
+        except (RuntimeError, EOFError, ValueError, KeyError, zipfile.BadZipFile, OSError) as e:
+            if isinstance(e, UnsafeCheckpointError):
+                raise
+            logger.warning("checkpoint %s is damaged (%s); trying the previous one", path, str(e).splitlines()[0])
+    return None
+
+
+def remove_stale_temp_files(output_dir: str) -> None:
+    """Temp files left by a save that was killed are never read; remove them."""
+    for tmp in glob.glob(os.path.join(output_dir, "checkpoint-*.pth.tmp.*")):
+        logger.info("removing %s, left by an interrupted save", tmp)
+        os.remove(tmp)
+
+
+def prune_periodic(output_dir: str, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoint-{epoch}.pth files; 0 keeps all (the reference behaviour)."""
+    if keep_last <= 0:
+        return
+    periodic = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        match = _PERIODIC.search(os.path.basename(path))
+        if match:
+            periodic.append((int(match.group(1)), path))
+    for _, path in sorted(periodic)[:-keep_last]:
+        os.remove(path)
+        logger.info("pruned %s (--keep_last %d)", path, keep_last)
+
+
+def check_writable(output_dir: str) -> None:
+    """Probe write, so an unwritable or full disk fails before any compute is spent."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write_probe.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise RuntimeError(f"--output_dir {output_dir} is not writable: {e.strerror or e}. "
+                           "Choose a folder on a disk with free space that this user can write.") from e

@@ -1,0 +1,170 @@
+"""Distributed set-up: resolve the launcher's environment once and return one frozen record.
+
+Order: torchrun / torch.distributed.launch --use_env (RANK, WORLD_SIZE, LOCAL_RANK), then SLURM
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), then OpenMPI with --dist_on_itp, else one process with
+no process group. The backend follows the device: nccl on CUDA, gloo on CPU.
+"""
+import datetime
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    source: str = "single"  # torchrun | slurm | openmpi | single
+    master_addr: str = ""
+    master_port: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list such as 'gpu[01-03,07],cpu5' into host names, in order."""
+    hosts = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", nodelist):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            lo, _, hi = item.partition("-")
+            if not hi:
+                hosts.append(f"{prefix}{lo}{suffix}")
+                continue
+            width = len(lo)
+            hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+    return hosts
+
+
+def _int_env(env, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError as e:
+        raise RuntimeError(f"environment variable {name}={env[name]!r} is not an integer") from e
+
+
+def resolve_env(env=None, dist_on_itp: bool = False) -> DistInfo:
+    """Work out rank, world size and rendezvous from environment variables alone (no side effects)."""
+    env = os.environ if env is None else env
+    torchrun_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    present = [v for v in torchrun_vars if v in env]
+    if present:
+        missing = [v for v in torchrun_vars if v not in env]
+        if missing:
+            raise RuntimeError(
+                f"the launcher environment is only partly set: {', '.join(present)} present but "
+                f"{', '.join(missing)} missing. Launch with torchrun, or unset the partial variables."
+            )
+        return DistInfo(
+            rank=_int_env(env, "RANK"),
+            world_size=_int_env(env, "WORLD_SIZE"),
+            local_rank=_int_env(env, "LOCAL_RANK"),
+            source="torchrun",
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job_id = int(re.sub(r"\D", "", env.get("SLURM_JOB_ID", "0")) or 0)
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        return DistInfo(
+            rank=_int_env(env, "SLURM_PROCID"),
+            world_size=_int_env(env, "SLURM_NTASKS"),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            source="slurm",
+            master_addr=env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
+            # A port derived from the job id lets two jobs share a node without colliding.
+            master_port=int(env.get("MASTER_PORT") or 15000 + job_id % 20000),
+        )
+    if dist_on_itp and "OMPI_COMM_WORLD_RANK" in env:
+        return DistInfo(
+            rank=_int_env(env, "OMPI_COMM_WORLD_RANK"),
+            world_size=_int_env(env, "OMPI_COMM_WORLD_SIZE"),
+            local_rank=_int_env(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+            source="openmpi",
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+        )
+    return DistInfo()
+
+
+def resolve_device(requested: str | None, local_rank: int) -> torch.device:
+    """None picks CUDA when present, else CPU. An explicit 'cuda' without CUDA is an error, not a fallback."""
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was requested but CUDA is not available here; pass --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(args) -> tuple[DistInfo, torch.device]:
+    """Resolve the environment, pick the device, and join the process group when there is one."""
+    info = resolve_env(dist_on_itp=getattr(args, "dist_on_itp", False))
+    device = resolve_device(args.device, info.local_rank)
+    if info.distributed:
+        os.environ.setdefault("MASTER_ADDR", info.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(info.master_port))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            init_method=args.dist_url,
+            world_size=info.world_size,
+            rank=info.rank,
+            timeout=datetime.timedelta(seconds=args.dist_timeout),
+        )
+        logger.info("rank %d/%d (local %d) via %s, backend %s, master %s:%s",
+                    info.rank, info.world_size, info.local_rank, info.source, backend,
+                    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    return info, device
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce (sum by default); a no-op without a process group."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

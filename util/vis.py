@@ -1,0 +1,108 @@
+"""Reconstruction grids: original | masked | reconstruction | reconstruction + visible patches.
+
+Panels are shown in the run's own normalisation, de-normalised to [0, 1]. With norm_pix_loss the
+model predicts per-patch normalised pixels; those panels are mapped back with the ground-truth
+patch mean/variance and labelled as such, since that uses information the model never saw.
+"""
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from util.masking import patchify, unpatchify
+
+
+@torch.no_grad()
+def reconstruct(model, images: torch.Tensor, mask_ratio: float, mask_seed: int):
+    """(loss, panels [N, 4, C, H, W] in normalised units). The mask RNG is forked, so training RNG is untouched."""
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(mask_seed)
+        loss, pred, mask = model(images, mask_ratio=mask_ratio)
+    p, c = model.patch_size, model.in_chans
+    pred = pred.float()
+    if model.norm_pix_loss:
+        target = patchify(images.float(), p)
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+    mask_img = unpatchify(mask.unsqueeze(-1).repeat(1, 1, p * p * c), p, c, _grid(images, p))
+    recon = unpatchify(pred, p, c, _grid(images, p))
+    masked = images * (1 - mask_img)
+    pasted = images * (1 - mask_img) + recon * mask_img
+    return float(loss), torch.stack([images, masked, recon, pasted], dim=1)
+
+
+def _grid(images: torch.Tensor, p: int) -> tuple[int, int]:
+    return images.shape[-2] // p, images.shape[-1] // p
+
+
+def panels_to_uint8(panels: torch.Tensor, mean, std) -> np.ndarray:
+    """[N, 4, C, H, W] normalised -> [N*H, 4*W] uint8 gray mosaic (channel mean)."""
+    mean_t = torch.tensor(mean, dtype=panels.dtype).view(1, 1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=panels.dtype).view(1, 1, -1, 1, 1)
+    pix = (panels.cpu() * std_t + mean_t).clamp(0, 1).mean(dim=2)  # [N, 4, H, W]
+    n, k, h, w = pix.shape
+    mosaic = pix.permute(0, 2, 1, 3).reshape(n * h, k * w)
+    return (mosaic.numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def titled_grid(mosaic: np.ndarray, norm_pix_loss: bool, title: str) -> Image.Image:
+    labels = ["original", "masked", "reconstruction", "recon + visible"]
+    if norm_pix_loss:
+        labels[2] += "*"
+        labels[3] += "*"
+    panel_w = mosaic.shape[1] // 4
+    scale = max(1, 160 // max(panel_w, 1))
+    body = Image.fromarray(mosaic).resize((mosaic.shape[1] * scale, mosaic.shape[0] * scale), Image.NEAREST)
+    header = 30 if not norm_pix_loss else 44
+    canvas = Image.new("L", (body.width, body.height + header), 255)
+    canvas.paste(body, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill=0)
+    for i, label in enumerate(labels):
+        draw.text((i * panel_w * scale + 4, 16), label, fill=0)
+    if norm_pix_loss:
+        draw.text((4, 30), "* norm_pix_loss: de-normalised with ground-truth patch mean/var (display only)", fill=0)
+    return canvas
+
+
+def save_reconstruction_png(path: str, model, images, mask_ratio, mask_seed, mean, std, title: str) -> float:
+    loss, panels = reconstruct(model, images, mask_ratio, mask_seed)
+    image = titled_grid(panels_to_uint8(panels, mean, std), model.norm_pix_loss, f"{title}  loss {loss:.4f}")
+    image.save(path)
+    return loss
+
+
+def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss")) -> None:
+    """Plot per-epoch series from log.txt as a small PNG (PIL only, no plotting library)."""
+    import json
+
+    with open(log_txt, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    series = {k: [(r["epoch"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return
+    width, height, pad = 480, 300, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    xs = [e for v in series.values() for e, _ in v]
+    ys = [y for v in series.values() for _, y in v]
+    x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(ys)
+    y1 = y1 if y1 > y0 else y0 + 1e-6
+
+    def to_px(e, y):
+        return pad + (e - x0) / (x1 - x0) * (width - 2 * pad), height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="gray")
+    colours = {"train_loss": "navy", "val_loss": "darkorange"}
+    for i, (key, points) in enumerate(series.items()):
+        pixels = [to_px(e, y) for e, y in points]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colours.get(key, "black"), width=2)
+        for px, py in pixels:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colours.get(key, "black"))
+        draw.text((pad + 4 + 120 * i, 8), key, fill=colours.get(key, "black"))
+    draw.text((4, pad - 12), f"{y1:.4f}", fill="black")
+    draw.text((4, height - pad - 4), f"{y0:.4f}", fill="black")
+    draw.text((width // 2 - 20, height - pad + 8), f"epoch {x0}..{x1}", fill="black")
+    image.save(path)

@@ -43,6 +43,10 @@ class TooManyBadSteps(RuntimeError):
     """--max_bad_steps non-finite steps in a row."""
 
 
+class SetupError(RuntimeError):
+    """Bad input found before training: printed as one clear message, without a traceback."""
+
+
 @dataclass
 class TrainState:
     """What the loop carries across steps and epochs (and what a checkpoint must restore)."""
@@ -363,6 +367,9 @@ def run_pretraining(args, build_model, check_model_args=None) -> int:
     except TooManyBadSteps as e:
         logger.error("%s", e)
         return 2
+    except SetupError as e:
+        logger.error("error: %s", e.__cause__ or e)
+        return 1
     finally:
         dist_lib.cleanup()
 
@@ -370,13 +377,16 @@ def run_pretraining(args, build_model, check_model_args=None) -> int:
 def _run(args, info, device, build_model, check_model_args) -> int:
     problems = data_lib.check_data_args(args) + (check_model_args(args) if check_model_args else [])
     validate_args(args, problems)
-    prepare_outputs(args, info)
+    try:
+        prepare_outputs(args, info)
+        dataset, counts = data_lib.build_pretrain_dataset(args)
+        loader, sampler, steps = build_loader(args, dataset, info, device)
+    except (OSError, ValueError, RuntimeError) as e:  # missing data, bad metadata, leakage, unwritable output
+        raise SetupError(str(e)) from e
     seed_everything(args.seed + info.rank)
-    dataset, counts = data_lib.build_pretrain_dataset(args)
     if info.is_main:
         logger.info("%s", data_lib.format_count_tree(counts))
         write_json(os.path.join(args.output_dir, "data_counts.json"), counts)
-    loader, sampler, steps = build_loader(args, dataset, info, device)
     precision = resolve_precision(args.precision, device)
     eff_batch_size = resolve_lr(args, info.world_size)
     log_resolved(args, info, device, precision, eff_batch_size, steps // args.accum_iter)

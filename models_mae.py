@@ -10,8 +10,14 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from util.masking import (binary_mask, check_mask_ratio, normalize_patch_targets, patchify, random_masking_ids,
-                          unpatchify)
+from util.masking import (
+    binary_mask,
+    check_mask_ratio,
+    normalize_patch_targets,
+    patchify,
+    random_masking_ids,
+    unpatchify,
+)
 from util.pos_embed import get_2d_sincos_pos_embed
 from util.registry import Registry
 
@@ -197,6 +203,14 @@ def mae_vit_large_patch16_dec512d8b(**kwargs):
 def mae_vit_huge_patch14_dec512d8b(**kwargs):
     kwargs.setdefault("patch_size", 14)
     return _vit(1280, 32, 16, 512, 8, **kwargs)
+
+
+@MODELS.register
+def mae_vit_debug_patch16(**kwargs):
+    """Not a reference model: a 2-block, 64-wide ViT for smoke tests and CI (checkpoints under 1 MB)."""
+    kwargs.setdefault("patch_size", 16)
+    return MaskedAutoencoderViT(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+                                decoder_num_heads=4, mlp_ratio=2, **kwargs)
 
 
 # reference aliases: the recommended architectures under their short names

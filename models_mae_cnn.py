@@ -8,8 +8,14 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn as nn
 
-from util.masking import (binary_mask, check_mask_ratio, normalize_patch_targets, patchify, random_masking_ids,
-                          unpatchify)
+from util.masking import (
+    binary_mask,
+    check_mask_ratio,
+    normalize_patch_targets,
+    patchify,
+    random_masking_ids,
+    unpatchify,
+)
 
 ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "DeepLabV3Plus", "MAnet", "PAN", "UPerNet",
                  "Segformer")

@@ -5,6 +5,14 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 REQUEUE_EXIT_CODE = 3  # exit status after a pre-emption checkpoint; scripts/ requeue on it
 
 
+def add_bool_flag(group, name: str, default: bool, help: str) -> None:
+    """--name / --no_name (also --no-name), in the project's underscore spelling."""
+    group.add_argument(f"--{name}", dest=name, action="store_true", default=default,
+                       help=f"{help} (default: {'on' if default else 'off'}; --no_{name} turns it off)")
+    group.add_argument(f"--no_{name}", f"--no-{name}", dest=name, action="store_false", default=default,
+                       help=argparse.SUPPRESS)
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("Run")
     run.add_argument("--batch_size", default=64, type=int,
@@ -51,8 +59,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder (default: ./output_dir)")
     ckpt.add_argument("--resume", default="", help="resume from this checkpoint (default: none; see --auto_resume)")
     ckpt.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (default: 0)")
-    ckpt.add_argument("--auto_resume", action=argparse.BooleanOptionalAction, default=True,
-                      help="continue from the newest good checkpoint in output_dir (default: on)")
+    add_bool_flag(ckpt, "auto_resume", True, "continue from the newest good checkpoint in output_dir")
     ckpt.add_argument("--save_freq", default=20, type=int,
                       help="write checkpoint-{epoch}.pth every N epochs and at the last (default: 20)")
     ckpt.add_argument("--save_every_steps", default=0, type=int,

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny datasets in the real layouts, a free port, a CLI runner, state resets."""
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from data.synthetic import make_reference_layout  # noqa: E402
+
+VIT_SCRIPT = str(ROOT / "main_pretrain_multi_datasets_xray.py")
+CNN_SCRIPT = str(ROOT / "main_pretrain_multi_datasets_xray_cnn.py")
+
+
+@pytest.fixture(autouse=True)
+def _reset_global_state():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    dtype = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(dtype)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """(data_path, expected counts) with CheXpert-small, NIH and MIMIC in the reference layout."""
+    root = tmp_path_factory.mktemp("data")
+    return str(root), make_reference_layout(str(root), size=(40, 48))
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "OMPI_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(cmd: list[str], cwd=None, timeout: int = 300, env=None, expect_rc: int | None = 0):
+    """Run a command; on an unexpected exit code fail with its stdout and stderr."""
+    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=env or child_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    output = f"$ {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    if expect_rc is not None:
+        assert proc.returncode == expect_rc, f"exit code {proc.returncode}, expected {expect_rc}\n{output}"
+    proc.output = output
+    return proc
+
+
+def tiny_run_args(data_path: str, out: str, model: str = "mae_vit_debug_patch16", **overrides) -> list[str]:
+    """Flags for a seconds-long CPU run on the tiny fixture."""
+    flags = {"model": model, "input_size": 32, "batch_size": 4, "epochs": 1, "warmup_epochs": 0, "mask_ratio": 0.75,
+             "num_workers": 0, "device": "cpu", "data_path": data_path, "output_dir": out, "log_dir": out,
+             "blr": 1.5e-4, "print_freq": 1}
+    flags.update(overrides)
+    args = []
+    for key, value in flags.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif isinstance(value, (list, tuple)):
+            args += [f"--{key}", *map(str, value)]
+        elif value is not None and value is not False:
+            args += [f"--{key}", str(value)]
+    return args + ["--datasets_names", "chexpert", "chestxray_nih", "mimic_cxr"]

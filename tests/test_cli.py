@@ -1,0 +1,130 @@
+"""The entry scripts as users run them: real subprocesses, real launchers, CPU + gloo."""
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+
+import pytest
+import torch
+
+import main_pretrain_multi_datasets_xray as vit_main
+import main_pretrain_multi_datasets_xray_cnn as cnn_main
+from tests.conftest import CNN_SCRIPT, ROOT, VIT_SCRIPT, run_cli, tiny_run_args
+
+pytestmark = pytest.mark.slow
+
+
+def _log_lines(out):
+    with open(os.path.join(out, "log.txt"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _check_run_outputs(out, epochs=1):
+    assert [r["epoch"] for r in _log_lines(out)] == list(range(epochs))
+    ckpt = torch.load(os.path.join(out, "checkpoint-0.pth"), map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(ckpt)
+    assert isinstance(ckpt["args"], dict)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+    return ckpt
+
+
+@pytest.mark.parametrize("script", [VIT_SCRIPT, CNN_SCRIPT])
+def test_cli_single_process_epoch(tiny_data, tmp_path, script):
+    data_path, counts = tiny_data
+    model = "mae_vit_debug_patch16" if script == VIT_SCRIPT else "densenet121"
+    proc = run_cli([sys.executable, script, *tiny_run_args(data_path, str(tmp_path), model=model)])
+    _check_run_outputs(str(tmp_path))
+    total = sum(counts.values())
+    assert f"pre-training pool: {total} images" in proc.stdout
+    assert '"eff_batch_size": 4' in proc.stdout and "actual lr" in proc.stdout
+    assert os.path.exists(tmp_path / "reconstruction-0000.png")
+
+
+def _resolved(stdout):
+    return json.loads(re.search(r"resolved run: (\{.*\})", stdout).group(1))
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "launch_use_env", "launch_local_rank_flag"])
+def test_cli_two_processes(tiny_data, tmp_path, free_port, launcher):
+    data_path, counts = tiny_data
+    launch = {
+        "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}"],
+        "launch_use_env": ["-m", "torch.distributed.launch", "--nproc_per_node=2", "--use_env",
+                           f"--master_port={free_port}"],
+        # without --use_env the launcher appends --local-rank=N to the script's arguments
+        "launch_local_rank_flag": ["-m", "torch.distributed.launch", "--nproc_per_node=2",
+                                   f"--master_port={free_port}"],
+    }[launcher]
+    proc = run_cli([sys.executable, *launch, VIT_SCRIPT, *tiny_run_args(data_path, str(tmp_path))])
+    resolved = _resolved(proc.stdout)
+    per_rank = -(-sum(counts.values()) // 2)
+    assert resolved["world_size"] == 2 and resolved["eff_batch_size"] == 8
+    assert resolved["steps_per_epoch"] == per_rank // 4
+    _check_run_outputs(str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "logs")) == ["rank0.log"]  # only rank 0 writes into output_dir
+
+
+def test_cli_resume_continues_next_epoch(tiny_data, tmp_path):
+    data_path, _ = tiny_data
+    out = str(tmp_path)
+    run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(data_path, out, epochs=1)])
+    first = torch.load(os.path.join(out, "checkpoint-0.pth"), weights_only=True)
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(data_path, out, epochs=2, no_auto_resume=True,
+                                                               resume=os.path.join(out, "checkpoint-0.pth"))])
+    assert "start at epoch 1 step 0" in proc.stdout
+    assert [r["epoch"] for r in _log_lines(out)] == [0, 1]
+    last = torch.load(os.path.join(out, "checkpoint-1.pth"), weights_only=True)
+    assert last["epoch"] == 1
+    assert not torch.equal(first["model"]["blocks.0.attn.qkv.weight"], last["model"]["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mask_ratio": 1.0}, r"--mask_ratio is the fraction removed and must be in \[0, 1\), got 1.0"),
+    ({"model": "mae_vit_small_patch16_dec128d"}, "Did you mean: mae_vit_small_patch16_dec128d2b"),
+    ({"input_size": 40}, "--input_size 40 must be divisible by the patch size 16"),
+    ({"data_path": "/nonexistent/data"}, "chexpert: data folder /nonexistent/data/CheXpert-v1.0-small does not exist"),
+    ({"norm_stats": "bogus"}, "--norm_stats must be one of"),
+    ({"batch_size": 0}, "--batch_size must be >= 1"),
+])
+def test_cli_bad_input_gives_clear_error(tiny_data, tmp_path, overrides, message):
+    overrides = dict(overrides)
+    data_path = overrides.pop("data_path", tiny_data[0])
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(data_path, str(tmp_path), **overrides)], expect_rc=None)
+    assert proc.returncode != 0
+    assert re.search(message, proc.stdout + proc.stderr), proc.output
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.output
+
+
+def test_cli_model_list_prints_names():
+    proc = run_cli([sys.executable, VIT_SCRIPT, "--model", "list"])
+    assert "mae_vit_base_patch16_dec512d8b" in proc.stdout.split()
+
+
+def _pretrain_md_commands():
+    text = (ROOT / "PRETRAIN.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(python -m torch\.distributed\.launch .*?)```", text, flags=re.S)
+    return [shlex.split(b.replace("\\\n", " ").replace("${SAVE_DIR}", "SAVE")) for b in blocks]
+
+
+def test_pretrain_md_has_three_reference_commands_that_parse():
+    commands = _pretrain_md_commands()
+    assert len(commands) == 3
+    for argv in commands:
+        script = next(a for a in argv if a.endswith(".py"))
+        module = cnn_main if script.endswith("_cnn.py") else vit_main
+        args = argparse.ArgumentParser(parents=[module.get_args_parser()]).parse_args(argv[argv.index(script) + 1:])
+        assert args.batch_size == 256 and args.epochs == 800 and module.check_model_args(args) == []
+
+
+def test_pretrain_md_vit_s_command_runs_with_small_overrides(tiny_data, tmp_path, free_port):
+    """The ViT-S command exactly as written, with small sizes appended (later flags win)."""
+    data_path, _ = tiny_data
+    argv = _pretrain_md_commands()[0]
+    argv = [a if a != "--nproc_per_node=8" else "--nproc_per_node=2" for a in argv]
+    argv.insert(argv.index("--use_env") + 1, f"--master_port={free_port}")
+    overrides = tiny_run_args(data_path, str(tmp_path), model="mae_vit_debug_patch16", mask_ratio=0.9, input_size=64)
+    proc = run_cli([sys.executable, *argv[1:], *overrides])
+    assert _resolved(proc.stdout)["world_size"] == 2
+    _check_run_outputs(str(tmp_path))

@@ -80,6 +80,7 @@ class Run:
     norm_stats: dict
     vis_images: torch.Tensor | None = None
     preemption_requested: bool = False  # a signal reached some rank; agreed on at each optimizer step
+    heartbeat: dist_lib.Heartbeat | None = None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -187,7 +188,7 @@ def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = Fa
     out = run.args.output_dir
     ckpt_lib.atomic_save(ckpt, os.path.join(out, ckpt_lib.LAST_NAME))
     if periodic:
-        ckpt_lib.link_or_copy(os.path.join(out, ckpt_lib.LAST_NAME), os.path.join(out, f"checkpoint-{epoch}.pth"))
+        ckpt_lib.atomic_copy(os.path.join(out, ckpt_lib.LAST_NAME), os.path.join(out, f"checkpoint-{epoch}.pth"))
         ckpt_lib.prune_periodic(out, run.args.keep_last)
 
 
@@ -255,6 +256,12 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
         epoch_1000x = int((data_iter_step / steps + state.epoch) * 1000)
         run.run_log.scalar("train_loss", loss_value, epoch_1000x)
         run.run_log.scalar("lr", lr, epoch_1000x)
+        if state.bad_steps_in_a_row >= args.max_bad_steps:
+            save(run, state, state.epoch, state.step)
+            raise TooManyBadSteps(
+                f"{state.bad_steps_in_a_row} non-finite steps in a row (--max_bad_steps {args.max_bad_steps}). "
+                f"checkpoint-last.pth holds the last good weights. Remedies: --precision bf16 (or fp32) instead of "
+                f"fp16, a lower --blr, or --clip_grad 1.0; then rerun the same command to resume.")
         if run.preemption_requested:
             save(run, state, state.epoch, state.step)
             raise Preempted(run.preemption.signal_name or "signal on another rank")
@@ -283,6 +290,7 @@ def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> float:
     dist_lib.all_reduce(packed)
     loss_value, stop_count, norm_value = packed.tolist()
     loss_value /= run.info.world_size
+    norm_value /= run.info.world_size
     run.preemption_requested = stop_count > 0
     finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or run.scaler.enabled)
     if finite:
@@ -297,11 +305,6 @@ def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> float:
                        "(%d in a row, %d in total)", loss_value, norm_value, state.epoch, state.step,
                        state.bad_steps_in_a_row, state.bad_steps_total)
         run.run_log.scalar("bad_steps", state.bad_steps_total, state.optimizer_steps)
-        if state.bad_steps_in_a_row >= args.max_bad_steps:
-            raise TooManyBadSteps(
-                f"{state.bad_steps_in_a_row} non-finite steps in a row (--max_bad_steps {args.max_bad_steps}). "
-                f"checkpoint-last.pth holds the last good state. Remedies: --precision bf16 (or fp32) instead of "
-                f"fp16, a lower --blr, or --clip_grad 1.0; then rerun the same command to resume.")
     run.optimizer.zero_grad(set_to_none=True)
     return loss_value
 
@@ -357,7 +360,7 @@ def run_epochs(run: Run, state: TrainState) -> None:
 def run_pretraining(args, build_model, check_model_args=None) -> int:
     """Entry point shared by both scripts; returns the process exit code."""
     info, device = dist_lib.init_distributed(args)
-    setup_logging(args.output_dir if info.is_main else None, info.rank)
+    setup_logging(None, info.rank)  # console only until output_dir has passed its write probe
     try:
         return _run(args, info, device, build_model, check_model_args)
     except Preempted as e:
@@ -370,6 +373,12 @@ def run_pretraining(args, build_model, check_model_args=None) -> int:
     except SetupError as e:
         logger.error("error: %s", e.__cause__ or e)
         return 1
+    except RuntimeError as e:
+        if not (info.distributed and dist_lib.is_communication_failure(e)):
+            raise
+        logger.error("rank %d: a collective failed (%s). %s. Each rank's log is in output_dir/logs/ "
+                     "(rank 0) or on its console.", info.rank, str(e).splitlines()[0], dist_lib.peer_report())
+        return 1
     finally:
         dist_lib.cleanup()
 
@@ -379,6 +388,7 @@ def _run(args, info, device, build_model, check_model_args) -> int:
     validate_args(args, problems)
     try:
         prepare_outputs(args, info)
+        setup_logging(args.output_dir if info.is_main else None, info.rank)
         dataset, counts = data_lib.build_pretrain_dataset(args)
         loader, sampler, steps = build_loader(args, dataset, info, device)
     except (OSError, ValueError, RuntimeError) as e:  # missing data, bad metadata, leakage, unwritable output
@@ -401,9 +411,13 @@ def _run(args, info, device, build_model, check_model_args) -> int:
               loader, sampler, steps, RunLog(args.output_dir, args.log_dir, info.is_main), PreemptionFlag().install(),
               norm_stats)
     state = TrainState(epoch=args.start_epoch)
-    resume(run, state)
+    try:
+        resume(run, state)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:  # missing, unsafe or mismatched checkpoint
+        raise SetupError(f"--resume/--auto_resume: {e}") from e
     if info.distributed:
         run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.heartbeat = dist_lib.Heartbeat(info, args.dist_timeout)
     if info.is_main:
         run.vis_images = monitor_images(args, dataset)
         write_json(os.path.join(args.output_dir, "args.json"), vars(args))

@@ -37,9 +37,11 @@ def atomic_save(obj, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
         raise RuntimeError(
             f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint, if any, is intact. "
             "Free disk space or point --output_dir at a writable disk, then rerun the same command to resume."
@@ -51,15 +53,19 @@ def atomic_save(obj, path: str) -> None:
         os.close(dir_fd)
 
 
-def link_or_copy(src: str, dst: str) -> None:
-    """Make dst a snapshot of src without serialising twice: a hard link (src is later replaced, never
-    rewritten in place, so dst keeps its content), or an atomic copy where links are not supported."""
+def atomic_copy(src: str, dst: str) -> None:
+    """Snapshot src as dst without serialising again. A copy, not a hard link: damage to one file
+    must never reach the other."""
     tmp = f"{dst}.tmp.{os.getpid()}"
     try:
-        os.link(src, tmp)
-    except OSError:
         shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path: str) -> dict:

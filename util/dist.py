@@ -8,6 +8,8 @@ import datetime
 import logging
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +141,74 @@ def init_distributed(args) -> tuple[DistInfo, torch.device]:
                     info.rank, info.world_size, info.local_rank, info.source, backend,
                     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
     return info, device
+
+
+class Heartbeat:
+    """Liveness counters in a small TCPStore hosted by rank 0, bumped every second by a daemon thread.
+
+    When a collective fails, a survivor reads every counter twice, a few seconds apart: a rank whose
+    counter stopped is dead. No clocks are compared, so skew between nodes does not matter.
+    """
+
+    current: "Heartbeat | None" = None
+    interval_s = 1.0
+
+    def __init__(self, info: DistInfo, timeout_s: int):
+        self.info = info
+        self._timeout = datetime.timedelta(seconds=min(timeout_s, 30))
+        self._host = os.environ.get("MASTER_ADDR", info.master_addr)
+        port = [0]
+        if info.is_main:
+            self._server = dist.TCPStore(self._host, 0, info.world_size, True, self._timeout, wait_for_workers=False)
+            port = [self._server.port]
+        dist.broadcast_object_list(port, src=0)
+        self._port = port[0]
+        self.store = self._client()
+        self._stop = threading.Event()
+        threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True).start()
+        Heartbeat.current = self
+
+    def _client(self):
+        return dist.TCPStore(self._host, self._port, self.info.world_size, False, self._timeout)
+
+    def _beat_forever(self) -> None:
+        store = self._client()  # its own connection: TCPStore clients are not shared across threads
+        while not self._stop.is_set():
+            try:
+                store.add(f"alive/{self.info.rank}", 1)
+            except (RuntimeError, dist.DistError):
+                return  # the store host (rank 0) is gone; report() says so
+            self._stop.wait(self.interval_s)
+
+    def _counts(self) -> dict[int, int]:
+        return {r: self.store.add(f"alive/{r}", 0) for r in range(self.info.world_size)}
+
+    def report(self) -> str:
+        try:
+            before = self._counts()
+            time.sleep(2.5 * self.interval_s)
+            after = self._counts()
+        except (RuntimeError, dist.DistError):
+            return "rank 0 is unreachable (it hosts the heartbeat store), so it most likely died"
+        dead = [r for r in range(self.info.world_size) if r != self.info.rank and after[r] == before[r]]
+        if not dead:
+            return "every other rank is still alive, so one may be stuck (deadlock, slow disk) rather than dead"
+        return f"rank(s) {', '.join(map(str, dead))} stopped sending heartbeats: that process died or was killed"
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def is_communication_failure(error: BaseException) -> bool:
+    """DistError, or the RuntimeError that DDP's reducer raises when gloo/NCCL lose a peer."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return any(s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))
+
+
+def peer_report() -> str:
+    return Heartbeat.current.report() if Heartbeat.current else "no heartbeat information"
 
 
 def world_size() -> int:

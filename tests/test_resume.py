@@ -1,0 +1,209 @@
+"""Never lose a cluster week: kill/resume equivalence, pre-emption, NaN handling, safe loading, dead ranks."""
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import engine_pretrain
+import main_pretrain_multi_datasets_xray as vit_main
+import models_mae
+from tests.conftest import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
+from util import checkpoint as ckpt_lib
+from util.args import REQUEUE_EXIT_CODE
+
+KILL_ARGS = {"input_size": 64, "batch_size": 2, "epochs": 5, "warmup_epochs": 1, "save_every_steps": 1}
+
+
+def _spawn(cmd):
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_line(proc, pattern: str, timeout: float = 120) -> str:
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"pattern {pattern!r} never appeared:\n{''.join(seen)[-4000:]}")
+
+
+def _weights(out):
+    return torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_kill9_mid_epoch_then_same_command_matches_uninterrupted(tiny_data, tmp_path):
+    data_path, _ = tiny_data
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(data_path, straight, **KILL_ARGS)])
+    cmd = [sys.executable, VIT_SCRIPT, *tiny_run_args(data_path, interrupted, **KILL_ARGS)]
+    proc = _spawn(cmd)
+    _wait_for_line(proc, r"Epoch: \[1\]\s+\[\s*5/")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    resumed = run_cli(cmd)
+    match = re.search(r"resumed from .*checkpoint-last.pth: epoch (\d+), step (\d+)", resumed.stdout)
+    assert match and (int(match.group(1)), int(match.group(2))) >= (1, 5), resumed.output
+    a, b = _weights(straight), _weights(interrupted)
+    assert a["epoch"] == b["epoch"] == KILL_ARGS["epochs"] - 1
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key  # bit-identical (fp32, num_workers 0)
+    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items(), strict=True):
+        assert torch.equal(va["exp_avg"], vb["exp_avg"])
+
+
+@pytest.mark.slow
+def test_sigterm_writes_checkpoint_and_exits_with_requeue_code(tiny_data, tmp_path):
+    out = str(tmp_path)
+    proc = _spawn([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], out, input_size=64, batch_size=2,
+                                                             epochs=200)])
+    _wait_for_line(proc, r"Epoch: \[0\]\s+\[\s*2/")
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == REQUEUE_EXIT_CODE, rest
+    assert "received SIGTERM" in rest and "pre-empted" in rest
+    ckpt = _weights(out)
+    assert ckpt["epoch"] < 199 and ckpt_lib.progress_of(ckpt) > (0, 2)
+    resumed = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], out, input_size=64, batch_size=2,
+                                                                  epochs=1)], expect_rc=0)
+    assert "resumed from" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_last_falls_back_to_previous(tiny_data, tmp_path):
+    out = str(tmp_path)
+    run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], out, epochs=2, save_freq=1)])
+    last = tmp_path / "checkpoint-last.pth"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    os.utime(last)  # the newest file, so it is tried first
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], out, epochs=3, save_freq=1)])
+    assert "checkpoint-last.pth is damaged" in proc.stdout
+    assert re.search(r"resumed from .*checkpoint-1.pth: epoch 2, step 0", proc.stdout), proc.output
+    assert _weights(out)["epoch"] == 2
+
+
+class NaNInjectingMAE(models_mae.MaskedAutoencoderViT):
+    """A real debug-size MAE whose loss becomes NaN on chosen forward calls (1-based)."""
+
+    def __init__(self, bad_calls, **kwargs):
+        super().__init__(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+                         decoder_num_heads=4, mlp_ratio=2, **kwargs)
+        self.bad_calls, self.calls, self.snapshots = set(bad_calls), 0, []
+
+    def forward(self, imgs, mask_ratio=None):
+        self.calls += 1
+        self.snapshots.append(self.blocks[0].attn.qkv.weight.detach().clone())
+        loss, pred, mask = super().forward(imgs, mask_ratio)
+        return (loss * float("nan") if self.calls in self.bad_calls else loss), pred, mask
+
+
+def _in_process_args(data_path, out, **overrides):
+    parser = argparse.ArgumentParser(parents=[vit_main.get_args_parser()])
+    return parser.parse_args(tiny_run_args(data_path, out, **overrides))
+
+
+def test_nan_batch_is_skipped_and_counted(tiny_data, tmp_path):
+    args = _in_process_args(tiny_data[0], str(tmp_path))
+    model = NaNInjectingMAE({3}, img_size=args.input_size)
+    assert engine_pretrain.run_pretraining(args, lambda a: model) == 0
+    # the weights before and after the bad step are identical; other steps change them
+    assert torch.equal(model.snapshots[2], model.snapshots[3])
+    assert not torch.equal(model.snapshots[3], model.snapshots[4])
+    line = (tmp_path / "log.txt").read_text().splitlines()[-1]
+    assert '"train_bad_steps": 1' in line
+
+
+def test_nan_k_in_a_row_stops_after_checkpoint(tiny_data, tmp_path, caplog):
+    args = _in_process_args(tiny_data[0], str(tmp_path), max_bad_steps=3)
+    model = NaNInjectingMAE({2, 3, 4, 5}, img_size=args.input_size)
+    assert engine_pretrain.run_pretraining(args, lambda a: model) == 2
+    assert "--precision bf16" in caplog.text and "--clip_grad" in caplog.text and "lower --blr" in caplog.text
+    ckpt = _weights(str(tmp_path))
+    assert ckpt["bad_steps_total"] == 3 and ckpt["step"] == 4
+    assert torch.equal(ckpt["model"]["blocks.0.attn.qkv.weight"], model.snapshots[1])  # last good weights
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path, tiny_data):
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "epoch": 0, "args": _Payload()}, evil)
+    with pytest.raises(ckpt_lib.UnsafeCheckpointError, match="refused to load .*evil.pth"):
+        ckpt_lib.load_checkpoint(str(evil))
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
+    out = tmp_path / "run"
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(out), resume=str(evil))],
+                   expect_rc=None, cwd=tmp_path)
+    assert proc.returncode == 1 and "refused to load" in proc.stdout, proc.output
+    assert not (tmp_path / "pwned-by-checkpoint").exists() and "Traceback" not in proc.stderr
+
+
+def test_reference_checkpoint_with_namespace_args_loads(tmp_path):
+    model = models_mae.create_model("mae_vit_debug_patch16", img_size=32)
+    path = tmp_path / "reference.pth"
+    torch.save({"model": model.state_dict(), "epoch": 19, "scaler": {},
+                "args": argparse.Namespace(model="mae_vit_small_patch16_dec128d2b", blr=1.5e-4, input_size=224)}, path)
+    ckpt = ckpt_lib.load_checkpoint(str(path))
+    assert ckpt["args"]["blr"] == 1.5e-4 and ckpt_lib.progress_of(ckpt) == (20, 0)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        torch.load(path, weights_only=True)  # plain weights_only refuses it; the allow-list above is what admits it
+
+
+def test_atomic_save_failure_keeps_previous(tmp_path):
+    path = str(tmp_path / "checkpoint-last.pth")
+    ckpt_lib.atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+
+    class Explodes:
+        def __reduce__(self):
+            raise RuntimeError("disk went away mid-write")
+
+    with pytest.raises(RuntimeError, match="disk went away"):
+        ckpt_lib.atomic_save({"epoch": 2, "w": torch.zeros(1000), "bad": Explodes()}, path)
+    assert ckpt_lib.load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
+def test_keep_last_prunes_periodic_only(tmp_path):
+    for epoch in range(5):
+        ckpt_lib.atomic_save({"epoch": epoch}, str(tmp_path / f"checkpoint-{epoch}.pth"))
+    ckpt_lib.atomic_save({"epoch": 4}, str(tmp_path / "checkpoint-last.pth"))
+    ckpt_lib.prune_periodic(str(tmp_path), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3.pth", "checkpoint-4.pth", "checkpoint-last.pth"]
+
+
+def test_unwritable_output_dir_is_clear(tiny_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(blocker / "out"))], expect_rc=1)
+    assert "--output_dir" in proc.stdout and "is not writable" in proc.stdout, proc.output
+
+
+@pytest.mark.slow
+def test_dead_rank_makes_others_exit_within_timeout(tiny_data, tmp_path, free_port):
+    """Two ranks started like srun does (no torchrun agent to clean up); rank 1 is killed."""
+    out = str(tmp_path)
+    args = tiny_run_args(tiny_data[0], out, input_size=64, batch_size=2, epochs=500, dist_timeout=20)
+    procs = []
+    for rank in range(2):
+        env = child_env(RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port)
+        procs.append(subprocess.Popen([sys.executable, VIT_SCRIPT, *args], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    _wait_for_line(procs[0], r"Epoch: \[0\]\s+\[\s*3/")
+    procs[1].kill()
+    start = time.time()
+    rest, _ = procs[0].communicate(timeout=90)
+    assert procs[0].returncode != 0 and time.time() - start < 60, rest
+    assert "a collective failed" in rest and "rank(s) 1 stopped sending heartbeats" in rest, rest

@@ -25,6 +25,7 @@ demo: install
 	@echo "Demo done: see $(DEMO_DIR)/output (reconstruction-*.png, loss_curve.png, log.txt, checkpoints)"
 
 test: install-test
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest
 
 bench: install

@@ -334,7 +334,7 @@ def monitor_images(args, indexes_dataset) -> torch.Tensor:
     mean, std = norm_stats_for(first.name, args.norm_stats, args.in_chans)
     transform = build_eval_transform(args.input_size, mean, std, args.in_chans)
     count = min(VIS_IMAGES, len(first))
-    return torch.stack([transform(first.load(i)) for i in range(count)])
+    return torch.stack([transform(first.decode(i)[0]) for i in range(count)])
 
 
 def run_epochs(run: Run, state: TrainState) -> None:
@@ -372,6 +372,9 @@ def run_pretraining(args, build_model, check_model_args=None) -> int:
         return 2
     except SetupError as e:
         logger.error("error: %s", e.__cause__ or e)
+        return 1
+    except data_lib.BadImageError as e:
+        logger.error("error: %s (checkpoint-last.pth, if any, is intact; rerun to resume)", e)
         return 1
     except RuntimeError as e:
         if not (info.distributed and dist_lib.is_communication_failure(e)):

@@ -25,7 +25,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="SMP architecture around the encoder (default: Unet)")
     group.add_argument("--patch_size", default=16, type=int, help="masking patch size in pixels (default: 16)")
     group.add_argument("--cnn_loss", default="all", choices=models_mae_cnn.LOSS_REGIONS,
-                       help="'all': MSE over every pixel (the reference); 'masked': removed patches only (default: all)")
+                       help="'all': MSE over every pixel (the reference); 'masked': removed patches only "
+                            "(default: all)")
     add_data_args(parser)
     return parser
 

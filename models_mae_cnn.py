@@ -38,8 +38,9 @@ def check_cnn_config(encoder_name: str, model_arch: str, img_size: int, patch_si
         raise ValueError(f"--model_arch must be one of {list(ARCHITECTURES)}, got '{model_arch}'")
     stride = 32  # five 2x downsamplings in every SMP encoder at its default depth
     if img_size % stride:
+        nearest = max(stride, img_size // stride * stride)
         raise ValueError(f"--input_size {img_size} is not divisible by {stride}, the output stride of "
-                         f"'{encoder_name}'; use a multiple of {stride} such as {max(stride, img_size // stride * stride)}")
+                         f"'{encoder_name}'; use a multiple of {stride} such as {nearest}")
     if img_size % patch_size:
         raise ValueError(f"--input_size {img_size} must be divisible by --patch_size {patch_size}")
 

@@ -128,3 +128,21 @@ def test_pretrain_md_vit_s_command_runs_with_small_overrides(tiny_data, tmp_path
     proc = run_cli([sys.executable, *argv[1:], *overrides])
     assert _resolved(proc.stdout)["world_size"] == 2
     _check_run_outputs(str(tmp_path))
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_cli_bad_file_during_training(tmp_path, policy):
+    from data.synthetic import make_nih, truncate_file
+
+    make_nih(str(tmp_path / "data" / "nih_chestxray"))
+    victim = sorted((tmp_path / "data" / "nih_chestxray" / "images").glob("*.png"))[3]
+    truncate_file(str(victim), keep=0.5)
+    args = tiny_run_args(str(tmp_path / "data"), str(tmp_path / "out"), epochs=2, bad_files=policy, startup_check=0)
+    args = args[: args.index("--datasets_names")] + ["--datasets_names", "chestxray_nih"]
+    proc = run_cli([sys.executable, VIT_SCRIPT, *args], expect_rc=None)
+    assert victim.name in proc.stdout, proc.output
+    if policy == "error":
+        assert proc.returncode == 1 and "--bad_files skip" in proc.stdout and "Traceback" not in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.output
+        assert [r["train_replaced_files"] for r in _log_lines(str(tmp_path / "out"))] == [1, 2]

@@ -19,7 +19,8 @@ def test_lr_schedule_warmup_cosine_values():
     assert lr_at(420, lr, min_lr, warm, epochs) == pytest.approx(min_lr + (lr - min_lr) * 0.5)
     assert lr_at(800, lr, min_lr, warm, epochs) == pytest.approx(min_lr)
     mid = 40 + 760 / 3
-    assert lr_at(mid, lr, min_lr, warm, epochs) == pytest.approx(min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi / 3)))
+    expected = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi / 3))
+    assert lr_at(mid, lr, min_lr, warm, epochs) == pytest.approx(expected)
 
 
 def test_lr_schedule_fixed_lr_after_warmup():

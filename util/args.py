@@ -16,7 +16,8 @@ def add_bool_flag(group, name: str, default: bool, help: str) -> None:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("Run")
     run.add_argument("--batch_size", default=64, type=int,
-                     help="batch size per process; effective batch = batch_size * accum_iter * world size (default: 64)")
+                     help="batch size per process; effective batch = batch_size * accum_iter * world size "
+                          "(default: 64)")
     run.add_argument("--epochs", default=400, type=int, help="number of epochs (default: 400)")
     run.add_argument("--accum_iter", default=1, type=int,
                      help="accumulate gradients over this many iterations before a step (default: 1)")
@@ -25,7 +26,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--norm_pix_loss", action="store_true",
                      help="use per-patch normalised pixels as the reconstruction target (default: off)")
     run.add_argument("--mask_strategy", default="random", choices=["random"],
-                     help="masking rule; the reference's heat-map modes needed a file it never shipped (default: random)")
+                     help="masking rule; the reference's heat-map modes needed a file it never shipped "
+                          "(default: random)")
     run.add_argument("--device", default=None, type=str,
                      help="device to train on, e.g. cuda or cpu (default: cuda when available, else cpu)")
     run.add_argument("--seed", default=0, type=int, help="random seed; each rank adds its rank (default: 0)")
@@ -34,7 +36,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
     run.add_argument("--repeated-aug", "--repeated_aug", action="store_true", dest="repeated_aug",
-                     help="repeat each sample 3 times per epoch across ranks, with different augmentations (default: off)")
+                     help="repeat each sample 3 times per epoch across ranks, with different augmentations "
+                          "(default: off)")
     run.add_argument("--max_steps_per_epoch", default=None, type=int,
                      help="cap the optimizer steps of an epoch, for smoke tests and demos (default: no cap)")
 
@@ -55,7 +58,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     prec.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
 
     ckpt = parser.add_argument_group("Checkpoints and logs")
-    ckpt.add_argument("--output_dir", default="./output_dir", help="where checkpoints and log.txt go (default: ./output_dir)")
+    ckpt.add_argument("--output_dir", default="./output_dir",
+                      help="where checkpoints and log.txt go (default: ./output_dir)")
     ckpt.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder (default: ./output_dir)")
     ckpt.add_argument("--resume", default="", help="resume from this checkpoint (default: none; see --auto_resume)")
     ckpt.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (default: 0)")

@@ -74,7 +74,8 @@ def test_missing_listed_file_fails_with_path(tmp_path):
     make_nih(str(tmp_path / "nih_chestxray"))
     victim = sorted((tmp_path / "nih_chestxray" / "images").glob("*.png"))[0]
     victim.unlink()
-    with pytest.raises(FileNotFoundError, match=rf"(?s)1 image\(s\) listed .* missing.*{victim.name}.*--bad_files skip"):
+    message = rf"(?s)1 image\(s\) listed .* missing.*{victim.name}.*--bad_files skip"
+    with pytest.raises(FileNotFoundError, match=message):
         _build(["chestxray_nih"], str(tmp_path))
     ds, counts = _build(["chestxray_nih"], str(tmp_path), bad_files="skip")
     assert counts["chestxray_nih"]["filters"][-1][0] == "files present"
@@ -155,7 +156,8 @@ def test_public_api_with_moco_two_crop_transform(tiny_data):
         def __call__(self, image):
             return [base(image), base(image)]
 
-    ds, counts = data.build_pretrain_dataset(["chexpert", "chestxray_nih"], data_path=tiny_data[0], transform=TwoCrops())
+    ds, counts = data.build_pretrain_dataset(["chexpert", "chestxray_nih"], data_path=tiny_data[0],
+                                             transform=TwoCrops())
     loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True)
     (q, k), replaced = next(iter(loader))
     assert q.shape == k.shape == (4, 1, 24, 24) and replaced.tolist() == [0, 0, 0, 0]

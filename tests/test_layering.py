@@ -1,0 +1,36 @@
+"""Imports go downward only: util -> (data, models) -> engine -> entry scripts; nothing imports tools/ etc."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = {"util", "data", "models_mae", "models_mae_cnn", "engine_pretrain", "main_pretrain_multi_datasets_xray",
+           "main_pretrain_multi_datasets_xray_cnn", "tools", "scripts", "benchmarks", "tests"}
+ALLOWED = {
+    "util": {"util"},
+    "data": {"data", "util"},
+    "models_mae": {"util"},
+    "models_mae_cnn": {"util"},
+    "engine_pretrain": {"data", "util"},
+    "main_pretrain_multi_datasets_xray": {"data", "util", "models_mae", "engine_pretrain"},
+    "main_pretrain_multi_datasets_xray_cnn": {"data", "util", "models_mae_cnn", "engine_pretrain"},
+}
+
+
+def _project_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+        found |= {n.split(".")[0] for n in names if n.split(".")[0] in PROJECT}
+    return found
+
+
+def test_layering():
+    violations = []
+    for layer, allowed in ALLOWED.items():
+        files = sorted((ROOT / layer).rglob("*.py")) if (ROOT / layer).is_dir() else [ROOT / f"{layer}.py"]
+        for path in files:
+            bad = _project_imports(path) - allowed
+            if bad:
+                violations.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
+    assert not violations, "\n".join(violations)

@@ -1,0 +1,50 @@
+"""Mean and std of the chosen sources' pixels (after decoding to 8-bit gray and resizing), for --norm_stats.
+
+    python tools/compute_norm_stats.py --data_path data --datasets_names chexpert chestxray_nih \
+        --max_images 5000 --out cxr_stats.json
+    python main_pretrain_multi_datasets_xray.py ... --norm_stats cxr_stats.json
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+from data.image_io import load_gray  # noqa: E402
+
+
+def pixel_stats(paths: list[str], size: int) -> tuple[float, float]:
+    """Pooled mean/std over every pixel of every image, in [0, 1] units."""
+    total = total_sq = count = 0.0
+    for path in paths:
+        pixels = np.asarray(load_gray(path).resize((size, size)), dtype=np.float64) / 255.0
+        total += pixels.sum()
+        total_sq += (pixels**2).sum()
+        count += pixels.size
+    mean = total / count
+    return mean, float(np.sqrt(max(total_sq / count - mean**2, 0.0)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_data_args(parser)
+    parser.add_argument("--max_images", type=int, default=5000,
+                        help="a fixed random sample of this size (default: 5000)")
+    parser.add_argument("--out", required=True, help="JSON file to write ({'mean': m, 'std': s, ...})")
+    args = parser.parse_args()
+    paths = [p.decode() for idx in data.build_indexes(args) for p in idx.paths]
+    rng = np.random.default_rng(0)
+    sample = sorted(rng.choice(paths, min(args.max_images, len(paths)), replace=False).tolist())
+    mean, std = pixel_stats(sample, args.input_size)
+    stats = {"mean": mean, "std": std, "images": len(sample), "sources": args.datasets_names}
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2)
+    print(f"mean {mean:.4f} std {std:.4f} over {len(sample)} images -> {args.out} (use --norm_stats {args.out})")
+
+
+if __name__ == "__main__":
+    main()

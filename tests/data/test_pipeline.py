@@ -1,0 +1,111 @@
+"""Our input pipeline against the reference one, the prepared format, and reduced-scale decoding."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+import data
+from data.prepared import PreparedStore
+from data.synthetic import chest_image
+from data.transforms import IMAGENET, build_train_transform
+from tests.conftest import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_pipeline_matches_reference_transform(tmp_path, in_chans):
+    """Same seed, same file: our gray pipeline gives the reference RGB pipeline's tensor (to float rounding)."""
+    path = str(tmp_path / "x.jpg")
+    Image.fromarray(chest_image(80, 96, seed=2)).save(path, quality=95)
+    reference = transforms.Compose([
+        transforms.RandomResizedCrop(32, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(*IMAGENET)])
+    mean, std = (IMAGENET if in_chans == 3 else ([0.5056], [0.252]))
+    ours = build_train_transform(32, (0.5, 1.0), mean, std, in_chans)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        expected = reference(Image.open(path).convert("RGB"))
+        torch.manual_seed(seed)
+        got = ours(data.image_io.load_gray(path))
+        if in_chans == 1:
+            expected = (expected[:1] * torch.tensor(IMAGENET[1][0]) + IMAGENET[0][0] - 0.5056) / 0.252
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _prepare(data_path, out, *extra):
+    return run_cli([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--data_path", data_path,
+                    "--datasets_names", "chexpert", "chestxray_nih", "mimic_cxr", "--out", out, "--workers", "1",
+                    "--shard_images", "8", *extra], env=child_env())
+
+
+def test_prepared_gives_same_sample_set_and_resumes(tiny_data, tmp_path):
+    out = str(tmp_path / "prep")
+    _prepare(tiny_data[0], out)
+    store = PreparedStore(out)
+    assert store.verify() == [] and len(store.manifest["shards"]) == 4
+    names = ["chexpert", "chestxray_nih", "mimic_cxr"]
+    original, counts = data.build_pretrain_dataset(names, data_path=tiny_data[0], input_size=32)
+    prepared, prepared_counts = data.build_pretrain_dataset(names, prepared_dir=out, input_size=32)
+    for a, b in zip(original.datasets, prepared.datasets, strict=True):
+        assert a.name == b.name and list(a.paths) == list(b.paths)
+    assert {k: v["images"] for k, v in counts.items()} == {k: v["images"] for k, v in prepared_counts.items()}
+    torch.testing.assert_close(original[(5, 9)][0], prepared[(5, 9)][0])  # fixture images are below 320 px
+    # an interruption: the last shard and the manifest are gone; the same command finishes the job
+    os.remove(os.path.join(out, "manifest.json"))
+    os.remove(os.path.join(out, "shard_00003.npz"))
+    proc = _prepare(tiny_data[0], out)
+    assert "(shard 4/4)" in proc.stderr + proc.stdout and PreparedStore(out).verify() == []
+
+
+def test_prepared_detects_corrupt_shard_and_other_inputs(tiny_data, tmp_path):
+    out = str(tmp_path / "prep")
+    _prepare(tiny_data[0], out)
+    with open(os.path.join(out, "shard_00001.u8"), "r+b") as f:
+        f.write(b"\xff\xff\xff")
+    assert PreparedStore(out).verify() == ["shard_00001.u8"]
+    proc = run_cli([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--data_path", tiny_data[0],
+                    "--datasets_names", "chexpert", "--out", out], expect_rc=None)
+    assert proc.returncode != 0 and "holds a preparation of other inputs" in proc.stdout + proc.stderr
+
+
+def test_prepared_resizes_shorter_side(tmp_path):
+    folder = tmp_path / "data" / "folder"
+    folder.mkdir(parents=True)
+    for i, (h, w) in enumerate([(700, 600), (300, 1000)]):
+        Image.fromarray(chest_image(h, w, seed=i)).save(folder / f"{i}.jpg", quality=95)
+    args = _default_args()
+    args.datasets_names, args.data_path = ["folder"], str(tmp_path / "data")
+    data.prepared.prepare(data.build_indexes(args), str(tmp_path / "prep"), size=320)
+    store = PreparedStore(str(tmp_path / "prep"))
+    sizes = sorted(zip(store.columns["height"].tolist(), store.columns["width"].tolist()))
+    assert sizes == [(300, 1000), (373, 320)]  # shorter side 320; smaller images are not enlarged
+    assert sorted(map(tuple, store.columns["original"].tolist())) == [(600, 700), (1000, 300)]
+
+
+def _default_args():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    data.add_data_args(parser)
+    return parser.parse_args([])
+
+
+@pytest.mark.slow
+def test_training_from_prepared_dir(tiny_data, tmp_path):
+    out = str(tmp_path / "prep")
+    _prepare(tiny_data[0], out)
+    run = str(tmp_path / "run")
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args("/nonexistent", run, prepared_dir=out)])
+    assert "prepared: " in proc.stdout and os.path.exists(os.path.join(run, "checkpoint-0.pth"))
+
+
+def test_jpeg_draft_keeps_enough_resolution():
+    args = _default_args()
+    args.jpeg_draft, args.input_size, args.random_resize_range = True, 224, [0.5, 1.0]
+    assert data.draft_min_side(args) == int(np.ceil(224 * np.sqrt(4 / 3) / np.sqrt(0.5)))
+    args.jpeg_draft = False
+    assert data.draft_min_side(args) is None

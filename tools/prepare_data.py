@@ -1,0 +1,48 @@
+"""Decode, convert to 8-bit gray and resize every pre-training image once, into a few memory-mapped shards.
+
+    python tools/prepare_data.py --data_path data --datasets_names chexpert chestxray_nih mimic_cxr \
+        --out data/prepared_320 --prepare_size 320 --workers 16
+    python main_pretrain_multi_datasets_xray.py ... --prepared_dir data/prepared_320
+
+Takes the same data flags as the training scripts (filters run before preparation). Progress is printed with
+an ETA; rerunning the same command after an interruption resumes at the first unfinished shard.
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+from data.prepared import prepare  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_data_args(parser)
+    parser.add_argument("--out", required=True, help="folder to write (resumes if it holds a partial preparation)")
+    parser.add_argument("--prepare_size", type=int, default=320,
+                        help="shorter side after resizing, as the reference's resized MIMIC copy (default: 320)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
+    parser.add_argument("--shard_images", type=int, default=8192, help="images per shard file (default: 8192)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    problems = data.check_data_args(args)
+    if args.prepared_dir:
+        problems.append("--prepared_dir: prepare from the original files, not from another preparation")
+    if problems:
+        parser.error("; ".join(problems))
+    try:
+        indexes = data.build_indexes(args)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}")
+        return 1
+    print(data.format_count_tree(data.count_tree(indexes)))
+    manifest = prepare(indexes, args.out, args.prepare_size, args.workers, args.shard_images)
+    print(f"done: {manifest['images']} images in {len(manifest['shards'])} shard(s) under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

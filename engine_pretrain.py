@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 import data as data_lib
@@ -220,6 +221,25 @@ def resume(run: Run, state: TrainState) -> None:
     logger.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.step)
 
 
+def init_from(run: Run, state: TrainState) -> None:
+    """--init_from, unless this run resumed: load what fits and say exactly what was and was not loaded."""
+    path = run.args.init_from
+    if not path:
+        return
+    if state.epoch > 0 or state.step > 0:
+        logger.info("--init_from %s ignored: resuming from a checkpoint of this run", path)
+        return
+    report = run.model_without_ddp.load_pretrained(ckpt_lib.load_checkpoint(path))
+    logger.info("--init_from %s: loaded %d tensors, adapted %d, missing %d (kept their initialisation), "
+                "ignored %d", path, len(report["loaded"]), len(report["adapted"]), len(report["missing"]),
+                len(report["ignored"]))
+    for kind in ("adapted", "missing", "ignored"):
+        if report[kind]:
+            logger.info("  %s: %s", kind, ", ".join(report[kind]))
+    if not report["loaded"]:
+        raise ValueError(f"--init_from {path}: no tensor matched this model; is it the right architecture?")
+
+
 def train_one_epoch(run: Run, state: TrainState) -> dict:
     args, model, optimizer = run.args, run.model, run.optimizer
     model.train()
@@ -324,6 +344,7 @@ def visualize(run: Run, epoch: int) -> float | None:
                                        mean, std, f"epoch {epoch}")
     model.train(was_training)
     run.run_log.scalar("val_loss", loss, (epoch + 1) * 1000)
+    run.run_log.image("reconstruction", np.asarray(Image.open(path).convert("L")), (epoch + 1) * 1000)
     logger.info("wrote %s (val_loss %.4f on %d monitor images, fixed mask seed)", path, loss, VIS_IMAGES)
     return loss
 
@@ -416,8 +437,9 @@ def _run(args, info, device, build_model, check_model_args) -> int:
     state = TrainState(epoch=args.start_epoch)
     try:
         resume(run, state)
+        init_from(run, state)
     except (OSError, ValueError, RuntimeError, KeyError) as e:  # missing, unsafe or mismatched checkpoint
-        raise SetupError(f"--resume/--auto_resume: {e}") from e
+        raise SetupError(f"--resume/--auto_resume/--init_from: {e}") from e
     if info.distributed:
         run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         run.heartbeat = dist_lib.Heartbeat(info, args.dist_timeout)

@@ -18,8 +18,9 @@ from util.masking import (
     random_masking_ids,
     unpatchify,
 )
-from util.pos_embed import get_2d_sincos_pos_embed
+from util.pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
 from util.registry import Registry
+from util.state_dict import adapt_in_chans, strip_prefixes
 
 MODELS = Registry("ViT MAE model")
 
@@ -149,7 +150,10 @@ class MaskedAutoencoderViT(nn.Module):
 
     def encoder_state_dict(self) -> dict:
         """Encoder weights under timm VisionTransformer names (the decoder and mask token dropped)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("decoder_", "mask_token"))}
+        return to_timm_state_dict(self.state_dict())
+
+    def load_pretrained(self, checkpoint: dict) -> dict:
+        return load_pretrained(self, checkpoint)
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
@@ -221,3 +225,63 @@ MODELS.register(mae_vit_base_patch16_dec512d2b, name="mae_vit_base_patch16_dec51
 MODELS.register(mae_vit_base_patch16_dec512d8b, name="mae_vit_base_patch16")
 MODELS.register(mae_vit_large_patch16_dec512d8b, name="mae_vit_large_patch16")
 MODELS.register(mae_vit_huge_patch14_dec512d8b, name="mae_vit_huge_patch14")
+
+
+# ---- conversions: export to timm, and --init_from --------------------------------------------------------------
+
+TIMM_NAMES = {(384, 12, 16): "vit_small_patch16_224", (768, 12, 16): "vit_base_patch16_224",
+              (1024, 24, 16): "vit_large_patch16_224", (1280, 32, 14): "vit_huge_patch14_224"}
+
+
+def timm_config(model: MaskedAutoencoderViT) -> tuple[str, dict]:
+    """The timm VisionTransformer name and keyword overrides that hold this encoder."""
+    dim, depth = model.cls_token.shape[-1], len(model.blocks)
+    name = TIMM_NAMES.get((dim, depth, model.patch_size), "vit_small_patch16_224")
+    kwargs = {"img_size": model.patch_embed.img_size[0], "in_chans": model.in_chans, "num_classes": 0}
+    if (dim, depth, model.patch_size) not in TIMM_NAMES:
+        kwargs.update(embed_dim=dim, depth=depth, num_heads=model.blocks[0].attn.num_heads,
+                      mlp_ratio=model.blocks[0].mlp.fc1.out_features / dim, patch_size=model.patch_size)
+    return name, kwargs
+
+
+def to_timm_state_dict(mae_state: dict, img_size: int | None = None, in_chans: int | None = None) -> dict:
+    """Encoder weights under timm VisionTransformer names, optionally resampled to img_size and in_chans."""
+    state = {k: v for k, v in mae_state.items() if not k.startswith(("decoder_", "mask_token"))}
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    if img_size is not None:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], (img_size // patch, img_size // patch))
+    if in_chans is not None:
+        state["patch_embed.proj.weight"] = adapt_in_chans(state["patch_embed.proj.weight"], in_chans)
+    return state
+
+
+def load_pretrained(model: MaskedAutoencoderViT, checkpoint: dict) -> dict:
+    """--init_from: load an encoder or a full MAE (e.g. ImageNet MAE) into `model`, adapting what can be adapted.
+
+    Returns {'loaded', 'adapted', 'missing', 'ignored'}; raises on any other shape mismatch. Fixed sin-cos
+    position tables of another grid are regenerated rather than resampled (they are a function of the grid).
+    """
+    source = strip_prefixes(checkpoint)
+    target = model.state_dict()
+    report = {"loaded": [], "adapted": [], "missing": [], "ignored": []}
+    new_state, mismatched = {}, []
+    for key, value in source.items():
+        if key not in target:
+            report["ignored"].append(key)
+            continue
+        if key == "patch_embed.proj.weight" and value.shape[1] != target[key].shape[1]:
+            value = adapt_in_chans(value, target[key].shape[1])
+            report["adapted"].append(f"{key} (channels {source[key].shape[1]} -> {target[key].shape[1]})")
+        if key in ("pos_embed", "decoder_pos_embed") and value.shape != target[key].shape:
+            report["adapted"].append(f"{key} (regenerated for the {model.patch_embed.grid_size} grid)")
+            continue
+        if value.shape != target[key].shape:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}")
+            continue
+        new_state[key] = value
+        report["loaded"].append(key)
+    if mismatched:
+        raise ValueError("--init_from: shapes differ for\n  " + "\n  ".join(mismatched[:20]))
+    report["missing"] = [k for k in target if k not in new_state and not k.endswith("pos_embed")]
+    model.load_state_dict(new_state, strict=False)
+    return report

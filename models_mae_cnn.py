@@ -16,6 +16,7 @@ from util.masking import (
     random_masking_ids,
     unpatchify,
 )
+from util.state_dict import adapt_in_chans, strip_prefixes
 
 ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "DeepLabV3Plus", "MAnet", "PAN", "UPerNet",
                  "Segformer")
@@ -95,6 +96,52 @@ class MaskedAutoencoderCNN(nn.Module):
     def encoder_state_dict(self) -> dict:
         return self.model.encoder.state_dict()
 
+    def load_pretrained(self, checkpoint: dict) -> dict:
+        return load_pretrained(self, checkpoint)
+
 
 def create_model(encoder_name: str, **kwargs) -> MaskedAutoencoderCNN:
     return MaskedAutoencoderCNN(encoder_name=encoder_name, **kwargs)
+
+
+# ---- conversions: export to torchvision, and --init_from -------------------------------------------------------
+
+def to_torchvision_state_dict(encoder_state: dict, encoder_name: str) -> tuple[str, dict]:
+    """SMP encoder weights -> (torchvision target, state dict).
+
+    DenseNets load strictly into torchvision `<name>().features` (the 'features.' prefix dropped); ResNets into
+    `<name>()` with only `fc` missing. SMP builds both encoders on torchvision's own modules, so keys map 1:1.
+    """
+    if encoder_name.startswith("densenet"):
+        return f"torchvision.models.{encoder_name}().features", {
+            k.removeprefix("features."): v for k, v in encoder_state.items()}
+    if encoder_name.startswith(("resnet", "resnext")):
+        return f"torchvision.models.{encoder_name}() (without fc)", dict(encoder_state)
+    raise ValueError(f"no torchvision naming for encoder '{encoder_name}'; export the SMP encoder state dict instead")
+
+
+def load_pretrained(model: MaskedAutoencoderCNN, checkpoint: dict) -> dict:
+    """--init_from for the CNN: a full checkpoint of this model, an SMP encoder, or a torchvision backbone."""
+    source = strip_prefixes(checkpoint, keep_model_prefix=True)
+    target = model.state_dict()
+    candidates = ("", "model.", "model.encoder.", "model.encoder.features.")
+    report = {"loaded": [], "adapted": [], "missing": [], "ignored": []}
+    new_state, mismatched = {}, []
+    for key, value in source.items():
+        match = next((p + key for p in candidates if p + key in target), None)
+        if match is None:
+            report["ignored"].append(key)
+            continue
+        if value.ndim == 4 and value.shape[1] != target[match].shape[1] and value.shape[1] in (1, 3):
+            value = adapt_in_chans(value, target[match].shape[1])
+            report["adapted"].append(f"{match} (channels)")
+        if value.shape != target[match].shape:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[match].shape)}")
+            continue
+        new_state[match] = value
+        report["loaded"].append(match)
+    if mismatched:
+        raise ValueError("--init_from: shapes differ for\n  " + "\n  ".join(mismatched[:20]))
+    report["missing"] = [k for k in target if k not in new_state]
+    model.load_state_dict(new_state, strict=False)
+    return report

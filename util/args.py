@@ -62,6 +62,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                       help="where checkpoints and log.txt go (default: ./output_dir)")
     ckpt.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder (default: ./output_dir)")
     ckpt.add_argument("--resume", default="", help="resume from this checkpoint (default: none; see --auto_resume)")
+    ckpt.add_argument("--init_from", default="",
+                      help="start from these weights: a full MAE or U-Net checkpoint, an encoder export, or a "
+                           "timm/torchvision backbone; prints what was loaded (default: none)")
     ckpt.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (default: 0)")
     add_bool_flag(ckpt, "auto_resume", True, "continue from the newest good checkpoint in output_dir")
     ckpt.add_argument("--save_freq", default=20, type=int,

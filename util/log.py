@@ -137,9 +137,9 @@ class RunLog:
         if self.writer is not None:
             self.writer.add_scalar(name, value, step)
 
-    def image(self, name: str, image_chw, step: int) -> None:
+    def image(self, name: str, image, step: int, dataformats: str = "HW") -> None:
         if self.writer is not None:
-            self.writer.add_image(name, image_chw, step)
+            self.writer.add_image(name, image, step, dataformats=dataformats)
 
     def epoch_line(self, stats: dict) -> None:
         if not (self.enabled and self.output_dir):

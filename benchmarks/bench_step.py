@@ -1,0 +1,92 @@
+"""Train-step images/s: the reference model code against ours, measured in the same run.
+
+    python benchmarks/bench_step.py [--steps 4] [--compile] [--device cuda] [--precision bf16]
+
+Models: ViT-S MAE (mae_vit_small_patch16_dec128d2b, mask 0.9) and the DenseNet-121 U-Net, batch 16, 224 px.
+"reference" reproduces the reference step: explicit attention (timm 0.3.2/0.4.12 blocks have no fused SDPA),
+torch's default AdamW, a loss.item() every iteration, channels-first convolutions. "ours" is this repository's
+default step: SDPA attention, foreach/fused AdamW, channels_last for the CNN, one host sync per step.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models_mae  # noqa: E402
+import models_mae_cnn  # noqa: E402
+from engine_pretrain import param_groups  # noqa: E402
+from util.precision import autocast  # noqa: E402
+
+
+def build(kind: str, variant: str, device):
+    if kind == "vit":
+        model = models_mae.create_model("mae_vit_small_patch16_dec128d2b", mask_ratio=0.9)
+        if variant == "reference":
+            for block in [*model.blocks, *model.decoder_blocks]:
+                block.attn.fused_attn = False
+    else:
+        model = models_mae_cnn.create_model("densenet121", img_size=224, mask_ratio=0.75)
+        if variant != "reference":
+            model = model.to(memory_format=torch.channels_last)
+    model = model.to(device)
+    if variant == "reference":
+        optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    else:
+        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), **fused)
+    if variant == "compile":
+        model = torch.compile(model)
+    return model, optimizer
+
+
+def images_per_s(kind, variant, device, precision, batch, steps, warmup) -> float:
+    torch.manual_seed(0)
+    model, optimizer = build(kind, variant, device)
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    if kind == "cnn" and variant != "reference":
+        images = images.contiguous(memory_format=torch.channels_last)
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        with autocast(precision, device):
+            loss, _, _ = model(images)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # both variants sync once per step here; the reference also synced per iteration
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return batch / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant (median) (default: 4)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="(default: fp32)")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to build)")
+    parser.add_argument("--models", nargs="+", default=["vit", "cnn"], choices=["vit", "cnn"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, precision {args.precision}, "
+          f"batch {args.batch}, median of {args.steps} steps")
+    variants = ["reference", "ours"] + (["compile"] if args.compile else [])
+    for kind in args.models:
+        results = {}
+        for variant in variants:
+            warmup = 3 if variant == "compile" else 1
+            results[variant] = images_per_s(kind, variant, device, args.precision, args.batch, args.steps, warmup)
+            print(f"  {kind:4s} {variant:10s} {results[variant]:8.2f} img/s  "
+                  f"({results[variant] / results['reference']:.2f}x reference)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Rebuild the pre-training model a checkpoint came from (shared by the export and visualisation tools)."""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import main_pretrain_multi_datasets_xray as vit_main  # noqa: E402
+import main_pretrain_multi_datasets_xray_cnn as cnn_main  # noqa: E402
+import models_mae  # noqa: E402
+from util.checkpoint import load_checkpoint  # noqa: E402
+
+
+def model_from_checkpoint(path: str):
+    """(model with weights loaded, args namespace, checkpoint dict). Reference checkpoints work too."""
+    ckpt = load_checkpoint(path)
+    if "model" not in ckpt or "args" not in ckpt:
+        raise ValueError(f"{path} is not a pre-training checkpoint (it has no 'model' and 'args'); "
+                         "an encoder export cannot be visualised or re-exported")
+    saved = ckpt["args"]
+    script = vit_main if saved.get("model") in models_mae.MODELS else cnn_main
+    args = argparse.ArgumentParser(parents=[script.get_args_parser()]).parse_args([])
+    for key, value in saved.items():
+        setattr(args, key, value)
+    model = script.build_model(args)
+    if not any(k.startswith(("decoder_", "model.decoder")) for k in ckpt["model"]):
+        raise ValueError(f"{path} has no decoder weights, so it cannot reconstruct images")
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), args, ckpt

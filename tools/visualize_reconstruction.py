@@ -1,0 +1,63 @@
+"""Reconstruction grids from a checkpoint: original | masked | reconstruction | reconstruction + visible patches.
+
+    python tools/visualize_reconstruction.py --checkpoint runs/vit_s/checkpoint-799.pth --images a.png b.jpg --out vis/
+    python tools/visualize_reconstruction.py --checkpoint ... --datasets_names chexpert --num 8 --out vis/
+
+One PNG per image. Panels use the run's own normalisation (stored in the checkpoint). With norm_pix_loss the
+predicted patches are de-normalised with the ground-truth patch mean/variance, and those panels are labelled
+as display-only. --mask_seed fixes the mask, so grids from different epochs are comparable.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from checkpoint_model import model_from_checkpoint  # noqa: E402
+
+import data  # noqa: E402
+from data.image_io import load_gray  # noqa: E402
+from data.transforms import build_eval_transform, norm_stats_for  # noqa: E402
+from util.vis import save_reconstruction_png  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--images", nargs="*", default=[], help="image files (PNG, JPEG, DICOM)")
+    parser.add_argument("--datasets_names", nargs="*", default=[], help="or: take images from these sources")
+    parser.add_argument("--data_path", default="data", help="root for --datasets_names (default: data)")
+    parser.add_argument("--num", type=int, default=4, help="images per source with --datasets_names (default: 4)")
+    parser.add_argument("--mask_seed", type=int, default=1234, help="seed of the mask (default: 1234)")
+    parser.add_argument("--mask_ratio", type=float, default=None, help="default: the run's")
+    parser.add_argument("--out", required=True, help="folder for the PNGs")
+    args = parser.parse_args()
+    if not args.images and not args.datasets_names:
+        parser.error("give --images or --datasets_names")
+    model, run_args, ckpt = model_from_checkpoint(args.checkpoint)
+    per_source = (ckpt.get("norm_stats") or {}).get("per_source", {})
+    jobs = []  # (label, gray image, source name for the statistics)
+    for path in args.images:
+        jobs.append((os.path.splitext(os.path.basename(path))[0], load_gray(path), run_args.datasets_names[0]))
+    if args.datasets_names:
+        dataset, _ = data.build_pretrain_dataset(args.datasets_names, data_path=args.data_path,
+                                                 input_size=run_args.input_size)
+        for source in dataset.datasets:
+            jobs += [(f"{source.name}_{i}", source.load(i), source.name) for i in range(min(args.num, len(source)))]
+    os.makedirs(args.out, exist_ok=True)
+    mask_ratio = run_args.mask_ratio if args.mask_ratio is None else args.mask_ratio
+    for label, image, source in jobs:
+        mean, std = per_source.get(source) or norm_stats_for(source, run_args.norm_stats, run_args.in_chans)
+        tensor = build_eval_transform(run_args.input_size, mean, std, run_args.in_chans)(image).unsqueeze(0)
+        path = os.path.join(args.out, f"{label}.png")
+        with torch.no_grad():
+            loss = save_reconstruction_png(path, model, tensor, mask_ratio, args.mask_seed, mean, std,
+                                           f"{label}  epoch {ckpt.get('epoch')}")
+        print(f"wrote {path} (loss {loss:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

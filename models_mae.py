@@ -255,6 +255,16 @@ def to_timm_state_dict(mae_state: dict, img_size: int | None = None, in_chans: i
     return state
 
 
+def _adapt_pred_channels(value: torch.Tensor, source_chans: int, in_chans: int) -> torch.Tensor:
+    """decoder_pred rows are ordered (p, q, c): average the channels (3 -> 1) or repeat them (1 -> 3)."""
+    rows = value.reshape(-1, source_chans, *value.shape[1:])  # [p*p, C, (D)]
+    if in_chans == 1:
+        return rows.mean(dim=1).reshape(-1, *value.shape[1:])
+    if source_chans == 1:
+        return rows.repeat_interleave(in_chans, dim=1).reshape(-1, *value.shape[1:])
+    raise ValueError(f"cannot adapt decoder_pred from {source_chans} to {in_chans} channels")
+
+
 def load_pretrained(model: MaskedAutoencoderViT, checkpoint: dict) -> dict:
     """--init_from: load an encoder or a full MAE (e.g. ImageNet MAE) into `model`, adapting what can be adapted.
 
@@ -272,6 +282,10 @@ def load_pretrained(model: MaskedAutoencoderViT, checkpoint: dict) -> dict:
         if key == "patch_embed.proj.weight" and value.shape[1] != target[key].shape[1]:
             value = adapt_in_chans(value, target[key].shape[1])
             report["adapted"].append(f"{key} (channels {source[key].shape[1]} -> {target[key].shape[1]})")
+        if key.startswith("decoder_pred.") and value.shape[0] != target[key].shape[0]:
+            value = _adapt_pred_channels(value, source_chans=value.shape[0] // model.patch_size**2,
+                                         in_chans=model.in_chans)
+            report["adapted"].append(f"{key} (output channels -> {model.in_chans})")
         if key in ("pos_embed", "decoder_pos_embed") and value.shape != target[key].shape:
             report["adapted"].append(f"{key} (regenerated for the {model.patch_embed.grid_size} grid)")
             continue

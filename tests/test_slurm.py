@@ -105,8 +105,9 @@ def test_slurm_signal_checkpoints_and_requeues(slurm, tiny_data, tmp_path):
     # SLURM holds a requeued job for a few minutes before it may start again; that policy is not under test
     while time.time() < deadline and "Restarts=1" not in (info := _scontrol(job_id)):
         time.sleep(0.2)
-    while time.time() < deadline and "JobState=PENDING" not in (info := _scontrol(job_id)):
-        time.sleep(0.2)
+    while time.time() < deadline and "Reason=BeginTime" not in (info := _scontrol(job_id)):
+        time.sleep(0.2)  # requeue fully processed: the old instance is gone, only the begin time holds it
+    time.sleep(1)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
     state, info = wait_job(job_id, timeout=300)
     text = open(log).read()

@@ -20,7 +20,7 @@ from util.masking import (
 )
 from util.pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
 from util.registry import Registry
-from util.state_dict import adapt_in_chans, strip_prefixes
+from util.state_dict import adapt_in_chans, load_matching, strip_prefixes
 
 MODELS = Registry("ViT MAE model")
 
@@ -271,31 +271,15 @@ def load_pretrained(model: MaskedAutoencoderViT, checkpoint: dict) -> dict:
     Returns {'loaded', 'adapted', 'missing', 'ignored'}; raises on any other shape mismatch. Fixed sin-cos
     position tables of another grid are regenerated rather than resampled (they are a function of the grid).
     """
-    source = strip_prefixes(checkpoint)
-    target = model.state_dict()
-    report = {"loaded": [], "adapted": [], "missing": [], "ignored": []}
-    new_state, mismatched = {}, []
-    for key, value in source.items():
-        if key not in target:
-            report["ignored"].append(key)
-            continue
-        if key == "patch_embed.proj.weight" and value.shape[1] != target[key].shape[1]:
-            value = adapt_in_chans(value, target[key].shape[1])
-            report["adapted"].append(f"{key} (channels {source[key].shape[1]} -> {target[key].shape[1]})")
-        if key.startswith("decoder_pred.") and value.shape[0] != target[key].shape[0]:
-            value = _adapt_pred_channels(value, source_chans=value.shape[0] // model.patch_size**2,
-                                         in_chans=model.in_chans)
-            report["adapted"].append(f"{key} (output channels -> {model.in_chans})")
-        if key in ("pos_embed", "decoder_pos_embed") and value.shape != target[key].shape:
-            report["adapted"].append(f"{key} (regenerated for the {model.patch_embed.grid_size} grid)")
-            continue
-        if value.shape != target[key].shape:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}")
-            continue
-        new_state[key] = value
-        report["loaded"].append(key)
-    if mismatched:
-        raise ValueError("--init_from: shapes differ for\n  " + "\n  ".join(mismatched[:20]))
-    report["missing"] = [k for k in target if k not in new_state and not k.endswith("pos_embed")]
-    model.load_state_dict(new_state, strict=False)
-    return report
+    def adapt(key, value, wanted):
+        if key == "patch_embed.proj.weight" and value.shape[1] != wanted.shape[1]:
+            return adapt_in_chans(value, wanted.shape[1]), f"channels {value.shape[1]} -> {wanted.shape[1]}"
+        if key.startswith("decoder_pred.") and value.shape[0] != wanted.shape[0]:
+            source_chans = value.shape[0] // model.patch_size**2
+            return _adapt_pred_channels(value, source_chans, model.in_chans), f"output channels -> {model.in_chans}"
+        if key in ("pos_embed", "decoder_pos_embed") and value.shape != wanted.shape:
+            return None, f"regenerated for the {model.patch_embed.grid_size} grid"
+        return value, None
+
+    return load_matching(model, strip_prefixes(checkpoint), lambda key, target: key if key in target else None,
+                         adapt, regenerated=("pos_embed", "decoder_pos_embed"))

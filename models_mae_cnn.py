@@ -16,7 +16,7 @@ from util.masking import (
     random_masking_ids,
     unpatchify,
 )
-from util.state_dict import adapt_in_chans, strip_prefixes
+from util.state_dict import adapt_in_chans, load_matching, strip_prefixes
 
 ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "DeepLabV3Plus", "MAnet", "PAN", "UPerNet",
                  "Segformer")
@@ -122,26 +122,14 @@ def to_torchvision_state_dict(encoder_state: dict, encoder_name: str) -> tuple[s
 
 def load_pretrained(model: MaskedAutoencoderCNN, checkpoint: dict) -> dict:
     """--init_from for the CNN: a full checkpoint of this model, an SMP encoder, or a torchvision backbone."""
-    source = strip_prefixes(checkpoint, keep_model_prefix=True)
-    target = model.state_dict()
     candidates = ("", "model.", "model.encoder.", "model.encoder.features.")
-    report = {"loaded": [], "adapted": [], "missing": [], "ignored": []}
-    new_state, mismatched = {}, []
-    for key, value in source.items():
-        match = next((p + key for p in candidates if p + key in target), None)
-        if match is None:
-            report["ignored"].append(key)
-            continue
-        if value.ndim == 4 and value.shape[1] != target[match].shape[1] and value.shape[1] in (1, 3):
-            value = adapt_in_chans(value, target[match].shape[1])
-            report["adapted"].append(f"{match} (channels)")
-        if value.shape != target[match].shape:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[match].shape)}")
-            continue
-        new_state[match] = value
-        report["loaded"].append(match)
-    if mismatched:
-        raise ValueError("--init_from: shapes differ for\n  " + "\n  ".join(mismatched[:20]))
-    report["missing"] = [k for k in target if k not in new_state]
-    model.load_state_dict(new_state, strict=False)
-    return report
+
+    def resolve(key, target):
+        return next((p + key for p in candidates if p + key in target), None)
+
+    def adapt(key, value, wanted):
+        if value.ndim == 4 and value.shape[1] != wanted.shape[1] and value.shape[1] in (1, 3):
+            return adapt_in_chans(value, wanted.shape[1]), f"channels {value.shape[1]} -> {wanted.shape[1]}"
+        return value, None
+
+    return load_matching(model, strip_prefixes(checkpoint, keep_model_prefix=True), resolve, adapt)

@@ -146,3 +146,11 @@ def test_cli_bad_file_during_training(tmp_path, policy):
     else:
         assert proc.returncode == 0, proc.output
         assert [r["train_replaced_files"] for r in _log_lines(str(tmp_path / "out"))] == [1, 2]
+
+
+def test_cli_compile_flag_trains(tiny_data, tmp_path):
+    """--compile (torch.compile, inductor on CPU) completes an epoch and writes an unprefixed checkpoint."""
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(tmp_path), compile=True)],
+                   timeout=600)
+    ckpt = _check_run_outputs(str(tmp_path))
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"]), proc.output

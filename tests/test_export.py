@@ -133,3 +133,14 @@ def test_init_from_wrong_architecture_is_an_error():
     small = models_mae.create_model("mae_vit_debug_patch16", img_size=32)
     with pytest.raises(ValueError, match="shapes differ"):
         small.load_pretrained(big.state_dict())
+
+
+def test_init_from_torchvision_densenet_into_one_channel_unet():
+    import models_mae_cnn
+
+    model = models_mae_cnn.create_model("densenet121", img_size=64, in_chans=1)
+    backbone = torchvision.models.densenet121().features
+    report = model.load_pretrained(backbone.state_dict())
+    assert report["adapted"] == ["model.encoder.features.conv0.weight (channels 3 -> 1)"] and not report["ignored"]
+    assert all(k.startswith(("model.decoder", "model.segmentation_head")) for k in report["missing"])
+    torch.testing.assert_close(model.model.encoder.features.conv0.weight, backbone.conv0.weight.sum(1, keepdim=True))

@@ -67,6 +67,13 @@ def submit(tmp_path, shape: str, sbatch_lines: list[str], data_path: str, out: s
     return job_id, str(tmp_path / f"slurm-{job_id}.out")
 
 
+def _poll(condition, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out waiting for the job"
+        time.sleep(0.2)
+
+
 def _check_single_run(out: str, log: str, launcher: str):
     text = open(log).read()
     resolved = json.loads(re.search(r"resolved run: (\{.*\})", text).group(1))
@@ -97,16 +104,12 @@ def test_slurm_signal_checkpoints_and_requeues(slurm, tiny_data, tmp_path):
     out = str(tmp_path / "run")
     job_id, log = submit(tmp_path, "srun", ["--ntasks=1", "--requeue", "--open-mode=append"], tiny_data[0], out,
                          input_size=64, batch_size=2, epochs=12)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(log) and "Epoch: [1]" in open(log).read()):
-        time.sleep(0.2)
+    _poll(lambda: os.path.exists(log) and "Epoch: [1]" in open(log).read())
     env = {**os.environ, "SLURM_CONF": SLURM_CONF}
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, check=True)
-    # SLURM holds a requeued job for a few minutes before it may start again; that policy is not under test
-    while time.time() < deadline and "Restarts=1" not in (info := _scontrol(job_id)):
-        time.sleep(0.2)
-    while time.time() < deadline and "Reason=BeginTime" not in (info := _scontrol(job_id)):
-        time.sleep(0.2)  # requeue fully processed: the old instance is gone, only the begin time holds it
+    # SLURM holds a requeued job for a few minutes before it may start again; that policy is not under test.
+    # Release it once the requeue is fully processed: the old instance is gone and only the begin time holds it.
+    _poll(lambda: "Restarts=1" in (info := _scontrol(job_id)) and "Reason=BeginTime" in info)
     time.sleep(1)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, check=True)
     state, info = wait_job(job_id, timeout=300)

@@ -30,3 +30,36 @@ def strip_prefixes(state: dict, keep_model_prefix: bool = False) -> dict:
             key = key.split(".", 1)[1]
         out[key] = value
     return out
+
+
+def load_matching(model: torch.nn.Module, source: dict, resolve_key, adapt, regenerated=()) -> dict:
+    """The --init_from loop shared by both models.
+
+    resolve_key(key, target) names the model key a source key fills (None: ignored). adapt(key, value, wanted)
+    returns (value, note): a reshaped value with a note for the report, or (None, note) for a tensor the model
+    regenerates itself. Any other shape mismatch is an error. `regenerated` keys never count as missing.
+    Returns {'loaded', 'adapted', 'missing', 'ignored'} lists of keys.
+    """
+    target = model.state_dict()
+    report = {"loaded": [], "adapted": [], "missing": [], "ignored": []}
+    new_state, mismatched = {}, []
+    for key, value in source.items():
+        match = resolve_key(key, target)
+        if match is None:
+            report["ignored"].append(key)
+            continue
+        value, note = adapt(match, value, target[match])
+        if note:
+            report["adapted"].append(f"{match} ({note})")
+        if value is None:
+            continue
+        if value.shape != target[match].shape:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target[match].shape)}")
+            continue
+        new_state[match] = value
+        report["loaded"].append(match)
+    if mismatched:
+        raise ValueError("--init_from: shapes differ for\n  " + "\n  ".join(mismatched[:20]))
+    report["missing"] = [k for k in target if k not in new_state and k not in regenerated]
+    model.load_state_dict(new_state, strict=False)
+    return report

@@ -84,20 +84,16 @@ def _check_single_run(out: str, log: str, launcher: str):
     assert os.listdir(os.path.join(out, "logs")) == ["rank0.log"]  # only rank 0 writes
 
 
-def test_slurm_two_tasks_through_srun(slurm, tiny_data, tmp_path):
+@pytest.mark.parametrize("shape, resources, launcher", [
+    ("srun", ["--ntasks=2", "--cpus-per-task=1"], "slurm"),  # 2 tasks: ranks from SLURM_PROCID/SLURM_NTASKS
+    ("torchrun", ["--ntasks=1", "--cpus-per-task=2"], "torchrun"),  # 1 task running torchrun with 2 processes
+])
+def test_slurm_job_completes(slurm, tiny_data, tmp_path, shape, resources, launcher):
     out = str(tmp_path / "run")
-    job_id, log = submit(tmp_path, "srun", ["--ntasks=2", "--cpus-per-task=1"], tiny_data[0], out)
+    job_id, log = submit(tmp_path, shape, resources, tiny_data[0], out)
     state, info = wait_job(job_id)
     assert state == "COMPLETED", open(log).read() + info
-    _check_single_run(out, log, "slurm")
-
-
-def test_slurm_one_task_running_torchrun(slurm, tiny_data, tmp_path):
-    out = str(tmp_path / "run")
-    job_id, log = submit(tmp_path, "torchrun", ["--ntasks=1", "--cpus-per-task=2"], tiny_data[0], out)
-    state, info = wait_job(job_id)
-    assert state == "COMPLETED", open(log).read() + info
-    _check_single_run(out, log, "torchrun")
+    _check_single_run(out, log, launcher)
 
 
 def test_slurm_signal_checkpoints_and_requeues(slurm, tiny_data, tmp_path):

@@ -1,0 +1,264 @@
+"""Multi-source chest X-ray pre-training data: a registry of sources and one builder.
+
+Public API, also for other self-supervised code (the paper's MoCo v2 baselines used this loader):
+
+    from data import build_pretrain_dataset
+    dataset, counts = build_pretrain_dataset(["chexpert", "chestxray_nih"], data_path="data",
+                                             transform=TwoCropsTransform(...))
+
+Each item is (transform(gray PIL image), replaced_flag).
+"""
+import argparse
+import logging
+import os
+
+import numpy as np
+
+from data.image_io import decode_problem
+from data.base import BAD_FILE_POLICIES, BadImageError, ConcatSources, Source, SourceIndex, XrayDataset
+from data.chestxray_nih import ChestXrayNIH
+from data.chexpert import CheXpert
+from data.folder import Folder
+from data.mimic_cxr import MimicCXR
+from data.padchest import PadChest
+from data.prepared import PreparedStore
+from data.vindr_cxr import VinDrCXR
+from util.args import add_bool_flag
+from data.transforms import build_train_transform, check_norm_policy, norm_stats_for
+
+logger = logging.getLogger(__name__)
+
+SOURCES: dict[str, Source] = {s.name: s for s in (CheXpert(), ChestXrayNIH(), MimicCXR(), PadChest(), VinDrCXR(),
+                                                  Folder())}
+
+
+class DataLeakageError(RuntimeError):
+    """Pre-training images belong to patients of a source's own test or validation split."""
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Data")
+    g.add_argument("--data_path", default="data", type=str,
+                   help="root holding the datasets in the reference layout: CheXpert-v1.0-small/, nih_chestxray/, "
+                        "mimic_cxr/ (default: data)")
+    g.add_argument("--datasets_names", nargs="+", default=["chexpert", "chestxray_nih"],
+                   help=f"sources to pre-train on, any of {list(SOURCES)} (default: chexpert chestxray_nih)")
+    for name in SOURCES:
+        g.add_argument(f"--{name}_root", default=None, type=str,
+                       help=f"folder of {name}, overriding --data_path/{SOURCES[name].default_dir}")
+    g.add_argument("--folder_list", default=None, type=str,
+                   help="for the 'folder' source: a file listing image paths (path[,patient] per line) instead of "
+                        "scanning --folder_root")
+    g.add_argument("--train_list", default=None, type=str,
+                   help="NIH list file of training images (name [labels] per line); default: the download's "
+                        "train_val_list.txt")
+    g.add_argument("--input_size", default=224, type=int, help="images input size (default: 224)")
+    g.add_argument("--in_chans", default=3, type=int, choices=[1, 3],
+                   help="model input channels; 1 is native grayscale, 3 repeats the gray plane (default: 3)")
+    g.add_argument("--random_resize_range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop scale range, e.g. 0.5 1.0; unset means a plain resize (default: unset)")
+    g.add_argument("--norm_stats", default="dataset", type=str,
+                   help="normalisation: 'dataset' (reference per-source mean/std), 'imagenet', 'cxr' (0.5056/0.252), "
+                        "'MEAN,STD', or a JSON file from tools/compute_norm_stats.py (default: dataset)")
+    g.add_argument("--views", action="append", default=[], metavar="SOURCE=V1,V2",
+                   help="view filter per source, e.g. chexpert=AP,PA or mimic_cxr=all; defaults: chexpert frontal, "
+                        "mimic_cxr AP,PA (repeatable)")
+    g.add_argument("--source_cap", action="append", default=[], metavar="SOURCE=N",
+                   help="use at most N images of SOURCE, a fixed random subset (repeatable)")
+    g.add_argument("--source_weight", action="append", default=[], metavar="SOURCE=W",
+                   help="resample SOURCE to W times its size per epoch, e.g. 0.5 or 2 (repeatable)")
+    g.add_argument("--bad_files", default="error", choices=BAD_FILE_POLICIES,
+                   help="a missing or undecodable image: 'error' stops with its path; 'skip' replaces it, "
+                        "counts it and logs its path (default: error)")
+    g.add_argument("--prepared_dir", default=None, type=str,
+                   help="train from a folder written by tools/prepare_data.py instead of the original files "
+                        "(same images, same order; default: off)")
+    add_bool_flag(g, "jpeg_draft", False,
+                  "decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when the crop does not need full "
+                  "resolution; several times faster on full-resolution CheXpert/MIMIC")
+    g.add_argument("--startup_check", default=16, type=int,
+                   help="decode this many images of each source at start-up, so unreadable files fail before "
+                        "training (default: 16; tools/verify_data.py checks every file)")
+    add_bool_flag(g, "leakage_check", True, "fail if a pre-training patient is in a source's own test/validation split")
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in SOURCES:
+            raise ValueError(f"{flag} takes SOURCE=VALUE with SOURCE in {list(SOURCES)}, got '{item}'")
+        out[name] = value
+    return out
+
+
+def check_data_args(args) -> list[str]:
+    """Problems with the data flags, each naming its flag (empty if none)."""
+    problems = []
+    unknown = [n for n in args.datasets_names if n not in SOURCES]
+    if unknown:
+        problems.append(f"--datasets_names: unknown source(s) {unknown}; choose from {list(SOURCES)}")
+    for flag in ("views", "source_cap", "source_weight"):
+        try:
+            values = _pairs(getattr(args, flag), f"--{flag}")
+            if flag != "views":
+                [float(v) for v in values.values()]
+        except ValueError as e:
+            problems.append(str(e))
+    if (issue := check_norm_policy(args.norm_stats)) is not None:
+        problems.append(issue)
+    if args.random_resize_range and not 0 < args.random_resize_range[0] <= args.random_resize_range[1] <= 1:
+        problems.append(f"--random_resize_range must satisfy 0 < MIN <= MAX <= 1, got {args.random_resize_range}")
+    return problems
+
+
+def _view_filter(idx: SourceIndex, source: Source, requested: str | None) -> None:
+    views = requested.split(",") if requested else list(getattr(source, "default_views", ()))
+    if not views or views == ["all"]:
+        return
+    if views == ["frontal"]:
+        idx.select(idx.views != b"Lateral", "frontal views")
+        return
+    idx.select(np.isin(idx.views, np.array(views, dtype=np.bytes_)), f"views {','.join(views)}")
+
+
+def _resample(idx: SourceIndex, cap: str | None, weight: str | None, seed: int) -> None:
+    """A fixed random subset (cap) or resampling to weight x size; seeded so every rank agrees."""
+    rng = np.random.default_rng(seed)
+    if cap is not None and int(cap) < len(idx):
+        idx.select(np.sort(rng.choice(len(idx), int(cap), replace=False)), f"cap {cap}")
+    if weight is not None and float(weight) != 1.0:
+        # every image floor(w) times, plus a random subset for the fractional part
+        n, whole = len(idx), int(float(weight))
+        extra = rng.choice(n, round((float(weight) - whole) * n), replace=False)
+        chosen = np.concatenate([np.tile(np.arange(n), whole), extra])
+        idx.select(np.sort(chosen) if len(chosen) else np.arange(min(n, 1)), f"weight {weight}")
+
+
+def _check_files(idx: SourceIndex, policy: str) -> None:
+    exists = np.array([os.path.isfile(p.decode()) for p in idx.paths], dtype=bool)
+    if exists.all():
+        return
+    missing = [p.decode() for p in idx.paths[~exists]]
+    listing = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
+    if policy == "error":
+        raise FileNotFoundError(f"{idx.name}: {len(missing)} image(s) listed in the metadata are missing under "
+                                f"{idx.root}:\n  {listing}\nFix the download, or pass --bad_files skip to leave "
+                                "them out (they are then counted and logged).")
+    logger.warning("%s: leaving out %d missing image(s) (--bad_files skip):\n  %s", idx.name, len(missing), listing)
+    idx.select(exists, "files present")
+
+
+def _check_sample_decodes(idx: SourceIndex, count: int, policy: str) -> None:
+    """Decode `count` evenly spaced images; report every failure with its path."""
+    if count <= 0 or len(idx) == 0:
+        return
+    picks = np.unique(np.linspace(0, len(idx) - 1, min(count, len(idx))).astype(int))
+    problems = [(p, why) for p in (idx.paths[i].decode() for i in picks) if (why := decode_problem(p))]
+    if not problems:
+        return
+    listing = "\n  ".join(f"{p}: {why}" for p, why in problems)
+    if policy == "error":
+        raise RuntimeError(f"{idx.name}: {len(problems)} of {len(picks)} sampled images could not be decoded:\n  "
+                           f"{listing}\nRun tools/verify_data.py to list every bad file, or pass --bad_files skip.")
+    logger.warning("%s: %d of %d sampled images could not be decoded (--bad_files skip replaces them):\n  %s",
+                   idx.name, len(problems), len(picks), listing)
+
+
+def check_leakage(indexes: list[SourceIndex]) -> None:
+    """Raise DataLeakageError if any source pre-trains on a patient of its own held-out split."""
+    report = []
+    for idx in indexes:
+        if not idx.held_out_patients:
+            continue
+        held = np.array(sorted(idx.held_out_patients), dtype=np.bytes_)
+        leaked = np.isin(idx.patients, held)
+        if leaked.any():
+            patients = sorted({p.decode() for p in idx.patients[leaked]})
+            report.append(f"  {idx.name}: {int(leaked.sum())} image(s) of {len(patients)} patient(s) in "
+                          f"{idx.held_out_name}, e.g. {', '.join(patients[:5])}")
+    if report:
+        raise DataLeakageError("pre-training pool overlaps held-out evaluation patients:\n" + "\n".join(report) +
+                               "\nRemove them from the training list, or pass --no-leakage_check if intended.")
+
+
+def build_indexes(args, check_files: bool = True) -> list[SourceIndex]:
+    """Index, filter and check every source named in --datasets_names.
+
+    check_files=False leaves missing and undecodable files in the index (tools/verify_data.py reports them).
+    """
+    views, caps = _pairs(args.views, "--views"), _pairs(args.source_cap, "--source_cap")
+    weights = _pairs(args.source_weight, "--source_weight")
+    store = PreparedStore(args.prepared_dir) if getattr(args, "prepared_dir", None) else None
+    indexes = []
+    for name in args.datasets_names:
+        source = SOURCES[name]
+        if store is not None:
+            idx = store.source_index(name)  # filtered and checked when it was prepared
+        else:
+            idx = source.index(args)
+            _view_filter(idx, source, views.get(name))
+        if check_files and store is None:
+            _check_files(idx, args.bad_files)
+            _check_sample_decodes(idx, getattr(args, "startup_check", 0), args.bad_files)
+        _resample(idx, caps.get(name), weights.get(name), seed=0)
+        if len(idx) == 0:
+            raise ValueError(f"{name}: no images left after the filters ({idx.filters}); check --views and the data")
+        indexes.append(idx)
+    if args.leakage_check:
+        check_leakage(indexes)
+    return indexes
+
+
+def draft_min_side(args) -> int | None:
+    """The smallest decode that loses nothing: every RandomResizedCrop (area >= MIN, aspect <= 4/3) still
+    downsamples to --input_size. None unless --jpeg_draft."""
+    if not getattr(args, "jpeg_draft", False):
+        return None
+    scale_min = args.random_resize_range[0] if args.random_resize_range else 1.0
+    return int(np.ceil(args.input_size * np.sqrt(4 / 3) / np.sqrt(scale_min)))
+
+
+def count_tree(indexes: list[SourceIndex]) -> dict:
+    return {idx.name: {"root": idx.root, "filters": idx.filters, "images": len(idx),
+                       "patients": int(len(np.unique(idx.patients)))} for idx in indexes}
+
+
+def format_count_tree(counts: dict) -> str:
+    lines = [f"pre-training pool: {sum(c['images'] for c in counts.values())} images"]
+    for name, c in counts.items():
+        lines.append(f"├── {name}: {c['images']} images, {c['patients']} patients ({c['root']})")
+        lines.extend(f"│     {why}: {n}" for why, n in c["filters"])
+    return "\n".join(lines)
+
+
+def build_pretrain_dataset(args_or_names, data_path: str = "data", transform=None, **overrides):
+    """The concatenated pre-training dataset and its count tree.
+
+    Pass the parsed training args, or a list of source names plus keyword overrides of any data flag
+    (e.g. transform=..., chexpert_root=..., views=["chexpert=AP,PA"]). With transform=None each source
+    gets the reference augmentation and its own mean/std from --norm_stats.
+    """
+    if isinstance(args_or_names, argparse.Namespace):
+        args = args_or_names
+    else:
+        parser = argparse.ArgumentParser(add_help=False)
+        add_data_args(parser)
+        args = parser.parse_args([])
+        args.datasets_names, args.data_path = list(args_or_names), data_path
+        for key, value in overrides.items():
+            setattr(args, key, value)
+    problems = check_data_args(args)
+    if problems:
+        raise ValueError("; ".join(problems))
+    indexes = build_indexes(args)
+    store = PreparedStore(args.prepared_dir) if getattr(args, "prepared_dir", None) else None
+    datasets = []
+    for idx in indexes:
+        source_transform = transform
+        if source_transform is None:
+            mean, std = norm_stats_for(idx.name, args.norm_stats, args.in_chans)
+            source_transform = build_train_transform(args.input_size, args.random_resize_range, mean, std,
+                                                     args.in_chans)
+        datasets.append(XrayDataset(idx, source_transform, args.bad_files, draft_min_side(args), store))
+    return ConcatSources(datasets), count_tree(indexes)

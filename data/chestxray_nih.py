@@ -1,0 +1,86 @@
+"""NIH ChestX-ray14 (Wang et al., CVPR 2017), NIH Clinical Center.
+
+Images are found with no configuration in either layout:
+  flat:   <root>/images/00000001_000.png           (the NIH box download, tarballs extracted)
+  nested: <root>/images_001/images/00000001_000.png (the Kaggle copy)
+The training list is --train_list (reference format "name label..." or plain names), by default the
+download's train_val_list.txt (86,524 images). Patient id = the first 8 digits of the file name.
+test_list.txt (25,596 images) is the held-out split used by the leakage guard. View positions (AP/PA)
+come from Data_Entry_2017_v2020.csv or Data_Entry_2017.csv when present, for --views chestxray_nih=PA.
+"""
+import glob
+import os
+
+import pandas as pd
+
+from data.base import Source, SourceIndex, require_columns, require_file
+
+DATA_ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+
+
+def read_name_list(path: str) -> list[str]:
+    """First token of every non-empty line ("name label label ..." or just "name")."""
+    with open(path, encoding="utf-8") as f:
+        return [line.split()[0] for line in f if line.strip()]
+
+
+def image_locations(root: str) -> dict[str, str]:
+    """file name -> path over <root>/images, <root>/images_*/images and <root> itself."""
+    folders = [os.path.join(root, "images"), *sorted(glob.glob(os.path.join(glob.escape(root), "images_*", "images"))),
+               root]
+    found = {}
+    for folder in folders:
+        if os.path.isdir(folder):
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".png") and entry.name not in found:
+                        found[entry.name] = entry.path
+    return found
+
+
+def view_positions(root: str) -> dict[str, str]:
+    """Image Index -> View Position from Data_Entry_2017[_v2020].csv, if present.
+
+    Columns are taken by name: the 2017 file's trailing commas add an empty column, and a re-release
+    renamed Patient Gender to Patient Sex; neither matters here.
+    """
+    for name in DATA_ENTRY_FILES:
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+            require_columns(df, ["Image Index", "View Position"], path)
+            return dict(zip(df["Image Index"], df["View Position"].str.strip()))
+    return {}
+
+
+def patient_of(name: str) -> str:
+    return os.path.basename(name)[:8]
+
+
+class ChestXrayNIH(Source):
+    name = "chestxray_nih"
+    default_dir = "nih_chestxray"
+
+    def list_file(self, args, root: str) -> str:
+        given = getattr(args, "train_list", None)
+        if not given:
+            return require_file(os.path.join(root, "train_val_list.txt"), self.name, "train_val_list.txt")
+        for candidate in (given, os.path.join(root, given)):
+            if os.path.isfile(candidate):
+                return candidate
+        raise FileNotFoundError(f"--train_list {given} not found (looked in the working directory and in {root})")
+
+    def index(self, args) -> SourceIndex:
+        root = self.resolve_root(args)
+        list_path = self.list_file(args, root)
+        names = read_name_list(list_path)
+        located = image_locations(root)
+        paths = [located.get(n, os.path.join(root, "images", n)) for n in names]
+        views = view_positions(root)
+        idx = SourceIndex(self.name, root, paths, [patient_of(n) for n in names], [views.get(n, "") for n in names],
+                          filters=[(os.path.basename(list_path), len(names))])
+        test_list = os.path.join(root, "test_list.txt")
+        if os.path.isfile(test_list):
+            idx.held_out_patients = {patient_of(n) for n in read_name_list(test_list)}
+            idx.held_out_name = "test_list.txt"
+        return idx

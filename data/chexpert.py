@@ -1,0 +1,84 @@
+"""CheXpert v1.0 (Irvin et al., AAAI 2019), Stanford ML Group.
+
+Layouts read, all with the same train.csv (Path prefix CheXpert-v1.0-small/ or CheXpert-v1.0/):
+  (a) CheXpert-v1.0-small/{train.csv, valid.csv, train/patientNNNNN/studyN/viewN_*.jpg}
+  (b) CheXpert-v1.0/ (full resolution), the same tree
+  (c) the Stanford AIMI "batch" download, whose folders do not match the CSV paths:
+      <root>/CheXpert-v1.0 batch 1 (validate & csv)/train.csv, <root>/CheXpert-v1.0 batch 2 (train 1)/patient...
+      Images are then found by their patientN/studyN/viewN file name.
+Pre-training uses train.csv only (valid.csv is an evaluation set), frontal views as in the reference:
+191,027 of 223,414 images in the real file.
+"""
+import glob
+import os
+import re
+
+import numpy as np
+import pandas as pd
+
+from data.base import Source, SourceIndex, require_columns
+
+_KEY = re.compile(r"(patient\d+/study\d+/view\d+_\w+\.jpg)$")
+_PATIENT = re.compile(r"(patient\d+)")
+
+
+def _find_csv(root: str, name: str) -> str | None:
+    direct = os.path.join(root, name)
+    if os.path.isfile(direct):
+        return direct
+    nested = sorted(glob.glob(os.path.join(glob.escape(root), "*", name)))
+    return nested[0] if nested else None
+
+
+def _batch_index(root: str) -> dict[str, str]:
+    """patientN/studyN/viewN_x.jpg -> file, over every folder below root (the AIMI batch layout)."""
+    index = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".jpg"):
+                match = _KEY.search(os.path.join(folder, f).replace(os.sep, "/"))
+                if match:
+                    index[match.group(1)] = os.path.join(folder, f)
+    return index
+
+
+def _patients(paths) -> np.ndarray:
+    return np.array([m.group(1) if (m := _PATIENT.search(p)) else "" for p in paths])
+
+
+class CheXpert(Source):
+    name = "chexpert"
+    default_dir = "CheXpert-v1.0-small"
+    default_views = ("frontal",)
+
+    def index(self, args) -> SourceIndex:
+        root = self.resolve_root(args)
+        csv = _find_csv(root, "train.csv")
+        if csv is None:
+            raise FileNotFoundError(f"chexpert: train.csv not found in {root} or one folder below it")
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        require_columns(df, ["Path", "Frontal/Lateral", "AP/PA"], csv)
+        rel = df["Path"].str.split("/", n=1).str[1].to_numpy()  # drop CheXpert-v1.0[-small]/
+        csv_dir = os.path.dirname(csv)
+        paths = np.array([os.path.join(csv_dir, r) for r in rel])
+        if len(paths) and not os.path.isfile(paths[0]) and not os.path.isfile(os.path.join(root, rel[0])):
+            paths = self._aimi_paths(root, rel)
+        elif len(paths) and not os.path.isfile(paths[0]):
+            paths = np.array([os.path.join(root, r) for r in rel])
+        frontal = df["Frontal/Lateral"].to_numpy() == "Frontal"
+        views = np.where(frontal, df["AP/PA"].to_numpy(), "Lateral")
+        idx = SourceIndex(self.name, root, paths, _patients(rel), views, filters=[("train.csv", len(paths))])
+        valid = _find_csv(root, "valid.csv")
+        if valid:
+            idx.held_out_patients = set(_patients(pd.read_csv(valid, dtype=str, usecols=["Path"])["Path"]))
+            idx.held_out_name = "valid.csv"
+        return idx
+
+    @staticmethod
+    def _aimi_paths(root: str, rel) -> np.ndarray:
+        index = _batch_index(root)
+        out = []
+        for r in rel:
+            match = _KEY.search(r)
+            out.append(index.get(match.group(1), os.path.join(root, r)) if match else os.path.join(root, r))
+        return np.array(out)

@@ -1,0 +1,59 @@
+"""MIMIC-CXR-JPG 2.0.0 / 2.1.0 (Johnson et al., 2019), PhysioNet (credentialed access).
+
+<root>/mimic-cxr-2.0.0-metadata.csv[.gz] and mimic-cxr-2.0.0-split.csv[.gz] drive the index (2.1.0
+keeps these names); images sit under files/ or the reference's self-made files_resized_320/:
+  files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg
+Pre-training keeps split == 'train' and ViewPosition AP or PA (the reference filter); a blank or
+unusual ViewPosition is not frontal and is left out. Images of studies without labels are kept:
+the index comes from metadata + split, not from the label table. 'validate' and 'test' subjects
+form the held-out set for the leakage guard.
+"""
+import os
+
+import numpy as np
+import pandas as pd
+
+from data.base import Source, SourceIndex, require_columns
+
+
+def _find(root: str, stem: str) -> str:
+    for name in (f"{stem}.csv.gz", f"{stem}.csv"):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"mimic_cxr: {stem}.csv.gz (or .csv) not found in {root}")
+
+
+class MimicCXR(Source):
+    name = "mimic_cxr"
+    default_dir = "mimic_cxr"
+    default_views = ("AP", "PA")
+
+    @staticmethod
+    def image_dir(root: str) -> str:
+        resized = os.path.join(root, "files_resized_320")
+        return resized if os.path.isdir(resized) else os.path.join(root, "files")
+
+    def index(self, args) -> SourceIndex:
+        root = self.resolve_root(args)
+        meta_path, split_path = _find(root, "mimic-cxr-2.0.0-metadata"), _find(root, "mimic-cxr-2.0.0-split")
+        meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
+        require_columns(meta, ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta_path)
+        split = pd.read_csv(split_path, dtype=str, keep_default_na=False)
+        require_columns(split, ["dicom_id", "split"], split_path)
+        df = meta[["dicom_id", "subject_id", "study_id", "ViewPosition"]].merge(
+            split[["dicom_id", "split"]], on="dicom_id", how="left")
+        if df["split"].eq("").any() or df["split"].isna().any():
+            missing = int((df["split"].eq("") | df["split"].isna()).sum())
+            raise ValueError(f"mimic_cxr: {missing} images of {meta_path} have no row in {split_path}; "
+                             "are both files from the same release?")
+        held_out = set(df.loc[df["split"].isin(["validate", "test"]), "subject_id"])
+        n_all = len(df)
+        df = df[df["split"] == "train"]
+        folder = self.image_dir(root)
+        sid, study, dicom = df["subject_id"].to_numpy(), df["study_id"].to_numpy(), df["dicom_id"].to_numpy()
+        paths = [os.path.join(folder, f"p{s[:2]}", f"p{s}", f"s{t}", f"{d}.jpg") for s, t, d in zip(sid, study, dicom)]
+        idx = SourceIndex(self.name, root, paths, sid, df["ViewPosition"].str.strip().to_numpy(),
+                          held_out_patients=held_out, held_out_name="split validate+test",
+                          filters=[("metadata", n_all), ("split == train", len(df))])
+        return idx

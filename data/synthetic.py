@@ -1,0 +1,289 @@
+"""Miniature chest X-ray datasets in the real on-disk layouts (see shared docs/datasets.md).
+
+Images look like radiographs (body outline, dark lungs, heart, spine, ribs, noise), so a demo run
+reconstructs something recognisable. IDs are synthetic. Each builder returns the number of images
+its source should select for pre-training, so tests can check counts.
+"""
+import csv
+import gzip
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
+                   "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia",
+                   "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices"]
+NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+MIMIC_META_HEADER = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+                     "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+                     "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+MIMIC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+                "Pneumothorax", "Support Devices"]
+NIH_FINDINGS = ["No Finding", "Effusion|Infiltration", "Pleural_Thickening", "Atelectasis", "Cardiomegaly|Edema"]
+
+
+def chest_image(height: int, width: int, seed: int, lateral: bool = False) -> np.ndarray:
+    """A uint8 frontal (or lateral) radiograph-like image."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    y, x = y / height, x / width
+    cx = 0.5 + rng.uniform(-0.04, 0.04)
+    img = np.full((height, width), 0.08, np.float32)
+    body = ((x - cx) / 0.42) ** 2 + ((y - 0.55) / 0.55) ** 2 < 1
+    img[body] = 0.55
+    if lateral:
+        img[((x - cx) / 0.25) ** 2 + ((y - 0.45) / 0.3) ** 2 < 1] = 0.3
+    else:
+        for side in (-1, 1):
+            lung = ((x - cx - side * 0.17) / 0.13) ** 2 + ((y - 0.45) / 0.3) ** 2 < 1
+            img[lung] = 0.22 + rng.uniform(-0.03, 0.03)
+        heart = ((x - cx + 0.05) / 0.12) ** 2 + ((y - 0.62) / 0.12) ** 2 < 1
+        img[heart] = 0.7
+        img[np.abs(x - cx) < 0.035] = 0.8  # spine
+        ribs = 0.08 * (np.sin((y * 14 + 3 * (x - cx) ** 2 * 6) * np.pi) > 0.85)
+        img += ribs * body
+    img += rng.normal(0, 0.03, img.shape).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def save_image(path: str, pixels: np.ndarray, mode: str = "L") -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    im = Image.fromarray(pixels)
+    if mode == "RGBA":
+        im = im.convert("RGBA")
+    elif mode == "LA":
+        im = im.convert("LA")
+    elif mode == "I;16":
+        im = Image.fromarray(pixels.astype(np.uint16) * 16)  # 12-bit values in a 16-bit PNG
+    im.save(path, quality=95) if path.endswith(".jpg") else im.save(path)
+
+
+def _label_cells(rng, n: int, allow_uncertain: bool = True) -> list[str]:
+    values = ["", "1.0", "0.0", "-1.0"] if allow_uncertain else ["", "1.0", "0.0"]
+    return [values[i] for i in rng.integers(0, len(values), n)]
+
+
+def make_chexpert(parent: str, n_patients: int = 6, variant: str = "small", size=(40, 48), seed: int = 0) -> int:
+    """CheXpert tree under parent. variant: small | full | aimi. Returns the frontal train count."""
+    rng = np.random.default_rng(seed)
+    prefix = "CheXpert-v1.0-small" if variant == "small" else "CheXpert-v1.0"
+    root = os.path.join(parent, prefix if variant != "aimi" else "chexpertchestxrays-u20210408")
+    csv_dir = root if variant != "aimi" else os.path.join(root, "CheXpert-v1.0 batch 1 (validate & csv)")
+    rows, frontal = [], 0
+    for p in range(1, n_patients + 1):
+        views = [("Frontal", "AP"), ("Lateral", "")]
+        if p == 1:
+            views = [("Lateral", ""), ("Frontal", "PA"), ("Frontal", "LL")]  # first view lateral; 3 views; LL
+        for s in range(1, 2 if p % 2 else 3):
+            for v, (fl, appa) in enumerate(views, start=1):
+                rel = f"train/patient{p:05d}/study{s}/view{v}_{fl.lower()}.jpg"
+                sex = "Unknown" if p == 2 else ("Male" if p % 2 else "Female")
+                age = "0" if p == 3 else str(40 + p)
+                rows.append([f"{prefix}/{rel}", sex, age, fl, appa, *_label_cells(rng, 14)])
+                frontal += fl == "Frontal"
+                folder = root if variant != "aimi" else os.path.join(
+                    root, f"CheXpert-v1.0 batch {2 + p % 3} (train {1 + p % 3})")
+                target = os.path.join(folder, rel if variant != "aimi" else rel.split("/", 1)[1])
+                save_image(target, chest_image(*size, seed=seed * 1000 + len(rows), lateral=fl == "Lateral"))
+    _write_csv(os.path.join(csv_dir, "train.csv"), CHEXPERT_HEADER, rows)
+    valid = []
+    for p in range(n_patients + 1, n_patients + 3):
+        rel = f"valid/patient{p:05d}/study1/view1_frontal.jpg"
+        valid.append([f"{prefix}/{rel}", "Female", "60", "Frontal", "AP", *_label_cells(rng, 14, False)])
+        save_image(os.path.join(csv_dir if variant == "aimi" else root, rel), chest_image(*size, seed=p))
+    _write_csv(os.path.join(csv_dir, "valid.csv"), CHEXPERT_HEADER, valid)
+    return frontal
+
+
+def make_nih(root: str, n_patients: int = 6, layout: str = "flat", data_entry: str = "v2020", size=(48, 48),
+             seed: int = 0, list_format: str = "plain", odd_modes: bool = True) -> int:
+    """NIH tree at root. layout: flat | nested. Returns the train_val_list count."""
+    rng = np.random.default_rng(seed)
+    train, test, entries = [], [], []
+    for p in range(1, n_patients + 1):
+        for k in range(2 if p % 2 else 3):
+            name = f"{10000 + p:08d}_{k * 2:03d}.png"  # suffix != follow-up number, as in the real data
+            (test if p == n_patients else train).append(name)
+            entries.append([name, NIH_FINDINGS[(p + k) % len(NIH_FINDINGS)], str(k), str(10000 + p), str(30 + p),
+                            "M" if p % 2 else "F", "PA" if k % 2 else "AP", "2500", "2048", "0.168", "0.168"])
+    for i, name in enumerate(train + test):
+        folder = os.path.join(root, "images") if layout == "flat" else os.path.join(
+            root, f"images_{1 + i % 3:03d}", "images")
+        mode = "RGBA" if odd_modes and i == 0 else "LA" if odd_modes and i == 1 else "L"
+        save_image(os.path.join(folder, name), chest_image(*size, seed=seed * 1000 + i), mode)
+    header = NIH_HEADER + ("," if data_entry == "2017" else "")
+    name = "Data_Entry_2017_v2020.csv" if data_entry == "v2020" else "Data_Entry_2017.csv"
+    with open(os.path.join(root, name), "w", encoding="utf-8") as f:
+        f.write(header + "\n")
+        for e in entries:
+            f.write(",".join(e) + ("," if data_entry == "2017" else "") + "\n")
+    with open(os.path.join(root, "train_val_list.txt"), "w", encoding="utf-8") as f:
+        for name in train:
+            labels = " ".join(str(int(v)) for v in rng.integers(0, 2, 14))
+            f.write(f"{name} {labels}\n" if list_format == "labels" else f"{name}\n")
+    with open(os.path.join(root, "test_list.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(test) + "\n")
+    return len(train)
+
+
+def make_mimic(root: str, n_subjects: int = 5, resized: bool = False, gz: bool = True, size=(48, 40),
+               seed: int = 0) -> int:
+    """MIMIC-CXR-JPG tree at root. Returns the number of train AP/PA images."""
+    rng = np.random.default_rng(seed)
+    meta, split, labels, selected = [], [], [], 0
+    views_cycle = ["PA", "LATERAL", "AP", "LL", "AP AXIAL", ""]
+    for s in range(n_subjects):
+        subject = str(10000000 + s * 1234567 % 9000000)
+        split_name = "test" if s == n_subjects - 1 else "validate" if s == n_subjects - 2 else "train"
+        for t in range(2):
+            study = str(50000000 + s * 10 + t)
+            if not (s == 0 and t == 1):  # a study with images but no label row
+                labels.append([subject, study, *_label_cells(rng, 14)])
+            for k in range(3):
+                view = views_cycle[(s + t + k) % len(views_cycle)]
+                dicom = "-".join(f"{rng.integers(0, 2**32):08x}" for _ in range(5))
+                meta.append([dicom, subject, study, "CHEST (PA AND LAT)", view, str(size[0]), str(size[1]),
+                             "21530412", "104512.25", "CHEST (PA AND LAT)", "postero-anterior", "Erect"])
+                split.append([dicom, study, subject, split_name])
+                selected += split_name == "train" and view in ("AP", "PA")
+                folder = os.path.join(root, "files_resized_320" if resized else "files", f"p{subject[:2]}",
+                                      f"p{subject}", f"s{study}")
+                save_image(os.path.join(folder, f"{dicom}.jpg"), chest_image(*size, seed=len(meta),
+                                                                             lateral=view in ("LATERAL", "LL")))
+    ext = ".csv.gz" if gz else ".csv"
+    _write_csv(os.path.join(root, f"mimic-cxr-2.0.0-metadata{ext}"), MIMIC_META_HEADER, meta)
+    _write_csv(os.path.join(root, f"mimic-cxr-2.0.0-split{ext}"), ["dicom_id", "study_id", "subject_id", "split"],
+               split)
+    _write_csv(os.path.join(root, f"mimic-cxr-2.0.0-chexpert{ext}"), ["subject_id", "study_id", *MIMIC_LABELS],
+               labels)
+    return selected
+
+
+def _write_csv(path: str, header: list[str], rows: list[list[str]]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    data = buf.getvalue().encode("utf-8")
+    if path.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def make_reference_layout(data_path: str, scale: int = 1, size=(48, 48), seed: int = 0) -> dict[str, int]:
+    """The three reference sources under data_path, as --data_path expects them."""
+    return {
+        "chexpert": make_chexpert(data_path, n_patients=6 * scale, size=size, seed=seed),
+        "chestxray_nih": make_nih(os.path.join(data_path, "nih_chestxray"), n_patients=6 * scale, size=size, seed=seed),
+        "mimic_cxr": make_mimic(os.path.join(data_path, "mimic_cxr"), n_subjects=5 * scale, size=size, seed=seed),
+    }
+
+
+PADCHEST_COLUMNS = ["", "ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth",
+                    "PatientSex_DICOM", "ViewPosition_DICOM", "Projection", "MethodProjection", "Pediatric",
+                    "Modality_DICOM", "Manufacturer_DICOM", "PhotometricInterpretation_DICOM",
+                    "PixelRepresentation_DICOM", "PixelAspectRatio_DICOM", "SpatialResolution_DICOM",
+                    "BitsStored_DICOM", "WindowCenter_DICOM", "WindowWidth_DICOM", "Rows_DICOM", "Columns_DICOM",
+                    "XRayTubeCurrent_DICOM", "Exposure_DICOM", "ExposureInuAs_DICOM", "ExposureTime",
+                    "RelativeXRayExposure_DICOM", "ReportID", "Report", "MethodLabel", "Labels", "Localizations",
+                    "LabelsLocalizationsBySentence", "labelCUIS", "LocalizationsCUIS"]
+
+
+def save_png16(path: str, pixels8: np.ndarray, full_range: bool) -> None:
+    """A 16-bit PNG: 12-bit values (x16) or values spread over the full 16 bits (x257)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    values = pixels8.astype(np.uint16) * (257 if full_range else 16)
+    Image.fromarray(values).save(path)
+
+
+def truncate_file(path: str, keep: float = 0.6) -> None:
+    with open(path, "rb") as f:
+        payload = f.read()
+    with open(path, "wb") as f:
+        f.write(payload[: int(len(payload) * keep)])
+
+
+def make_padchest(root: str, n_images: int = 12, flat: bool = False, size=(48, 40), seed: int = 0,
+                  truncated: bool = False) -> int:
+    """PadChest folder at root; returns the count kept by the default Projection filter."""
+    projections = ["PA", "L", "AP", "AP_horizontal", "COSTAL", "UNK"]
+    labels = ["['normal']", "['COPD signs', ' pacemaker']", "", "[' exclude']"]
+    rows, kept = [], 0
+    for i in range(n_images):
+        image_id = f"{111122223333 + i}_{i:02d}-234-567.png"
+        image_dir = str(i % 3)
+        projection, label = projections[i % len(projections)], labels[i % len(labels)]
+        row = dict.fromkeys(PADCHEST_COLUMNS, "")
+        row.update({"": str(i), "ImageID": image_id, "ImageDir": image_dir, "PatientID": f"pat{i // 2}",
+                    "Projection": projection, "Labels": label, "BitsStored_DICOM": "12", "Pediatric": "No",
+                    "PhotometricInterpretation_DICOM": "MONOCHROME2"})
+        rows.append([row[c] for c in PADCHEST_COLUMNS])
+        kept += projection in ("PA", "AP", "AP_horizontal") and "exclude" not in label
+        path = os.path.join(root, image_id) if flat else os.path.join(root, image_dir, image_id)
+        save_png16(path, chest_image(*size, seed=seed * 1000 + i, lateral=projection == "L"), full_range=i % 2 == 1)
+        if truncated and i == 0:
+            truncate_file(path)
+    _write_csv(os.path.join(root, "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"), PADCHEST_COLUMNS, rows)
+    return kept
+
+
+def write_dicom(path: str, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12,
+                window: tuple[float, float] | None = None, rescale: tuple[float, float] | None = None,
+                file_meta: bool = True, pixel_data: bool = True) -> None:
+    """An uncompressed little-endian DICOM (no plugins needed to read it back)."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(path, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "anon"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if pixel_data:
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if file_meta:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        # no preamble, no DICM magic, no file meta: the broken VinDr files (vindr-cxr issue #3)
+        ds.file_meta = FileMetaDataset()
+        pydicom.filewriter.write_dataset(pydicom.filebase.DicomFileLike(open(path, "wb")), ds)
+
+
+def gradient(height: int, width: int, max_value: int) -> np.ndarray:
+    """Dark left, bright right (display terms), for orientation tests."""
+    return np.tile(np.linspace(0, max_value, width), (height, 1)).astype(np.uint16)
+
+
+def make_vindr(root: str, n_train: int = 4, size=(40, 48)) -> int:
+    """VinDr-CXR train/ and test/ with MONOCHROME2 12-bit windowed, MONOCHROME1, 14-bit and no-meta files."""
+    variants = [
+        {"bits_stored": 12, "window": (2048, 4096)},
+        {"bits_stored": 12, "photometric": "MONOCHROME1"},
+        {"bits_stored": 14},
+        {"bits_stored": 12, "file_meta": False},
+    ]
+    for i in range(n_train):
+        v = variants[i % len(variants)]
+        pixels = gradient(*size, (1 << v["bits_stored"]) - 1)
+        if v.get("photometric") == "MONOCHROME1":
+            pixels = pixels.max() - pixels  # stored inverted: displays dark-left after inversion
+        write_dicom(os.path.join(root, "train", f"{i:032x}.dicom"), pixels, **v)
+    write_dicom(os.path.join(root, "test", f"{999:032x}.dicom"), gradient(*size, 4095))
+    return n_train

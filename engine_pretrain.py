@@ -22,6 +22,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 import data as data_lib
+from data.gpu_augment import BatchAugment
 from data.sampler import ResumableSampler
 from data.transforms import build_eval_transform, norm_stats_for
 from util import checkpoint as ckpt_lib
@@ -80,6 +81,7 @@ class Run:
     preemption: PreemptionFlag
     norm_stats: dict
     vis_images: torch.Tensor | None = None
+    augment: BatchAugment | None = None  # --gpu_augment
     preemption_requested: bool = False  # a signal reached some rank; agreed on at each optimizer step
     heartbeat: dist_lib.Heartbeat | None = None
 
@@ -256,7 +258,7 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
             break
         if data_iter_step % accum_iter == 0:
             lr = adjust_learning_rate(optimizer, data_iter_step / steps + state.epoch, args)
-        samples = samples.to(run.device, non_blocking=True)
+        samples = to_device(run, samples, state.epoch, data_iter_step)
         state.replaced_files += int(replaced.sum())
         update = (data_iter_step + 1) % accum_iter == 0
         # DDP all-reduces gradients only on the iteration that steps
@@ -296,6 +298,16 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
         logger.warning("input-bound: %.0f%% of step time waited for data. Raise --num_workers, or train from "
                        "tools/prepare_data.py output.", 100 * stats["data_wait_fraction"])
     return stats
+
+
+def to_device(run: Run, samples, epoch: int, data_iter_step: int) -> torch.Tensor:
+    """The batch on the training device; with --gpu_augment, augmented there (seeded, so resume is exact)."""
+    if run.augment is None:
+        return samples.to(run.device, non_blocking=True)
+    canvas, hw, source = samples
+    seed = (((run.args.seed * 1_000_003 + epoch) * 1_000_003 + data_iter_step) * run.info.world_size
+            + run.info.rank) % 2**63
+    return run.augment(canvas.to(run.device, non_blocking=True), hw, source, seed)
 
 
 def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> float:
@@ -434,6 +446,9 @@ def _run(args, info, device, build_model, check_model_args) -> int:
     run = Run(args, info, device, precision, model, model_without_ddp, optimizer, LossScaler(precision, device),
               loader, sampler, steps, RunLog(args.output_dir, args.log_dir, info.is_main), PreemptionFlag().install(),
               norm_stats)
+    if args.gpu_augment:
+        stats = [norm_stats["per_source"][n] for n in args.datasets_names]
+        run.augment = BatchAugment(args.input_size, args.random_resize_range, stats, args.in_chans)
     state = TrainState(epoch=args.start_epoch)
     try:
         resume(run, state)

@@ -14,17 +14,21 @@ import os
 
 import numpy as np
 
-from data.image_io import decode_problem
 from data.base import BAD_FILE_POLICIES, BadImageError, ConcatSources, Source, SourceIndex, XrayDataset
 from data.chestxray_nih import ChestXrayNIH
 from data.chexpert import CheXpert
 from data.folder import Folder
+from data.gpu_augment import CanvasTransform
+from data.image_io import decode_problem
 from data.mimic_cxr import MimicCXR
 from data.padchest import PadChest
 from data.prepared import PreparedStore
+from data.transforms import build_train_transform, check_norm_policy, norm_stats_for
 from data.vindr_cxr import VinDrCXR
 from util.args import add_bool_flag
-from data.transforms import build_train_transform, check_norm_policy, norm_stats_for
+
+__all__ = ["SOURCES", "BadImageError", "DataLeakageError", "add_data_args", "build_indexes", "build_pretrain_dataset",
+           "check_data_args", "count_tree", "format_count_tree"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     add_bool_flag(g, "jpeg_draft", False,
                   "decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when the crop does not need full "
                   "resolution; several times faster on full-resolution CheXpert/MIMIC")
+    add_bool_flag(g, "gpu_augment", False,
+                  "run crop, resize, flip and normalise on the training device as one batched operation; the "
+                  "workers only place the decoded image on a fixed canvas")
+    g.add_argument("--gpu_augment_canvas", default=416, type=int,
+                   help="canvas side for --gpu_augment; larger images are shrunk to fit (default: 416, for data "
+                        "prepared at 320)")
     g.add_argument("--startup_check", default=16, type=int,
                    help="decode this many images of each source at start-up, so unreadable files fail before "
                         "training (default: 16; tools/verify_data.py checks every file)")
@@ -105,6 +115,8 @@ def check_data_args(args) -> list[str]:
                 [float(v) for v in values.values()]
         except ValueError as e:
             problems.append(str(e))
+    if getattr(args, "gpu_augment", False) and not args.random_resize_range:
+        problems.append("--gpu_augment reproduces RandomResizedCrop: give --random_resize_range (e.g. 0.5 1.0)")
     if (issue := check_norm_policy(args.norm_stats)) is not None:
         problems.append(issue)
     if args.random_resize_range and not 0 < args.random_resize_range[0] <= args.random_resize_range[1] <= 1:
@@ -254,9 +266,11 @@ def build_pretrain_dataset(args_or_names, data_path: str = "data", transform=Non
     indexes = build_indexes(args)
     store = PreparedStore(args.prepared_dir) if getattr(args, "prepared_dir", None) else None
     datasets = []
-    for idx in indexes:
+    for source_id, idx in enumerate(indexes):
         source_transform = transform
-        if source_transform is None:
+        if source_transform is None and getattr(args, "gpu_augment", False):
+            source_transform = CanvasTransform(args.gpu_augment_canvas, source_id)
+        elif source_transform is None:
             mean, std = norm_stats_for(idx.name, args.norm_stats, args.in_chans)
             source_transform = build_train_transform(args.input_size, args.random_resize_range, mean, std,
                                                      args.in_chans)

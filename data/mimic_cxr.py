@@ -10,7 +10,6 @@ form the held-out set for the leakage guard.
 """
 import os
 
-import numpy as np
 import pandas as pd
 
 from data.base import Source, SourceIndex, require_columns

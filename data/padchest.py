@@ -10,7 +10,6 @@ import ast
 import glob
 import os
 
-import numpy as np
 import pandas as pd
 
 from data.base import Source, SourceIndex, require_columns

@@ -1,0 +1,89 @@
+"""--gpu_augment: RandomResizedCrop + flip + normalise as one batched operation on the training device.
+
+Workers only place each gray image on a fixed uint8 canvas (CanvasTransform), so they copy bytes. The crop
+parameters are drawn per sample with torchvision's RandomResizedCrop rule (10 tries of area ~ U(scale) and
+log-aspect ~ U(log ratio), else a centre crop), vectorised, from a generator seeded by (seed, epoch, step, rank),
+so a resumed run draws the same crops. Resampling is bicubic grid_sample without antialiasing, unlike PIL.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+class CanvasTransform:
+    """Gray PIL image -> (uint8 [1, C, C] with the image top-left, (h, w), source id)."""
+
+    def __init__(self, canvas: int, source_id: int):
+        self.canvas, self.source_id = canvas, source_id
+
+    def __call__(self, image: Image.Image):
+        w, h = image.size
+        if max(w, h) > self.canvas:  # rare with prepared data; keeps the aspect ratio
+            scale = self.canvas / max(w, h)
+            image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+            w, h = image.size
+        out = torch.zeros(1, self.canvas, self.canvas, dtype=torch.uint8)
+        out[0, :h, :w] = torch.from_numpy(np.asarray(image, dtype=np.uint8))
+        return out, torch.tensor([h, w]), self.source_id
+
+
+def sample_crops(hw: torch.Tensor, scale, generator: torch.Generator, ratio=RATIO) -> torch.Tensor:
+    """[N, 4] crops (top, left, height, width) drawn like RandomResizedCrop.get_params, for images of size hw."""
+    n, tries = hw.shape[0], 10
+    height, width = hw[:, :1].double(), hw[:, 1:].double()
+    area = height * width
+    target = area * torch.empty(n, tries, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(n, tries, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                    generator=generator)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.argmax(ok.int(), dim=1, keepdim=True)  # first successful try per sample
+    found = ok.gather(1, first).squeeze(1)
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
+    top = torch.floor(u[:, 0] * (height.squeeze(1) - h + 1))
+    left = torch.floor(u[:, 1] * (width.squeeze(1) - w + 1))
+    # fallback: the largest centre crop whose aspect ratio lies in `ratio`
+    in_ratio = width.squeeze(1) / height.squeeze(1)
+    fw = torch.where(in_ratio < ratio[0], width.squeeze(1),
+                     torch.where(in_ratio > ratio[1], torch.round(height.squeeze(1) * ratio[1]), width.squeeze(1)))
+    fh = torch.where(in_ratio < ratio[0], torch.round(width.squeeze(1) / ratio[0]), height.squeeze(1))
+    top = torch.where(found, top, torch.floor((height.squeeze(1) - fh) / 2))
+    left = torch.where(found, left, torch.floor((width.squeeze(1) - fw) / 2))
+    return torch.stack([top, left, torch.where(found, h, fh), torch.where(found, w, fw)], dim=1)
+
+
+class BatchAugment:
+    """uint8 canvases [N, 1, C, C] -> normalised crops [N, in_chans, S, S] on the canvases' device."""
+
+    def __init__(self, input_size: int, scale, per_source_stats: list, in_chans: int):
+        self.size, self.scale, self.in_chans = input_size, tuple(scale or (1.0, 1.0)), in_chans
+        # (x / 255 - mean) / std as x * a + b, one row per source
+        self.a = torch.tensor([[1.0 / (255.0 * s) for s in std] for _, std in per_source_stats])
+        self.b = torch.tensor([[-m / s for m, s in zip(mean, std)] for mean, std in per_source_stats])
+
+    def __call__(self, canvas: torch.Tensor, hw: torch.Tensor, source: torch.Tensor, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        crops = sample_crops(hw, self.scale, generator).float()
+        flip = torch.rand(hw.shape[0], generator=generator) < 0.5
+        n, _, ch, cw = canvas.shape
+        top, left, h, w = crops.unbind(1)
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = torch.where(flip, -w, w) / cw
+        theta[:, 0, 2] = (2 * left + w) / cw - 1
+        theta[:, 1, 1] = h / ch
+        theta[:, 1, 2] = (2 * top + h) / ch - 1
+        theta = theta.to(canvas.device)
+        grid = F.affine_grid(theta, [n, 1, self.size, self.size], align_corners=False)
+        pixels = F.grid_sample(canvas.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+        pixels = pixels.clamp_(0, 255)
+        a = self.a.to(canvas.device)[source.to(canvas.device)].view(n, -1, 1, 1)
+        b = self.b.to(canvas.device)[source.to(canvas.device)].view(n, -1, 1, 1)
+        return pixels * a + b  # broadcasts the gray plane to in_chans channels

@@ -28,7 +28,7 @@ class CanvasTransform:
             image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
             w, h = image.size
         out = torch.zeros(1, self.canvas, self.canvas, dtype=torch.uint8)
-        out[0, :h, :w] = torch.from_numpy(np.asarray(image, dtype=np.uint8))
+        out[0, :h, :w] = torch.from_numpy(np.array(image, dtype=np.uint8))  # a writable copy
         return out, torch.tensor([h, w]), self.source_id
 
 

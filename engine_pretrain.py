@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data as data_lib
 from data.gpu_augment import BatchAugment
+from data.image_io import load_gray
 from data.sampler import ResumableSampler
 from data.transforms import build_eval_transform, norm_stats_for
 from util import checkpoint as ckpt_lib
@@ -32,6 +34,7 @@ from util.log import MetricLogger, RunLog, setup_logging
 from util.lr_sched import adjust_learning_rate
 from util.precision import LossScaler, autocast, resolve_precision
 from util.preemption import Preempted, PreemptionFlag
+from util.probe import linear_probe_auroc
 from util.vis import save_loss_curve, save_reconstruction_png
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ class Run:
     preemption: PreemptionFlag
     norm_stats: dict
     vis_images: torch.Tensor | None = None
+    vis_source: str = ""  # whose normalisation the monitor images use
+    probe_data: dict | None = None  # --probe_freq: fixed labelled images, split by patient
     augment: BatchAugment | None = None  # --gpu_augment
     preemption_requested: bool = False  # a signal reached some rank; agreed on at each optimizer step
     heartbeat: dist_lib.Heartbeat | None = None
@@ -271,13 +276,14 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
         images += samples.shape[0]
         if not update:
             continue
-        loss_value = optimizer_step(run, state, loss_accum / accum_iter)
+        loss_value, grad_norm = optimizer_step(run, state, loss_accum / accum_iter)
         loss_accum.zero_()
         state.step = data_iter_step + 1
-        metric_logger.update(loss=loss_value, lr=lr)
+        metric_logger.update(loss=loss_value, lr=lr, grad_norm=grad_norm)
         epoch_1000x = int((data_iter_step / steps + state.epoch) * 1000)
         run.run_log.scalar("train_loss", loss_value, epoch_1000x)
         run.run_log.scalar("lr", lr, epoch_1000x)
+        run.run_log.scalar("grad_norm", grad_norm, epoch_1000x)
         if state.bad_steps_in_a_row >= args.max_bad_steps:
             save(run, state, state.epoch, state.step)
             raise TooManyBadSteps(
@@ -310,10 +316,11 @@ def to_device(run: Run, samples, epoch: int, data_iter_step: int) -> torch.Tenso
     return run.augment(canvas.to(run.device, non_blocking=True), hw, source, seed)
 
 
-def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> float:
+def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> tuple[float, float]:
     """Step unless the loss or gradient is non-finite; one all-reduce and one host sync per step.
 
     The stop flag travels with the loss so every rank sees a pre-emption signal at the same step.
+    Returns the process-averaged loss and the gradient norm (before clipping).
     """
     args = run.args
     norm = run.scaler.step_prepare(run.optimizer, run.model.parameters(), args.clip_grad)
@@ -338,7 +345,7 @@ def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> float:
                        state.bad_steps_in_a_row, state.bad_steps_total)
         run.run_log.scalar("bad_steps", state.bad_steps_total, state.optimizer_steps)
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_value
+    return loss_value, norm_value
 
 
 def visualize(run: Run, epoch: int) -> float | None:
@@ -348,8 +355,7 @@ def visualize(run: Run, epoch: int) -> float | None:
     model = run.model_without_ddp
     was_training = model.training
     model.eval()
-    name = run.norm_stats["sources"][0]
-    mean, std = run.norm_stats["per_source"][name]
+    mean, std = run.norm_stats["per_source"][run.vis_source]
     path = os.path.join(run.args.output_dir, f"reconstruction-{epoch:04d}.png")
     with autocast(run.precision, run.device):
         loss = save_reconstruction_png(path, model, run.vis_images.to(run.device), run.args.mask_ratio, VIS_MASK_SEED,
@@ -361,13 +367,63 @@ def visualize(run: Run, epoch: int) -> float | None:
     return loss
 
 
-def monitor_images(args, indexes_dataset) -> torch.Tensor:
-    """A fixed batch from the first source with a deterministic resize, for reconstructions and val_loss."""
-    first = indexes_dataset.datasets[0]
-    mean, std = norm_stats_for(first.name, args.norm_stats, args.in_chans)
+def monitor_images(args, dataset) -> tuple[torch.Tensor, str]:
+    """A fixed batch for reconstructions and val_loss, deterministically resized: held-out-split images of the
+    first source that has them (never trained on), else the first images of the pool, which the log says."""
+    source = next((d for d in dataset.datasets if d.monitor_paths), None)
+    if source is not None:
+        images, name = [load_gray(p) for p in source.monitor_paths[:VIS_IMAGES]], source.name
+        logger.info("monitoring reconstructions on %d held-out images of %s", len(images), name)
+    else:
+        source = dataset.datasets[0]
+        images, name = [source.decode(i)[0] for i in range(min(VIS_IMAGES, len(source)))], source.name
+        logger.info("no source has a held-out split here: monitoring reconstructions on %d training images of %s",
+                    len(images), name)
+    mean, std = norm_stats_for(name, args.norm_stats, args.in_chans)
     transform = build_eval_transform(args.input_size, mean, std, args.in_chans)
-    count = min(VIS_IMAGES, len(first))
-    return torch.stack([transform(first.decode(i)[0]) for i in range(count)])
+    return torch.stack([transform(image) for image in images]), name
+
+
+def probe_set(args, dataset) -> dict | None:
+    """A fixed labelled subset of the first source with labels, split by patient into probe train and test."""
+    source = next((d for d in dataset.datasets if d.labels is not None), None)
+    if source is None:
+        logger.warning("--probe_freq: no source here has findings labels (CheXpert, NIH with Data_Entry); "
+                       "the probe is off")
+        return None
+    picks = np.sort(np.random.default_rng(0).choice(len(source), min(args.probe_images, len(source)), replace=False))
+    is_test = np.array([zlib.crc32(source.patients[i]) % 2 == 1 for i in picks])
+    mean, std = norm_stats_for(source.name, args.norm_stats, args.in_chans)
+    transform = build_eval_transform(args.input_size, mean, std, args.in_chans)
+    images = torch.stack([transform(source.decode(int(i))[0]) for i in picks])
+    labels = torch.from_numpy(source.labels[picks])
+    logger.info("linear probe on %s: %d images (%d for scoring, other patients), %d findings", source.name,
+                len(picks), int(is_test.sum()), labels.shape[1])
+    return {"train": (images[~is_test], labels[~is_test]), "test": (images[is_test], labels[is_test])}
+
+
+@torch.no_grad()
+def probe(run: Run, epoch: int) -> float | None:
+    """Mean AUROC of a linear probe on the frozen encoder (rank 0); logged as probe_auroc."""
+    model = run.model_without_ddp
+    was_training = model.training
+    model.eval()
+
+    def features(images):
+        with autocast(run.precision, run.device):
+            return torch.cat([model.probe_features(b.to(run.device)).float().cpu() for b in images.split(64)])
+
+    (train_x, train_y), (test_x, test_y) = run.probe_data["train"], run.probe_data["test"]
+    train_f, test_f = features(train_x), features(test_x)
+    with torch.enable_grad():  # the probe itself is trained; the encoder stays frozen
+        value, scored = linear_probe_auroc(train_f, train_y, test_f, test_y)
+    model.train(was_training)
+    if value is None:
+        logger.info("linear probe: no finding has both classes among the scoring images; nothing to report")
+        return None
+    run.run_log.scalar("probe_auroc", value, (epoch + 1) * 1000)
+    logger.info("linear probe: mean AUROC %.4f over %d findings", value, scored)
+    return value
 
 
 def run_epochs(run: Run, state: TrainState) -> None:
@@ -382,9 +438,11 @@ def run_epochs(run: Run, state: TrainState) -> None:
         save(run, state, epoch, 0, periodic=epoch % args.save_freq == 0 or last)
         if (args.vis_freq and epoch % args.vis_freq == 0) or last:
             stats["val_loss"] = visualize(run, epoch)
-        log_stats = {**{f"train_{k}": v for k, v in stats.items() if k != "val_loss"}, "epoch": epoch}
-        if stats.get("val_loss") is not None:
-            log_stats["val_loss"] = stats["val_loss"]
+        if run.probe_data is not None and (epoch % args.probe_freq == 0 or last):
+            stats["probe_auroc"] = probe(run, epoch)
+        log_stats = {**{f"train_{k}": v for k, v in stats.items() if k not in ("val_loss", "probe_auroc")},
+                     "epoch": epoch}
+        log_stats.update({k: stats[k] for k in ("val_loss", "probe_auroc") if stats.get(k) is not None})
         run.run_log.epoch_line(log_stats)
         if run.info.is_main:
             save_loss_curve(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "loss_curve.png"))
@@ -459,7 +517,9 @@ def _run(args, info, device, build_model, check_model_args) -> int:
         run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         run.heartbeat = dist_lib.Heartbeat(info, args.dist_timeout)
     if info.is_main:
-        run.vis_images = monitor_images(args, dataset)
+        run.vis_images, run.vis_source = monitor_images(args, dataset)
+        if args.probe_freq:
+            run.probe_data = probe_set(args, dataset)
         write_json(os.path.join(args.output_dir, "args.json"), vars(args))
     logger.info("model: %s, %.1fM parameters; start at epoch %d step %d", args.model,
                 sum(p.numel() for p in model_without_ddp.parameters()) / 1e6, state.epoch, state.step)

@@ -121,6 +121,10 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def probe_features(self, x):
+        """[N, D]: mean of the unmasked patch tokens, for the linear probe."""
+        return self.forward_features(x)[:, 1:, :].mean(dim=1)
+
     def forward_decoder(self, x, ids_restore):
         x = self.decoder_embed(x)  # [N, 1 + len_keep, Dd]
         num_masked = ids_restore.shape[1] + 1 - x.shape[1]

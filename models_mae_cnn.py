@@ -93,6 +93,10 @@ class MaskedAutoencoderCNN(nn.Module):
         pred = self.patchify(self.model(x_masked))  # [N, L, p*p*C]
         return self.forward_loss(imgs, pred, mask), pred, mask
 
+    def probe_features(self, x):
+        """[N, C]: the deepest encoder stage, average-pooled, for the linear probe."""
+        return self.model.encoder(x)[-1].mean(dim=(2, 3))
+
     def encoder_state_dict(self) -> dict:
         return self.model.encoder.state_dict()
 

@@ -16,6 +16,7 @@ from data.image_io import ImageDecodeError, load_gray
 logger = logging.getLogger(__name__)
 
 BAD_FILE_POLICIES = ("error", "skip")
+MONITOR_IMAGES = 8  # held-out images a source offers for reconstruction monitoring (never trained on)
 
 
 class BadImageError(RuntimeError):
@@ -35,6 +36,9 @@ class SourceIndex:
     held_out_name: str = ""
     filters: list = field(default_factory=list)  # (description, count after) for the start-up tree
     rows: np.ndarray | None = None  # positions in a prepared store (data/prepared.py), when reading from one
+    monitor_paths: list = field(default_factory=list)  # a few held-out-split images for reconstruction monitoring
+    labels: np.ndarray | None = None  # [N, K] 0/1 findings, for the optional linear probe (--probe_freq)
+    label_names: list = field(default_factory=list)
 
     def __post_init__(self):
         self.paths = np.asarray(self.paths, dtype=np.bytes_)
@@ -50,6 +54,8 @@ class SourceIndex:
         self.paths, self.patients, self.views = self.paths[keep], self.patients[keep], self.views[keep]
         if self.rows is not None:
             self.rows = self.rows[keep]
+        if self.labels is not None:
+            self.labels = self.labels[keep]
         self.filters.append((why, len(self.paths)))
         return self
 
@@ -104,6 +110,8 @@ class XrayDataset(Dataset):
         self.bad_files = bad_files
         self.min_side = min_side
         self.store, self.rows = store, index.rows
+        self.monitor_paths = list(index.monitor_paths)
+        self.patients, self.labels, self.label_names = index.patients, index.labels, index.label_names
 
     def __len__(self) -> int:
         return len(self.paths)

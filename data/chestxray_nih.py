@@ -11,9 +11,10 @@ come from Data_Entry_2017_v2020.csv or Data_Entry_2017.csv when present, for --v
 import glob
 import os
 
+import numpy as np
 import pandas as pd
 
-from data.base import Source, SourceIndex, require_columns, require_file
+from data.base import MONITOR_IMAGES, Source, SourceIndex, require_columns, require_file
 
 DATA_ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 
@@ -38,8 +39,12 @@ def image_locations(root: str) -> dict[str, str]:
     return found
 
 
-def view_positions(root: str) -> dict[str, str]:
-    """Image Index -> View Position from Data_Entry_2017[_v2020].csv, if present.
+FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+            "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+
+
+def data_entry(root: str) -> dict[str, tuple[str, str]]:
+    """Image Index -> (View Position, Finding Labels) from Data_Entry_2017[_v2020].csv, if present.
 
     Columns are taken by name: the 2017 file's trailing commas add an empty column, and a re-release
     renamed Patient Gender to Patient Sex; neither matters here.
@@ -48,9 +53,13 @@ def view_positions(root: str) -> dict[str, str]:
         path = os.path.join(root, name)
         if os.path.isfile(path):
             df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
-            require_columns(df, ["Image Index", "View Position"], path)
-            return dict(zip(df["Image Index"], df["View Position"].str.strip()))
+            require_columns(df, ["Image Index", "View Position", "Finding Labels"], path)
+            return dict(zip(df["Image Index"], zip(df["View Position"].str.strip(), df["Finding Labels"])))
     return {}
+
+
+def view_positions(root: str) -> dict[str, str]:
+    return {name: view for name, (view, _) in data_entry(root).items()}
 
 
 def patient_of(name: str) -> str:
@@ -76,11 +85,18 @@ class ChestXrayNIH(Source):
         names = read_name_list(list_path)
         located = image_locations(root)
         paths = [located.get(n, os.path.join(root, "images", n)) for n in names]
-        views = view_positions(root)
-        idx = SourceIndex(self.name, root, paths, [patient_of(n) for n in names], [views.get(n, "") for n in names],
+        entries = data_entry(root)
+        views = [entries[n][0] if n in entries else "" for n in names]
+        idx = SourceIndex(self.name, root, paths, [patient_of(n) for n in names], views,
                           filters=[(os.path.basename(list_path), len(names))])
+        if entries and all(n in entries for n in names):
+            found = [set(entries[n][1].split("|")) for n in names]
+            idx.labels = np.array([[f in row for f in FINDINGS] for row in found], dtype=np.float32)
+            idx.label_names = list(FINDINGS)
         test_list = os.path.join(root, "test_list.txt")
         if os.path.isfile(test_list):
-            idx.held_out_patients = {patient_of(n) for n in read_name_list(test_list)}
+            held = read_name_list(test_list)
+            idx.held_out_patients = {patient_of(n) for n in held}
             idx.held_out_name = "test_list.txt"
+            idx.monitor_paths = [located[n] for n in held if n in located][:MONITOR_IMAGES]
         return idx

@@ -16,7 +16,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from data.base import Source, SourceIndex, require_columns
+from data.base import MONITOR_IMAGES, Source, SourceIndex, require_columns
 
 _KEY = re.compile(r"(patient\d+/study\d+/view\d+_\w+\.jpg)$")
 _PATIENT = re.compile(r"(patient\d+)")
@@ -67,11 +67,17 @@ class CheXpert(Source):
             paths = np.array([os.path.join(root, r) for r in rel])
         frontal = df["Frontal/Lateral"].to_numpy() == "Frontal"
         views = np.where(frontal, df["AP/PA"].to_numpy(), "Lateral")
-        idx = SourceIndex(self.name, root, paths, _patients(rel), views, filters=[("train.csv", len(paths))])
+        findings = [c for c in df.columns[5:] if c != "No Finding"]
+        idx = SourceIndex(self.name, root, paths, _patients(rel), views, filters=[("train.csv", len(paths))],
+                          labels=(df[findings].to_numpy() == "1.0").astype(np.float32), label_names=findings)
         valid = _find_csv(root, "valid.csv")
         if valid:
-            idx.held_out_patients = set(_patients(pd.read_csv(valid, dtype=str, usecols=["Path"])["Path"]))
+            held = pd.read_csv(valid, dtype=str, keep_default_na=False, usecols=["Path", "Frontal/Lateral"])
+            idx.held_out_patients = set(_patients(held["Path"]))
             idx.held_out_name = "valid.csv"
+            frontal_rel = held.loc[held["Frontal/Lateral"] == "Frontal", "Path"].str.split("/", n=1).str[1]
+            idx.monitor_paths = [p for r in frontal_rel[:MONITOR_IMAGES]
+                                 if os.path.isfile(p := os.path.join(os.path.dirname(valid), r))]
         return idx
 
     @staticmethod

@@ -12,7 +12,7 @@ import os
 
 import pandas as pd
 
-from data.base import Source, SourceIndex, require_columns
+from data.base import MONITOR_IMAGES, Source, SourceIndex, require_columns
 
 
 def _find(root: str, stem: str) -> str:
@@ -47,12 +47,19 @@ class MimicCXR(Source):
             raise ValueError(f"mimic_cxr: {missing} images of {meta_path} have no row in {split_path}; "
                              "are both files from the same release?")
         held_out = set(df.loc[df["split"].isin(["validate", "test"]), "subject_id"])
+        folder = self.image_dir(root)
+        validate = df[(df["split"] == "validate") & df["ViewPosition"].str.strip().isin(["AP", "PA"])]
         n_all = len(df)
         df = df[df["split"] == "train"]
-        folder = self.image_dir(root)
-        sid, study, dicom = df["subject_id"].to_numpy(), df["study_id"].to_numpy(), df["dicom_id"].to_numpy()
-        paths = [os.path.join(folder, f"p{s[:2]}", f"p{s}", f"s{t}", f"{d}.jpg") for s, t, d in zip(sid, study, dicom)]
-        idx = SourceIndex(self.name, root, paths, sid, df["ViewPosition"].str.strip().to_numpy(),
+        sid = df["subject_id"].to_numpy()
+        idx = SourceIndex(self.name, root, _image_paths(folder, df), sid, df["ViewPosition"].str.strip().to_numpy(),
                           held_out_patients=held_out, held_out_name="split validate+test",
                           filters=[("metadata", n_all), ("split == train", len(df))])
+        idx.monitor_paths = [p for p in _image_paths(folder, validate[:MONITOR_IMAGES]) if os.path.isfile(p)]
         return idx
+
+
+def _image_paths(folder: str, df) -> list[str]:
+    """files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg for every row."""
+    return [os.path.join(folder, f"p{s[:2]}", f"p{s}", f"s{t}", f"{d}.jpg")
+            for s, t, d in zip(df["subject_id"], df["study_id"], df["dicom_id"])]

@@ -131,8 +131,9 @@ def make_nih(root: str, n_patients: int = 6, layout: str = "flat", data_entry: s
 
 
 def make_mimic(root: str, n_subjects: int = 5, resized: bool = False, gz: bool = True, size=(48, 40),
-               seed: int = 0) -> int:
-    """MIMIC-CXR-JPG tree at root. Returns the number of train AP/PA images."""
+               seed: int = 0, version: str = "2.0.0") -> int:
+    """MIMIC-CXR-JPG tree at root (version 2.1.0 adds IMAGE_FILENAMES, the labelled test set and wget's
+    index.html files). Returns the number of train AP/PA images."""
     rng = np.random.default_rng(seed)
     meta, split, labels, selected = [], [], [], 0
     views_cycle = ["PA", "LATERAL", "AP", "LL", "AP AXIAL", ""]
@@ -155,6 +156,14 @@ def make_mimic(root: str, n_subjects: int = 5, resized: bool = False, gz: bool =
                 save_image(os.path.join(folder, f"{dicom}.jpg"), chest_image(*size, seed=len(meta),
                                                                              lateral=view in ("LATERAL", "LL")))
     ext = ".csv.gz" if gz else ".csv"
+    if version == "2.1.0":
+        folder = "files_resized_320" if resized else "files"
+        with open(os.path.join(root, "IMAGE_FILENAMES"), "w", encoding="utf-8") as f:
+            f.writelines(f"{folder}/p{m[1][:2]}/p{m[1]}/s{m[2]}/{m[0]}.jpg\n" for m in meta)
+        _write_csv(os.path.join(root, "mimic-cxr-2.1.0-test-set-labeled.csv"), ["study_id", *MIMIC_LABELS],
+                   [[m[2], *_label_cells(rng, 14, False)] for m, sp in zip(meta, split) if sp[3] == "test"])
+        with open(os.path.join(root, "index.html"), "w", encoding="utf-8") as f:
+            f.write("<html></html>\n")
     _write_csv(os.path.join(root, f"mimic-cxr-2.0.0-metadata{ext}"), MIMIC_META_HEADER, meta)
     _write_csv(os.path.join(root, f"mimic-cxr-2.0.0-split{ext}"), ["dicom_id", "study_id", "subject_id", "split"],
                split)

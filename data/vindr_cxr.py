@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from data.base import Source, SourceIndex
+from data.base import MONITOR_IMAGES, Source, SourceIndex
 
 
 def _dicoms(folder: str) -> list[str]:
@@ -30,6 +30,8 @@ class VinDrCXR(Source):
             raise FileNotFoundError(f"vindr_cxr: no .dicom files in {train}")
         ids = [os.path.splitext(os.path.basename(p))[0] for p in paths]
         idx = SourceIndex(self.name, root, paths, ids, np.full(len(paths), ""), filters=[("train/", len(paths))])
-        idx.held_out_patients = {os.path.splitext(os.path.basename(p))[0] for p in _dicoms(os.path.join(root, "test"))}
+        test = _dicoms(os.path.join(root, "test"))
+        idx.held_out_patients = {os.path.splitext(os.path.basename(p))[0] for p in test}
         idx.held_out_name = "test/"
+        idx.monitor_paths = test[:MONITOR_IMAGES]
         return idx

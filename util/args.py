@@ -80,6 +80,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                       help="every N epochs write a reconstruction PNG and val_loss on a held-out batch (default: 0, "
                            "only at the end of training)")
 
+    ckpt.add_argument("--probe_freq", default=0, type=int,
+                      help="every N epochs, fit a linear probe on frozen features for the findings of a labelled "
+                           "subset (CheXpert, NIH) and log its mean AUROC as probe_auroc (default: 0, off)")
+    ckpt.add_argument("--probe_images", default=512, type=int,
+                      help="size of the fixed labelled subset for --probe_freq, split by patient (default: 512)")
+
     dist = parser.add_argument_group("Distributed")
     dist.add_argument("--world_size", default=1, type=int,
                       help="number of processes; the launcher's environment wins (default: 1)")

@@ -54,9 +54,10 @@ def test_nih_train_list_flag_selects_images(tmp_path):
     assert [os.path.basename(p.decode()) for p in ds.datasets[0].paths] == names
 
 
-@pytest.mark.parametrize("resized, gz", [(False, True), (True, False)])
-def test_mimic_layouts(tmp_path, resized, gz):
-    expected = make_mimic(str(tmp_path / "mimic_cxr"), resized=resized, gz=gz)
+@pytest.mark.parametrize("resized, gz, version", [(False, True, "2.0.0"), (True, False, "2.0.0"),
+                                                 (False, True, "2.1.0")])
+def test_mimic_layouts(tmp_path, resized, gz, version):
+    expected = make_mimic(str(tmp_path / "mimic_cxr"), resized=resized, gz=gz, version=version)
     ds, counts = _build(["mimic_cxr"], str(tmp_path))
     assert len(ds) == expected > 0
     assert all((b"files_resized_320" in p) == resized for p in ds.datasets[0].paths)

@@ -1,0 +1,47 @@
+"""--probe_freq: a quick linear probe on frozen features, scored by the mean AUROC over findings."""
+import numpy as np
+import torch
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U, ties averaged); None if only one class is present."""
+    positive = labels > 0.5
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def linear_probe_auroc(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                       steps: int = 200, weight_decay: float = 1e-3) -> tuple[float | None, int]:
+    """Multi-label logistic regression on standardised features; (mean test AUROC, findings scored)."""
+    train_x, test_x = train_x.detach().float(), test_x.detach().float()  # frozen features
+    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    weight = torch.zeros(train_x.shape[1], train_y.shape[1], requires_grad=True)
+    bias = torch.zeros(train_y.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = train_x @ weight + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, train_y)
+        loss = loss + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        scores = (test_x @ weight + bias).numpy()
+    values = [a for k in range(test_y.shape[1]) if (a := auroc(scores[:, k], test_y[:, k].numpy())) is not None]
+    return (float(np.mean(values)) if values else None), len(values)

@@ -125,6 +125,10 @@ def resolve_device(requested: str | None, local_rank: int) -> torch.device:
 def init_distributed(args) -> tuple[DistInfo, torch.device]:
     """Resolve the environment, pick the device, and join the process group when there is one."""
     info = resolve_env(dist_on_itp=getattr(args, "dist_on_itp", False))
+    for flag, given, actual in (("--world_size", args.world_size, info.world_size),
+                                ("--local_rank", args.local_rank, info.local_rank)):
+        if given not in (actual, {"--world_size": 1, "--local_rank": -1}[flag]):
+            logger.warning("%s %d ignored: the launcher's environment says %d", flag, given, actual)
     device = resolve_device(args.device, info.local_rank)
     if info.distributed:
         os.environ.setdefault("MASTER_ADDR", info.master_addr)

@@ -3,6 +3,7 @@ import datetime
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from collections import defaultdict, deque
@@ -107,6 +108,8 @@ class MetricLogger:
                          f"time: {iter_time}", f"data: {data_time}", f"data_wait: {self.data_wait_fraction:.0%}"]
                 if torch.cuda.is_available():
                     parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                else:
+                    parts.append(f"max rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MB")
                 logger.info(self.delimiter.join(parts))
             index += 1
             end = time.time()

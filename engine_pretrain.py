@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,7 +62,6 @@ class TrainState:
     bad_steps_total: int = 0
     bad_steps_in_a_row: int = 0
     replaced_files: int = 0
-    history: list = field(default_factory=list)
 
 
 @dataclass
@@ -136,7 +135,7 @@ def build_loader(args, dataset, info: dist_lib.DistInfo, device: torch.device):
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
-        persistent_workers=False, prefetch_factor=4 if args.num_workers > 0 else None,
+        persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers > 0 else None,
         # its own generator, so creating an iterator never consumes the global RNG (exact resume)
         generator=torch.Generator().manual_seed(args.seed),
     )

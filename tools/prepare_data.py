@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
-from data.prepared import prepare  # noqa: E402
+from data.prepared import PreparedStore, prepare  # noqa: E402
 
 
 def main() -> int:
@@ -26,7 +26,13 @@ def main() -> int:
                         help="shorter side after resizing, as the reference's resized MIMIC copy (default: 320)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     parser.add_argument("--shard_images", type=int, default=8192, help="images per shard file (default: 8192)")
+    parser.add_argument("--verify", action="store_true",
+                        help="only check every shard of --out against the checksums in its manifest, then exit")
     args = parser.parse_args()
+    if args.verify:
+        bad = PreparedStore(args.out).verify()
+        print("all shards match the manifest" if not bad else f"checksum mismatch: {', '.join(bad)}")
+        return 1 if bad else 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     problems = data.check_data_args(args)
     if args.prepared_dir:

@@ -219,14 +219,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     """In-place all-reduce (sum by default); a no-op without a process group."""
     if world_size() > 1:
@@ -234,11 +226,9 @@ def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     return tensor
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
 def cleanup() -> None:
+    if Heartbeat.current is not None:
+        Heartbeat.current.close()
+        Heartbeat.current = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

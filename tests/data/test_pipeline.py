@@ -67,6 +67,8 @@ def test_prepared_detects_corrupt_shard_and_other_inputs(tiny_data, tmp_path):
     with open(os.path.join(out, "shard_00001.u8"), "r+b") as f:
         f.write(b"\xff\xff\xff")
     assert PreparedStore(out).verify() == ["shard_00001.u8"]
+    check = run_cli([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--out", out, "--verify"], expect_rc=1)
+    assert "checksum mismatch: shard_00001.u8" in check.stdout
     proc = run_cli([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--data_path", tiny_data[0],
                     "--datasets_names", "chexpert", "--out", out], expect_rc=None)
     assert proc.returncode != 0 and "holds a preparation of other inputs" in proc.stdout + proc.stderr

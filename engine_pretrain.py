@@ -362,7 +362,7 @@ def visualize(run: Run, epoch: int) -> float | None:
     model.train(was_training)
     run.run_log.scalar("val_loss", loss, (epoch + 1) * 1000)
     run.run_log.image("reconstruction", np.asarray(Image.open(path).convert("L")), (epoch + 1) * 1000)
-    logger.info("wrote %s (val_loss %.4f on %d monitor images, fixed mask seed)", path, loss, VIS_IMAGES)
+    logger.info("wrote %s (val_loss %.4f on %d monitor images, fixed mask seed)", path, loss, len(run.vis_images))
     return loss
 
 

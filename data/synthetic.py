@@ -91,7 +91,7 @@ def make_chexpert(parent: str, n_patients: int = 6, variant: str = "small", size
                 save_image(target, chest_image(*size, seed=seed * 1000 + len(rows), lateral=fl == "Lateral"))
     _write_csv(os.path.join(csv_dir, "train.csv"), CHEXPERT_HEADER, rows)
     valid = []
-    for p in range(n_patients + 1, n_patients + 3):
+    for p in range(n_patients + 1, n_patients + 1 + max(2, n_patients // 4)):
         rel = f"valid/patient{p:05d}/study1/view1_frontal.jpg"
         valid.append([f"{prefix}/{rel}", "Female", "60", "Frontal", "AP", *_label_cells(rng, 14, False)])
         save_image(os.path.join(csv_dir if variant == "aimi" else root, rel), chest_image(*size, seed=p))

@@ -40,7 +40,7 @@ def test_cli_probe_and_held_out_monitor(tmp_path):
         args = tiny_run_args(data_path, out, epochs=2, probe_freq=1, vis_freq=1)
         args = args[: args.index("--datasets_names")] + ["--datasets_names", "chexpert", "chestxray_nih"]
         proc = run_cli([sys.executable, VIT_SCRIPT, *args])
-        assert "monitoring reconstructions on 2 held-out images of chexpert" in proc.stdout, proc.output
+        assert "monitoring reconstructions on 4 held-out images of chexpert" in proc.stdout, proc.output
         assert "linear probe on chexpert" in proc.stdout and "mean AUROC" in proc.stdout, proc.output
         logs.append([json.loads(line) for line in open(os.path.join(out, "log.txt"))])
     for epoch_a, epoch_b in zip(*logs, strict=True):

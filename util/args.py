@@ -14,6 +14,15 @@ def add_bool_flag(group, name: str, default: bool, help: str) -> None:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The reference parser's flags plus the new ones, in argument groups; the model and data groups are added by
+    the entry script and data/."""
+    _add_run_args(parser)
+    _add_optimiser_args(parser)
+    _add_checkpoint_args(parser)
+    _add_distributed_args(parser)
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("Run")
     run.add_argument("--batch_size", default=64, type=int,
                      help="batch size per process; effective batch = batch_size * accum_iter * world size "
@@ -41,6 +50,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max_steps_per_epoch", default=None, type=int,
                      help="cap the optimizer steps of an epoch, for smoke tests and demos (default: no cap)")
 
+
+def _add_optimiser_args(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("Optimiser")
     opt.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (default: 0.05)")
     opt.add_argument("--lr", type=float, default=None, metavar="LR",
@@ -57,6 +68,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                       help="auto: bf16 on CUDA that supports it, fp16 on other CUDA, fp32 on CPU (default: auto)")
     prec.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
 
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     ckpt = parser.add_argument_group("Checkpoints and logs")
     ckpt.add_argument("--output_dir", default="./output_dir",
                       help="where checkpoints and log.txt go (default: ./output_dir)")
@@ -86,6 +99,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--probe_images", default=512, type=int,
                       help="size of the fixed labelled subset for --probe_freq, split by patient (default: 512)")
 
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     dist = parser.add_argument_group("Distributed")
     dist.add_argument("--world_size", default=1, type=int,
                       help="number of processes; the launcher's environment wins (default: 1)")

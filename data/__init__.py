@@ -194,14 +194,19 @@ def check_leakage(indexes: list[SourceIndex]) -> None:
                                "\nRemove them from the training list, or pass --no-leakage_check if intended.")
 
 
-def build_indexes(args, check_files: bool = True) -> list[SourceIndex]:
+def open_prepared(args) -> PreparedStore | None:
+    return PreparedStore(args.prepared_dir) if getattr(args, "prepared_dir", None) else None
+
+
+def build_indexes(args, check_files: bool = True, store: PreparedStore | None = None) -> list[SourceIndex]:
     """Index, filter and check every source named in --datasets_names.
 
     check_files=False leaves missing and undecodable files in the index (tools/verify_data.py reports them).
+    `store` is the already opened --prepared_dir, if the caller has it.
     """
     views, caps = _pairs(args.views, "--views"), _pairs(args.source_cap, "--source_cap")
     weights = _pairs(args.source_weight, "--source_weight")
-    store = PreparedStore(args.prepared_dir) if getattr(args, "prepared_dir", None) else None
+    store = store or open_prepared(args)
     indexes = []
     for name in args.datasets_names:
         source = SOURCES[name]
@@ -263,8 +268,8 @@ def build_pretrain_dataset(args_or_names, data_path: str = "data", transform=Non
     problems = check_data_args(args)
     if problems:
         raise ValueError("; ".join(problems))
-    indexes = build_indexes(args)
-    store = PreparedStore(args.prepared_dir) if getattr(args, "prepared_dir", None) else None
+    store = open_prepared(args)
+    indexes = build_indexes(args, store=store)
     datasets = []
     for source_id, idx in enumerate(indexes):
         source_transform = transform

@@ -12,7 +12,6 @@ model and its features are compared with the checkpoint's encoder on a probe bat
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -23,14 +22,7 @@ from checkpoint_model import model_from_checkpoint  # noqa: E402
 
 import models_mae  # noqa: E402
 import models_mae_cnn  # noqa: E402
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+from engine_pretrain import git_commit  # noqa: E402
 
 
 def export_vit(model, input_size, in_chans):
@@ -104,7 +96,7 @@ def main() -> int:
         "input_size": args.input_size or run_args.input_size, "in_chans": args.in_chans or run_args.in_chans,
         "normalization": norm, "mask_ratio": run_args.mask_ratio, "norm_pix_loss": run_args.norm_pix_loss,
         "sources": list(run_args.datasets_names), "epoch": ckpt.get("epoch"),
-        "checkpoint": os.path.abspath(args.checkpoint), "git_commit": git_commit(),
+        "checkpoint": os.path.abspath(args.checkpoint), "git_commit": git_commit(short=False),
         "features_checked": reference is not None,
     }
     with open(args.out + ".json", "w", encoding="utf-8") as f:

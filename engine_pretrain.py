@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 import data as data_lib
@@ -358,13 +357,19 @@ def visualize(run: Run, epoch: int) -> float | None:
     mean, std = run.norm_stats["per_source"][run.vis_source]
     path = os.path.join(run.args.output_dir, f"reconstruction-{epoch:04d}.png")
     with autocast(run.precision, run.device):
-        loss = save_reconstruction_png(path, model, run.vis_images.to(run.device), run.args.mask_ratio, VIS_MASK_SEED,
-                                       mean, std, f"epoch {epoch}")
+        loss, grid = save_reconstruction_png(path, model, run.vis_images.to(run.device), run.args.mask_ratio,
+                                             VIS_MASK_SEED, mean, std, f"epoch {epoch}")
     model.train(was_training)
     run.run_log.scalar("val_loss", loss, (epoch + 1) * 1000)
-    run.run_log.image("reconstruction", np.asarray(Image.open(path).convert("L")), (epoch + 1) * 1000)
+    run.run_log.image("reconstruction", np.asarray(grid), (epoch + 1) * 1000)
     logger.info("wrote %s (val_loss %.4f on %d monitor images, fixed mask seed)", path, loss, len(run.vis_images))
     return loss
+
+
+def eval_transform(args, source: str):
+    """Deterministic resize + this run's normalisation for `source`."""
+    mean, std = norm_stats_for(source, args.norm_stats, args.in_chans)
+    return build_eval_transform(args.input_size, mean, std, args.in_chans)
 
 
 def monitor_images(args, dataset) -> tuple[torch.Tensor, str]:
@@ -379,8 +384,7 @@ def monitor_images(args, dataset) -> tuple[torch.Tensor, str]:
         images, name = [source.decode(i)[0] for i in range(min(VIS_IMAGES, len(source)))], source.name
         logger.info("no source has a held-out split here: monitoring reconstructions on %d training images of %s",
                     len(images), name)
-    mean, std = norm_stats_for(name, args.norm_stats, args.in_chans)
-    transform = build_eval_transform(args.input_size, mean, std, args.in_chans)
+    transform = eval_transform(args, name)
     return torch.stack([transform(image) for image in images]), name
 
 
@@ -393,8 +397,7 @@ def probe_set(args, dataset) -> dict | None:
         return None
     picks = np.sort(np.random.default_rng(0).choice(len(source), min(args.probe_images, len(source)), replace=False))
     is_test = np.array([zlib.crc32(source.patients[i]) % 2 == 1 for i in picks])
-    mean, std = norm_stats_for(source.name, args.norm_stats, args.in_chans)
-    transform = build_eval_transform(args.input_size, mean, std, args.in_chans)
+    transform = eval_transform(args, source.name)
     images = torch.stack([transform(source.decode(int(i))[0]) for i in picks])
     labels = torch.from_numpy(source.labels[picks])
     logger.info("linear probe on %s: %d images (%d for scoring, other patients), %d findings", source.name,

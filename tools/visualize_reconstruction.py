@@ -53,7 +53,7 @@ def main() -> int:
         tensor = build_eval_transform(run_args.input_size, mean, std, run_args.in_chans)(image).unsqueeze(0)
         path = os.path.join(args.out, f"{label}.png")
         with torch.no_grad():
-            loss = save_reconstruction_png(path, model, tensor, mask_ratio, args.mask_seed, mean, std,
+            loss, _ = save_reconstruction_png(path, model, tensor, mask_ratio, args.mask_seed, mean, std,
                                            f"{label}  epoch {ckpt.get('epoch')}")
         print(f"wrote {path} (loss {loss:.4f})")
     return 0

@@ -65,11 +65,13 @@ def titled_grid(mosaic: np.ndarray, norm_pix_loss: bool, title: str) -> Image.Im
     return canvas
 
 
-def save_reconstruction_png(path: str, model, images, mask_ratio, mask_seed, mean, std, title: str) -> float:
+def save_reconstruction_png(path: str, model, images, mask_ratio, mask_seed, mean, std,
+                            title: str) -> tuple[float, Image.Image]:
+    """Write the grid to `path`; returns the loss and the grid (for TensorBoard, without reading the file back)."""
     loss, panels = reconstruct(model, images, mask_ratio, mask_seed)
     image = titled_grid(panels_to_uint8(panels, mean, std), model.norm_pix_loss, f"{title}  loss {loss:.4f}")
     image.save(path)
-    return loss
+    return loss, image
 
 
 def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss")) -> None:

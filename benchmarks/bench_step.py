@@ -5,7 +5,7 @@
 Models: ViT-S MAE (mae_vit_small_patch16_dec128d2b, mask 0.9) and the DenseNet-121 U-Net, batch 16, 224 px.
 "reference" reproduces the reference step: explicit attention (timm 0.3.2/0.4.12 blocks have no fused SDPA),
 torch's default AdamW, a loss.item() every iteration, channels-first convolutions. "ours" is this repository's
-default step: SDPA attention, foreach/fused AdamW, channels_last for the CNN, one host sync per step.
+default step: SDPA attention, fused AdamW, channels_last for the CNN, one host sync per step.
 """
 import argparse
 import os
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models_mae  # noqa: E402
 import models_mae_cnn  # noqa: E402
-from engine_pretrain import param_groups  # noqa: E402
+from engine_pretrain import build_optimizer, param_groups  # noqa: E402
 from util.precision import autocast  # noqa: E402
 
 
@@ -37,33 +37,47 @@ def build(kind: str, variant: str, device):
     if variant == "reference":
         optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
     else:
-        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), **fused)
+        optimizer = build_optimizer(model, 0.05, 1e-4, device)
     if variant == "compile":
         model = torch.compile(model)
     return model, optimizer
 
 
-def images_per_s(kind, variant, device, precision, batch, steps, warmup) -> float:
-    torch.manual_seed(0)
-    model, optimizer = build(kind, variant, device)
-    images = torch.randn(batch, 3, 224, 224, device=device)
-    if kind == "cnn" and variant != "reference":
-        images = images.contiguous(memory_format=torch.channels_last)
-    times = []
-    for step in range(warmup + steps):
+class Runner:
+    """One variant's model, optimizer and batch; step() runs and times one training step."""
+
+    def __init__(self, kind, variant, device, precision, batch):
+        torch.manual_seed(0)
+        self.model, self.optimizer = build(kind, variant, device)
+        self.images = torch.randn(batch, 3, 224, 224, device=device)
+        if kind == "cnn" and variant != "reference":
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.device, self.precision = device, precision
+
+    def step(self) -> float:
         start = time.perf_counter()
-        with autocast(precision, device):
-            loss, _, _ = model(images)
+        with autocast(self.precision, self.device):
+            loss, _, _ = self.model(self.images)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         loss.item()  # both variants sync once per step here; the reference also synced per iteration
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+        return time.perf_counter() - start
+
+
+def images_per_s(kind, variants, device, precision, batch, steps) -> dict[str, float]:
+    """Variants take turns step by step, so machine-speed drift hits them all alike."""
+    runners = {v: Runner(kind, v, device, precision, batch) for v in variants}
+    for variant, runner in runners.items():
+        for _ in range(3 if variant == "compile" else 1):  # warm-up (and compilation)
+            runner.step()
+    times = {v: [] for v in variants}
+    for _ in range(steps):
+        for variant, runner in runners.items():
+            times[variant].append(runner.step())
+    return {v: batch / statistics.median(t) for v, t in times.items()}
 
 
 def main() -> None:
@@ -77,13 +91,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, precision {args.precision}, "
-          f"batch {args.batch}, median of {args.steps} steps")
+          f"batch {args.batch}, median of {args.steps} steps, variants interleaved")
     variants = ["reference", "ours"] + (["compile"] if args.compile else [])
     for kind in args.models:
-        results = {}
+        results = images_per_s(kind, variants, device, args.precision, args.batch, args.steps)
         for variant in variants:
-            warmup = 3 if variant == "compile" else 1
-            results[variant] = images_per_s(kind, variant, device, args.precision, args.batch, args.steps, warmup)
             print(f"  {kind:4s} {variant:10s} {results[variant]:8.2f} img/s  "
                   f"({results[variant] / results['reference']:.2f}x reference)", flush=True)
 

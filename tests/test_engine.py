@@ -6,7 +6,7 @@ import torch
 
 import models_mae
 from data.sampler import ResumableSampler
-from engine_pretrain import param_groups
+from engine_pretrain import build_optimizer, param_groups
 from util.args import resolve_lr
 from util.lr_sched import adjust_learning_rate, lr_at
 
@@ -92,3 +92,24 @@ def test_sampler_repeated_aug_repeats_each_image():
     s = ResumableSampler(12, num_replicas=1, rank=0, seed=0, repeats=3)
     items = [i for i, _ in s]
     assert len(items) == 12 and items[0] == items[1] == items[2]
+
+
+def test_optimizer_is_fused_on_cpu_and_matches_the_reference_adamw():
+    """The fused kernel is a speed choice only: fed the same gradients, it updates like torch's for-loop AdamW."""
+    torch.manual_seed(0)
+    model = models_mae.create_model("mae_vit_debug_patch16", img_size=32)
+    reference = models_mae.create_model("mae_vit_debug_patch16", img_size=32)
+    reference.load_state_dict(model.state_dict())
+    initial = model.patch_embed.proj.weight.detach().clone()
+    fused = build_optimizer(model, 0.05, 1e-3, torch.device("cpu"))
+    plain = torch.optim.AdamW(param_groups(reference, 0.05), lr=1e-3, betas=(0.9, 0.95), foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(model.patch_embed.proj.weight, initial)  # the steps did move the weights

@@ -23,13 +23,15 @@ from torchvision.transforms import InterpolationMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data import draft_min_side  # noqa: E402
 from data.image_io import load_gray  # noqa: E402
 from data.prepared import PreparedStore, prepare  # noqa: E402
 from data.synthetic import chest_image  # noqa: E402
 from data.transforms import IMAGENET, build_train_transform  # noqa: E402
 
 SIZE, SCALE = 224, (0.5, 1.0)
-DRAFT_MIN_SIDE = int(np.ceil(SIZE * np.sqrt(4 / 3) / np.sqrt(SCALE[0])))  # the shorter side any crop can need
+# the training path's own rule for the smallest decode every crop can use
+DRAFT_MIN_SIDE = draft_min_side(argparse.Namespace(jpeg_draft=True, input_size=SIZE, random_resize_range=SCALE))
 KINDS = {"390x320 JPEG": ((320, 390), ".jpg"), "2828x2320 JPEG": ((2320, 2828), ".jpg"),
          "1024x1024 PNG": ((1024, 1024), ".png")}
 

@@ -79,7 +79,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                         "(same images, same order; default: off)")
     add_bool_flag(g, "jpeg_draft", False,
                   "decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when the crop does not need full "
-                  "resolution; several times faster on full-resolution CheXpert/MIMIC")
+                  "resolution; about 1.5x the full-size pipeline on full-resolution quality-95 JPEGs, where entropy "
+                  "decoding dominates (benchmarks/RESULTS.md)")
     add_bool_flag(g, "gpu_augment", False,
                   "run crop, resize, flip and normalise on the training device as one batched operation; the "
                   "workers only place the decoded image on a fixed canvas")

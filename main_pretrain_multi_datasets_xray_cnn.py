@@ -6,8 +6,6 @@ the CNN path of lambert-x/medical_mae. Same data, engine, outputs and launch mod
 """
 import argparse
 
-import torch
-
 import models_mae_cnn
 from data import add_data_args
 from engine_pretrain import cli_main
@@ -40,11 +38,10 @@ def check_model_args(args) -> list[str]:
 
 
 def build_model(args):
-    model = models_mae_cnn.create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
-                                        model_arch=args.model_arch, in_chans=args.in_chans,
-                                        norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio,
-                                        loss_region=args.cnn_loss)
-    return model.to(memory_format=torch.channels_last)
+    return models_mae_cnn.create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
+                                       model_arch=args.model_arch, in_chans=args.in_chans,
+                                       norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio,
+                                       loss_region=args.cnn_loss)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,8 @@ def build(kind: str, variant: str, device):
             for block in [*model.blocks, *model.decoder_blocks]:
                 block.attn.fused_attn = False
     else:
-        model = models_mae_cnn.create_model("densenet121", img_size=224, mask_ratio=0.75)
-        if variant != "reference":
-            model = model.to(memory_format=torch.channels_last)
+        model = models_mae_cnn.create_model("densenet121", img_size=224, mask_ratio=0.75,
+                                            channels_last=variant != "reference")
     model = model.to(device)
     if variant == "reference":
         optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
@@ -49,9 +48,7 @@ class Runner:
     def __init__(self, kind, variant, device, precision, batch):
         torch.manual_seed(0)
         self.model, self.optimizer = build(kind, variant, device)
-        self.images = torch.randn(batch, 3, 224, 224, device=device)
-        if kind == "cnn" and variant != "reference":
-            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.images = torch.randn(batch, 3, 224, 224, device=device)  # NCHW, as the data loader gives it
         self.device, self.precision = device, precision
 
     def step(self) -> float:

@@ -63,6 +63,30 @@ def test_cnn_matches_reference_loss():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
 
 
+def test_cnn_channels_last_default_matches_the_reference_channels_first_model():
+    # float64: in float32 the two layouts' rounding differs by ~1% on the deep BN grads of a 2-image batch
+    fast = models_mae_cnn.create_model("densenet121", img_size=64).double()
+    plain = models_mae_cnn.create_model("densenet121", img_size=64, channels_last=False).double()
+    plain.load_state_dict(fast.state_dict())
+    first_conv_input = {}
+    imgs = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    losses = {}
+    for name, model in (("fast", fast), ("plain", plain)):
+        model.model.encoder.features.conv0.register_forward_hook(
+            lambda module, args, out, name=name: first_conv_input.update({name: args[0]}))
+        torch.manual_seed(3)
+        losses[name] = model(imgs)[0]
+        losses[name].backward()
+    assert first_conv_input["fast"].is_contiguous(memory_format=torch.channels_last)
+    assert not first_conv_input["fast"].is_contiguous() and first_conv_input["plain"].is_contiguous()
+    assert fast.model.encoder.features.conv0.weight.is_contiguous(memory_format=torch.channels_last)
+    assert {type(b).__name__ for b in fast.model.decoder.blocks} == {"UnetDecoderBlockDenseGrad"}
+    assert {type(b).__name__ for b in plain.model.decoder.blocks} == {"UnetDecoderBlock"}
+    torch.testing.assert_close(losses["fast"], losses["plain"], rtol=1e-12, atol=0)
+    for (key, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-8, atol=1e-12, msg=key)
+
+
 def test_cnn_masked_input_is_zero_in_removed_patches():
     model = models_mae_cnn.create_model("resnet18", img_size=64)
     x = torch.randn(1, 16, 768)

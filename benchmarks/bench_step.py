@@ -4,8 +4,8 @@
 
 Models: ViT-S MAE (mae_vit_small_patch16_dec128d2b, mask 0.9) and the DenseNet-121 U-Net, batch 16, 224 px.
 "reference" reproduces the reference step: explicit attention (timm 0.3.2/0.4.12 blocks have no fused SDPA),
-torch's default AdamW, a loss.item() every iteration, channels-first convolutions. "ours" is this repository's
-default step: SDPA attention, fused AdamW, channels_last for the CNN, one host sync per step.
+torch's default AdamW, a loss.item() every iteration, the SMP U-Net as the reference built it (channels-first).
+"ours" is this repository's default step: SDPA attention, fused AdamW, the channels_last U-Net, one host sync per step.
 """
 import argparse
 import os

@@ -102,7 +102,7 @@ class MaskedAutoencoderCNN(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-            for block in self.model.modules():
+            for block in self.model.modules():  # a class swap keeps SMP's modules, init and state-dict keys
                 if type(block) is UnetDecoderBlock:
                     block.__class__ = UnetDecoderBlockDenseGrad
 

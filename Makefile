@@ -5,6 +5,8 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO_DIR ?= demo_run
 DEMO_EPOCHS ?= 20
+BENCH_LOADER_ARGS ?= --seconds 3 --repeats 3
+BENCH_STEP_ARGS ?= --steps 10 --compile
 
 .PHONY: install install-test demo test bench lint
 
@@ -28,8 +30,10 @@ test: install-test
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest
 
+# input pipeline (3 file kinds) then train step (ViT-S, DenseNet-121 U-Net), each printing same-run ratios
 bench: install
-	$(PYTHON) benchmarks/bench_step.py
+	$(PYTHON) benchmarks/bench_loader.py $(BENCH_LOADER_ARGS)
+	$(PYTHON) benchmarks/bench_step.py $(BENCH_STEP_ARGS)
 
 lint: install-test
 	$(PYTHON) -m ruff check .

@@ -78,7 +78,7 @@ def decode_alone_draft(path):
 
 
 def decode_alone_eighth(path):
-    """The floor of DCT scaling itself: libjpeg's smallest scale, 1/8, whatever the crop needs."""
+    """The speed limit of DCT scaling itself: libjpeg's smallest scale, 1/8, whatever the crop needs."""
     with Image.open(path) as im:
         im.draft(im.mode, (im.width // 8, im.height // 8))
         im.load()

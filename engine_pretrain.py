@@ -29,6 +29,7 @@ from data.transforms import build_eval_transform, norm_stats_for
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
 from util.args import REQUEUE_EXIT_CODE, resolve_lr, validate_args
+from util.host_memory import keep_freed_memory
 from util.log import MetricLogger, RunLog, setup_logging
 from util.lr_sched import adjust_learning_rate
 from util.precision import LossScaler, autocast, resolve_precision
@@ -498,6 +499,8 @@ def _run(args, info, device, build_model, check_model_args) -> int:
         logger.info("%s", data_lib.format_count_tree(counts))
         write_json(os.path.join(args.output_dir, "data_counts.json"), counts)
     precision = resolve_precision(args.precision, device)
+    if args.keep_freed_memory and device.type == "cpu" and keep_freed_memory():
+        logger.info("CPU run: freed memory stays in the process for reuse (--no_keep_freed_memory to give it back)")
     eff_batch_size = resolve_lr(args, info.world_size)
     log_resolved(args, info, device, precision, eff_batch_size, steps // args.accum_iter)
     model = build_model(args).to(device)

@@ -12,6 +12,7 @@ import torch
 import main_pretrain_multi_datasets_xray as vit_main
 import main_pretrain_multi_datasets_xray_cnn as cnn_main
 from tests.conftest import CNN_SCRIPT, ROOT, VIT_SCRIPT, run_cli, tiny_run_args
+from util.host_memory import is_glibc
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,7 @@ def test_cli_single_process_epoch(tiny_data, tmp_path, script):
     total = sum(counts.values())
     assert f"pre-training pool: {total} images" in proc.stdout
     assert '"eff_batch_size": 4' in proc.stdout and "actual lr" in proc.stdout
+    assert ("freed memory stays in the process" in proc.stdout) == is_glibc()  # --keep_freed_memory, on by default
     assert os.path.exists(tmp_path / "reconstruction-0000.png")
 
 

@@ -6,7 +6,7 @@ PIP ?= $(PYTHON) -m pip
 DEMO_DIR ?= demo_run
 DEMO_EPOCHS ?= 20
 BENCH_LOADER_ARGS ?= --seconds 3 --repeats 3
-BENCH_STEP_ARGS ?= --steps 10 --compile
+BENCH_STEP_ARGS ?= --steps 5 --rounds 2 --compile
 
 .PHONY: install install-test demo test bench lint
 

@@ -6,8 +6,12 @@ Models: ViT-S MAE (mae_vit_small_patch16_dec128d2b, mask 0.9) and the DenseNet-1
 "reference" reproduces the reference step: explicit attention (timm 0.3.2/0.4.12 blocks have no fused SDPA),
 torch's default AdamW, a loss.item() every iteration, the SMP U-Net as the reference built it (channels-first).
 "ours" is this repository's default step: SDPA attention, fused AdamW, the channels_last U-Net, one host sync per step.
+"ours as run" (CPU only) adds what the entry scripts set for CPU runs, --keep_freed_memory (glibc keeps freed memory
+instead of unmapping it); "compile" is that plus torch.compile. Each variant runs in its own process, because the
+allocator setting is per process; the reference and "ours" keep glibc's defaults.
 """
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
@@ -20,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 import models_mae_cnn  # noqa: E402
 from engine_pretrain import build_optimizer, param_groups  # noqa: E402
+from util.host_memory import keep_freed_memory  # noqa: E402
 from util.precision import autocast  # noqa: E402
 
 
@@ -64,22 +69,48 @@ class Runner:
         return time.perf_counter() - start
 
 
-def images_per_s(kind, variants, device, precision, batch, steps) -> dict[str, float]:
-    """Variants take turns step by step, so machine-speed drift hits them all alike."""
-    runners = {v: Runner(kind, v, device, precision, batch) for v in variants}
-    for variant, runner in runners.items():
-        for _ in range(3 if variant == "compile" else 1):  # warm-up (and compilation)
-            runner.step()
+# variant: (model code, glibc keeps freed memory as the entry scripts make it do on CPU)
+VARIANTS = {"reference": ("reference", False), "ours": ("ours", False), "ours as run": ("ours", True),
+            "compile": ("compile", True)}
+
+
+def measure(conn, kind, variant, device, precision, batch, steps) -> None:
+    """One variant in a fresh process of its own, since the allocator setting is per process."""
+    code, keeps_freed = VARIANTS[variant]
+    if keeps_freed and device.type == "cpu":
+        keep_freed_memory()
+    runner = Runner(kind, code, device, precision, batch)
+    for _ in range(3 if code == "compile" else 1):  # warm-up (and compilation)
+        runner.step()
+    conn.send([runner.step() for _ in range(steps)])
+
+
+def images_per_s(kind, variants, device, precision, batch, steps, rounds) -> dict[str, float]:
+    """The variants take turns, one process alive at a time (a second resident process slows the page-faulting
+    variants), for `rounds` rounds, so drift in the machine's speed is shared out among them."""
+    ctx = multiprocessing.get_context("spawn")
     times = {v: [] for v in variants}
-    for _ in range(steps):
-        for variant, runner in runners.items():
-            times[variant].append(runner.step())
+    for _ in range(rounds):
+        for variant in variants:
+            conn, child_conn = ctx.Pipe()
+            proc = ctx.Process(target=measure, args=(child_conn, kind, variant, device, precision, batch, steps))
+            proc.start()
+            child_conn.close()  # so that recv() fails instead of waiting if the child dies
+            try:
+                times[variant] += conn.recv()
+            except EOFError:
+                proc.join()
+                raise SystemExit(f"the {kind} '{variant}' process failed (exit code {proc.exitcode}); "
+                                 "its error is printed above") from None
+            proc.join()
     return {v: batch / statistics.median(t) for v, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant (median) (default: 4)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant and round (default: 4)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="turns each variant takes, each in a fresh process; median over all (default: 2)")
     parser.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="(default: fp32)")
@@ -88,12 +119,13 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, precision {args.precision}, "
-          f"batch {args.batch}, median of {args.steps} steps, variants interleaved")
-    variants = ["reference", "ours"] + (["compile"] if args.compile else [])
+          f"batch {args.batch}, median of {args.rounds} x {args.steps} steps, variants taking turns in fresh processes")
+    variants = ["reference", "ours"] + (["ours as run"] if device.type == "cpu" else []) + \
+        (["compile"] if args.compile else [])
     for kind in args.models:
-        results = images_per_s(kind, variants, device, args.precision, args.batch, args.steps)
+        results = images_per_s(kind, variants, device, args.precision, args.batch, args.steps, args.rounds)
         for variant in variants:
-            print(f"  {kind:4s} {variant:10s} {results[variant]:8.2f} img/s  "
+            print(f"  {kind:4s} {variant:12s} {results[variant]:8.2f} img/s  "
                   f"({results[variant] / results['reference']:.2f}x reference)", flush=True)
 
 

@@ -3,8 +3,8 @@
 glibc serves each allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on free.
 A CPU step allocates and frees gigabytes of activations and gradients, so without this every step makes the kernel
 zero them page by page: 400,000 to 670,000 minor page faults per DenseNet-121 U-Net step (batch 16, 224 px),
-against none once freed memory stays in the heap. The price is that the process keeps its peak heap (4.1 to 4.4 GB
-resident in that case). Numerics do not change.
+against none once freed memory stays in the heap. The price is that the process stays at its peak heap: 4.3 GB
+resident in that case, flat over 25 steps, against a 4.1 GB peak without. Numerics do not change.
 """
 import ctypes
 import os

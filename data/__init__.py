@@ -207,7 +207,7 @@ def build_indexes(args, check_files: bool = True, store: PreparedStore | None = 
     """
     views, caps = _pairs(args.views, "--views"), _pairs(args.source_cap, "--source_cap")
     weights = _pairs(args.source_weight, "--source_weight")
-    store = store or open_prepared(args)
+    store = store if store is not None else open_prepared(args)
     indexes = []
     for name in args.datasets_names:
         source = SOURCES[name]

@@ -54,7 +54,7 @@ def main() -> int:
         path = os.path.join(args.out, f"{label}.png")
         with torch.no_grad():
             loss, _ = save_reconstruction_png(path, model, tensor, mask_ratio, args.mask_seed, mean, std,
-                                           f"{label}  epoch {ckpt.get('epoch')}")
+                                              f"{label}  epoch {ckpt.get('epoch')}")
         print(f"wrote {path} (loss {loss:.4f})")
     return 0
 

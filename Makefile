@@ -20,10 +20,11 @@ demo: install
 	$(PYTHON) tools/make_demo_data.py --out $(DEMO_DIR)/data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(PYTHON) main_pretrain_multi_datasets_xray.py \
 	    --output_dir $(DEMO_DIR)/output --log_dir $(DEMO_DIR)/output \
-	    --batch_size 16 --model mae_vit_small_patch16_dec128d2b --mask_ratio 0.90 \
+	    --batch_size 16 --model mae_vit_small_patch16_dec512d2b --mask_ratio 0.90 \
 	    --epochs $(DEMO_EPOCHS) --warmup_epochs 2 --blr 1.5e-3 --weight_decay 0.05 --num_workers 1 \
 	    --input_size 112 --random_resize_range 0.5 1.0 --datasets_names chexpert chestxray_nih mimic_cxr \
-	    --data_path $(DEMO_DIR)/data --device cpu --save_freq 5 --vis_freq 5 --print_freq 5
+	    --data_path $(DEMO_DIR)/data --train_list $(DEMO_DIR)/data/nih_chestxray/train_official_subset.txt \
+	    --device cpu --save_freq 5 --vis_freq 5 --print_freq 5
 	@echo "Demo done: see $(DEMO_DIR)/output (reconstruction-*.png, loss_curve.png, log.txt, checkpoints)"
 
 test: install-test

@@ -28,7 +28,7 @@ from data.sampler import ResumableSampler
 from data.transforms import build_eval_transform, norm_stats_for
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
-from util.args import REQUEUE_EXIT_CODE, resolve_lr, validate_args
+from util.args import REQUEUE_EXIT_CODE, argument_warnings, resolve_lr, validate_args
 from util.host_memory import keep_freed_memory
 from util.log import MetricLogger, RunLog, setup_logging
 from util.lr_sched import adjust_learning_rate
@@ -90,13 +90,19 @@ class Run:
     heartbeat: dist_lib.Heartbeat | None = None
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only weight matrices and kernels: no decay on biases, norms, or the cls/mask tokens."""
+TOKEN_PARAMETERS = ("cls_token", "mask_token")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_tokens: bool = True) -> list[dict]:
+    """[no decay, decay] in the reference's order (timm's add_weight_decay, as MAE calls it): no decay for 1-D
+    tensors and names ending in '.bias'. The reference decays the 3-D cls and mask tokens; decay_tokens=False
+    exempts them too. Frozen tensors (the sin-cos tables) are left out."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in ("cls_token", "mask_token", "pos_embed"):
+        exempt_token = not decay_tokens and name.split(".")[-1] in TOKEN_PARAMETERS
+        if param.ndim <= 1 or name.endswith(".bias") or exempt_token:
             no_decay.append(param)
         else:
             decay.append(param)
@@ -106,9 +112,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel per step instead of ~8 passes over the weights
 
 
-def build_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, device: torch.device):
+def build_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, device: torch.device,
+                    decay_tokens: bool = True):
     kwargs = {"fused": True} if device.type in FUSED_ADAMW_DEVICES else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), **kwargs)
+    return torch.optim.AdamW(param_groups(model, weight_decay, decay_tokens), lr=lr, betas=(0.9, 0.95), **kwargs)
 
 
 def seed_everything(seed: int) -> None:
@@ -217,7 +224,7 @@ def resume(run: Run, state: TrainState) -> None:
         return
     run.model_without_ddp.load_state_dict(ckpt["model"])
     if "optimizer" in ckpt and "epoch" in ckpt:
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(run, ckpt["optimizer"], path)
         run.scaler.load_state_dict(ckpt.get("scaler") or {})
         state.epoch, state.step = ckpt_lib.progress_of(ckpt)
         state.optimizer_steps = int(ckpt.get("optimizer_steps", 0))
@@ -229,6 +236,23 @@ def resume(run: Run, state: TrainState) -> None:
             logger.warning("checkpoint was written by %s processes, this run has %d: RNG streams restart from "
                            "the seed", ckpt.get("world_size"), run.info.world_size)
     logger.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.step)
+
+
+def load_optimizer_state(run: Run, saved: dict, path: str) -> None:
+    """The optimizer state of a checkpoint; a weight-decay grouping other than this run's is named, with its flag."""
+    try:
+        run.optimizer.load_state_dict(saved)
+    except ValueError as e:
+        saved_sizes = [len(g["params"]) for g in saved.get("param_groups", [])]
+        for decay_tokens in (True, False):
+            groups = param_groups(run.model_without_ddp, run.args.weight_decay, decay_tokens)
+            if [len(g["params"]) for g in groups] == saved_sizes and decay_tokens != run.args.decay_tokens:
+                flag = "--decay_tokens" if decay_tokens else "--no_decay_tokens"
+                raise ValueError(f"{path}: its optimizer state was written with {flag} (weight decay "
+                                 f"{'on' if decay_tokens else 'off'} for cls_token/mask_token); rerun with {flag} "
+                                 "to resume it") from e
+        raise ValueError(f"{path}: the optimizer state does not fit this model's parameter groups "
+                         f"({saved_sizes} saved): {e}") from e
 
 
 def init_from(run: Run, state: TrainState) -> None:
@@ -487,6 +511,9 @@ def run_pretraining(args, build_model, check_model_args=None) -> int:
 def _run(args, info, device, build_model, check_model_args) -> int:
     problems = data_lib.check_data_args(args) + (check_model_args(args) if check_model_args else [])
     validate_args(args, problems)
+    if info.is_main:
+        for warning in argument_warnings(args):
+            logger.warning("%s", warning)
     try:
         prepare_outputs(args, info)
         setup_logging(args.output_dir if info.is_main else None, info.rank)
@@ -507,7 +534,7 @@ def _run(args, info, device, build_model, check_model_args) -> int:
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)
-    optimizer = build_optimizer(model_without_ddp, args.weight_decay, args.lr, device)
+    optimizer = build_optimizer(model_without_ddp, args.weight_decay, args.lr, device, args.decay_tokens)
     norm_stats = {"policy": args.norm_stats, "sources": list(args.datasets_names),
                   "per_source": {n: norm_stats_for(n, args.norm_stats, args.in_chans) for n in args.datasets_names}}
     run = Run(args, info, device, precision, model, model_without_ddp, optimizer, LossScaler(precision, device),

@@ -2,7 +2,7 @@
 Multi-Label Thorax Disease Classification"; the reference is lambert-x/medical_mae).
 
 One process, CPU or one GPU:
-    python main_pretrain_multi_datasets_xray.py --model mae_vit_small_patch16_dec128d2b --mask_ratio 0.90 \
+    python main_pretrain_multi_datasets_xray.py --model mae_vit_small_patch16_dec512d2b --mask_ratio 0.90 \
         --data_path data --datasets_names chexpert chestxray_nih --output_dir out --log_dir out
 One node, 8 GPUs (torchrun, or the reference's python -m torch.distributed.launch --use_env):
     torchrun --nproc_per_node=8 main_pretrain_multi_datasets_xray.py ...
@@ -21,7 +21,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_common_args(parser)
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
-                       help="model name, e.g. mae_vit_small_patch16_dec128d2b; 'list' prints all "
+                       help="model name, e.g. mae_vit_small_patch16_dec512d2b (the paper's ViT-S); 'list' prints all "
                             "(default: mae_vit_large_patch16)")
     add_data_args(parser)
     return parser

@@ -221,10 +221,11 @@ def mae_vit_debug_patch16(**kwargs):
                                 decoder_num_heads=4, mlp_ratio=2, **kwargs)
 
 
-# reference aliases: the recommended architectures under their short names
+# reference aliases: the recommended architectures under their short names. The reference points the short
+# ViT-S name at the 128-wide, 2-block decoder, unlike facebookresearch/mae's 512-wide, 8-block default.
 MODELS.register(mae_vit_small_patch16_dec512d8b, name="mae_vit_small_patch16_dec512d8")
 MODELS.register(mae_vit_small_patch16_dec512d2b, name="mae_vit_small_patch16_dec512d2")
-MODELS.register(mae_vit_small_patch16_dec512d8b, name="mae_vit_small_patch16")
+MODELS.register(mae_vit_small_patch16_dec128d2b, name="mae_vit_small_patch16")
 MODELS.register(mae_vit_base_patch16_dec512d2b, name="mae_vit_base_patch16_dec512d2")
 MODELS.register(mae_vit_base_patch16_dec512d8b, name="mae_vit_base_patch16")
 MODELS.register(mae_vit_large_patch16_dec512d8b, name="mae_vit_large_patch16")

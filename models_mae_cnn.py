@@ -120,20 +120,24 @@ class MaskedAutoencoderCNN(nn.Module):
         return x * (1 - mask.unsqueeze(-1)).to(x.dtype), mask
 
     def forward_loss(self, imgs, pred, mask):
+        """imgs and pred [N, C, H, W], mask [N, L]: the MSE per patch, averaged over all patches (reference) or the
+        removed ones."""
         target = self.patchify(imgs).float()
         if self.norm_pix_loss:
             target = normalize_patch_targets(target)
-        loss = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
+        loss = ((self.patchify(pred).float() - target) ** 2).mean(dim=-1)  # [N, L]
         if self.loss_region == "masked":
             return (loss * mask).sum() / mask.sum()
         return loss.mean()
 
     def forward(self, imgs, mask_ratio=None):
+        """(loss, pred, mask) as the reference returns them: pred is the reconstructed image [N, C, H, W] (the ViT's
+        is patchified, [N, L, p*p*C]); mask [N, L] is 1 on removed patches."""
         mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         check_mask_ratio(mask_ratio)
         x_masked, mask = self.random_masking(self.patchify(imgs), mask_ratio)
         x_masked = self.unpatchify(x_masked).contiguous(memory_format=self.memory_format)
-        pred = self.patchify(self.model(x_masked))  # [N, L, p*p*C]
+        pred = self.model(x_masked)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     def probe_features(self, x):

@@ -54,8 +54,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="for the 'folder' source: a file listing image paths (path[,patient] per line) instead of "
                         "scanning --folder_root")
     g.add_argument("--train_list", default=None, type=str,
-                   help="NIH list file of training images (name [labels] per line); default: the download's "
-                        "train_val_list.txt")
+                   help="NIH list file of training images (name [labels] per line), looked up in the working "
+                        "directory, the NIH folder and the project; default: the reference's "
+                        "data_splits/chestxray/train_official.txt (75,312 images, shipped with the project)")
+    add_bool_flag(g, "mimic_cxr_unlabeled", False,
+                  "mimic_cxr: also pre-train on images of studies without a row in mimic-cxr-2.0.0-chexpert.csv(.gz); "
+                  "the reference, which starts from that label table, leaves them out")
     g.add_argument("--input_size", default=224, type=int, help="images input size (default: 224)")
     g.add_argument("--in_chans", default=3, type=int, choices=[1, 3],
                    help="model input channels; 1 is native grayscale, 3 repeats the gray plane (default: 3)")

@@ -4,9 +4,13 @@ Images are found with no configuration in either layout:
   flat:   <root>/images/00000001_000.png           (the NIH box download, tarballs extracted)
   nested: <root>/images_001/images/00000001_000.png (the Kaggle copy)
 The training list is --train_list (reference format "name label..." or plain names), by default the
-download's train_val_list.txt (86,524 images). Patient id = the first 8 digits of the file name.
-test_list.txt (25,596 images) is the held-out split used by the leakage guard. View positions (AP/PA)
-come from Data_Entry_2017_v2020.csv or Data_Entry_2017.csv when present, for --views chestxray_nih=PA.
+reference's data_splits/chestxray/train_official.txt shipped with this project (75,312 images, as the
+paper pre-trains). The other 11,212 images of the download's train_val_list.txt form val_official.txt,
+the fine-tuning validation set; the 25,596 of test_list.txt (= test_official.txt) are the test set. The
+three lists are patient-disjoint, and the leakage guard holds out the patients of val_official.txt and
+test_list.txt. Patient id = the first 8 digits of the file name. View positions (AP/PA) come from
+Data_Entry_2017_v2020.csv or Data_Entry_2017.csv when present, for --views chestxray_nih=PA. Findings
+labels (for the optional probe) come from the list when it has them, else from Data_Entry.
 """
 import glob
 import os
@@ -17,12 +21,31 @@ import pandas as pd
 from data.base import MONITOR_IMAGES, Source, SourceIndex, require_columns, require_file
 
 DATA_ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
+# the reference's split lists (lambert-x/medical_mae data_splits/chestxray/), shipped with the project
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFICIAL_SPLITS_DIR = os.path.join(PROJECT_DIR, "data_splits", "chestxray")
+DEFAULT_TRAIN_LIST = os.path.join(OFFICIAL_SPLITS_DIR, "train_official.txt")
+VAL_LIST = os.path.join(OFFICIAL_SPLITS_DIR, "val_official.txt")
+TEST_LIST = os.path.join(OFFICIAL_SPLITS_DIR, "test_official.txt")
+
+
+def read_list(path: str) -> tuple[list[str], np.ndarray | None]:
+    """Names and, when every line is "name label x14", the [N, 14] labels (else None)."""
+    names, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if fields:
+                names.append(fields[0])
+                labels.append(fields[1:])
+    if labels and all(len(row) == len(FINDINGS) for row in labels):
+        return names, np.array(labels, dtype=np.float32)
+    return names, None
 
 
 def read_name_list(path: str) -> list[str]:
     """First token of every non-empty line ("name label label ..." or just "name")."""
-    with open(path, encoding="utf-8") as f:
-        return [line.split()[0] for line in f if line.strip()]
+    return read_list(path)[0]
 
 
 def image_locations(root: str) -> dict[str, str]:
@@ -73,30 +96,36 @@ class ChestXrayNIH(Source):
     def list_file(self, args, root: str) -> str:
         given = getattr(args, "train_list", None)
         if not given:
-            return require_file(os.path.join(root, "train_val_list.txt"), self.name, "train_val_list.txt")
-        for candidate in (given, os.path.join(root, given)):
+            return require_file(DEFAULT_TRAIN_LIST, self.name, "the shipped data_splits/chestxray/train_official.txt")
+        for candidate in (given, os.path.join(root, given), os.path.join(PROJECT_DIR, given)):
             if os.path.isfile(candidate):
                 return candidate
-        raise FileNotFoundError(f"--train_list {given} not found (looked in the working directory and in {root})")
+        raise FileNotFoundError(f"--train_list {given} not found (looked in the working directory, in {root} and in "
+                                f"{PROJECT_DIR})")
 
     def index(self, args) -> SourceIndex:
         root = self.resolve_root(args)
         list_path = self.list_file(args, root)
-        names = read_name_list(list_path)
+        names, list_labels = read_list(list_path)
         located = image_locations(root)
         paths = [located.get(n, os.path.join(root, "images", n)) for n in names]
         entries = data_entry(root)
         views = [entries[n][0] if n in entries else "" for n in names]
         idx = SourceIndex(self.name, root, paths, [patient_of(n) for n in names], views,
                           filters=[(os.path.basename(list_path), len(names))])
-        if entries and all(n in entries for n in names):
+        if list_labels is not None:
+            idx.labels = list_labels
+        elif entries and all(n in entries for n in names):
             found = [set(entries[n][1].split("|")) for n in names]
             idx.labels = np.array([[f in row for f in FINDINGS] for row in found], dtype=np.float32)
+        if idx.labels is not None:
             idx.label_names = list(FINDINGS)
+        # held out: the fine-tuning validation patients and the test patients (the download's list if present)
         test_list = os.path.join(root, "test_list.txt")
-        if os.path.isfile(test_list):
-            held = read_name_list(test_list)
-            idx.held_out_patients = {patient_of(n) for n in held}
-            idx.held_out_name = "test_list.txt"
-            idx.monitor_paths = [located[n] for n in held if n in located][:MONITOR_IMAGES]
+        if not os.path.isfile(test_list):
+            test_list = TEST_LIST  # the same 25,596 names
+        test_names = read_name_list(test_list)
+        idx.held_out_patients = {patient_of(n) for n in [*read_name_list(VAL_LIST), *test_names]}
+        idx.held_out_name = f"val_official.txt + {os.path.basename(test_list)}"
+        idx.monitor_paths = [located[n] for n in test_names if n in located][:MONITOR_IMAGES]
         return idx

@@ -4,23 +4,44 @@
 keeps these names); images sit under files/ or the reference's self-made files_resized_320/:
   files/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg
 Pre-training keeps split == 'train' and ViewPosition AP or PA (the reference filter); a blank or
-unusual ViewPosition is not frontal and is left out. Images of studies without labels are kept:
-the index comes from metadata + split, not from the label table. 'validate' and 'test' subjects
-form the held-out set for the leakage guard.
+unusual ViewPosition is not frontal and is left out. Like the reference, which starts from the label
+table, only images of studies with a row in mimic-cxr-2.0.0-chexpert.csv[.gz] are kept when that file
+is present; --mimic_cxr_unlabeled keeps the other studies' images too, and without the file every
+study is used (the log says so). 'validate' and 'test' subjects form the held-out set for the
+leakage guard.
 """
+import logging
 import os
 
 import pandas as pd
 
 from data.base import MONITOR_IMAGES, Source, SourceIndex, require_columns
 
+logger = logging.getLogger(__name__)
+LABEL_TABLE = "mimic-cxr-2.0.0-chexpert"
 
-def _find(root: str, stem: str) -> str:
+
+def _find_optional(root: str, stem: str) -> str | None:
     for name in (f"{stem}.csv.gz", f"{stem}.csv"):
         path = os.path.join(root, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"mimic_cxr: {stem}.csv.gz (or .csv) not found in {root}")
+    return None
+
+
+def _find(root: str, stem: str) -> str:
+    path = _find_optional(root, stem)
+    if path is None:
+        raise FileNotFoundError(f"mimic_cxr: {stem}.csv.gz (or .csv) not found in {root}")
+    return path
+
+
+def _labelled_studies(df: pd.DataFrame, label_path: str) -> pd.Series:
+    """True for rows whose (subject_id, study_id) has a row in the label table: the reference's join."""
+    table = pd.read_csv(label_path, dtype=str, keep_default_na=False, usecols=lambda c: c in ("subject_id", "study_id"))
+    require_columns(table, ["subject_id", "study_id"], label_path)
+    studies = pd.MultiIndex.from_frame(table[["subject_id", "study_id"]])
+    return pd.Series(pd.MultiIndex.from_frame(df[["subject_id", "study_id"]]).isin(studies), index=df.index)
 
 
 class MimicCXR(Source):
@@ -51,10 +72,20 @@ class MimicCXR(Source):
         validate = df[(df["split"] == "validate") & df["ViewPosition"].str.strip().isin(["AP", "PA"])]
         n_all = len(df)
         df = df[df["split"] == "train"]
+        filters = [("metadata", n_all), ("split == train", len(df))]
+        label_path = _find_optional(root, LABEL_TABLE)
+        if label_path is not None and not getattr(args, "mimic_cxr_unlabeled", False):
+            labelled = _labelled_studies(df, label_path)
+            filters.append((f"studies in {os.path.basename(label_path)} ({int((~labelled).sum())} images of "
+                            "unlabelled studies left out, as the reference; --mimic_cxr_unlabeled keeps them)",
+                            int(labelled.sum())))
+            df = df[labelled]
+        elif label_path is None:
+            logger.info("mimic_cxr: no %s.csv(.gz) in %s, so every study is used, also those without labels (the "
+                        "reference pre-trains only on studies of that label table)", LABEL_TABLE, root)
         sid = df["subject_id"].to_numpy()
         idx = SourceIndex(self.name, root, _image_paths(folder, df), sid, df["ViewPosition"].str.strip().to_numpy(),
-                          held_out_patients=held_out, held_out_name="split validate+test",
-                          filters=[("metadata", n_all), ("split == train", len(df))])
+                          held_out_patients=held_out, held_out_name="split validate+test", filters=filters)
         idx.monitor_paths = [p for p in _image_paths(folder, validate[:MONITOR_IMAGES]) if os.path.isfile(p)]
         return idx
 

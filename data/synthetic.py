@@ -99,41 +99,89 @@ def make_chexpert(parent: str, n_patients: int = 6, variant: str = "small", size
     return frontal
 
 
+NIH_SUBSET_LIST = "train_official_subset.txt"  # the fixture's share of train_official.txt, for --train_list
+
+
+def _official_patients(split: str, min_images: int) -> list[tuple[str, list[str]]]:
+    """(patient, names) of the shipped data_splits/chestxray/{split}_official.txt, in list order, for patients with
+    at least `min_images` images."""
+    from data.chestxray_nih import OFFICIAL_SPLITS_DIR, read_name_list
+
+    by_patient: dict[str, list[str]] = {}
+    for name in read_name_list(os.path.join(OFFICIAL_SPLITS_DIR, f"{split}_official.txt")):
+        by_patient.setdefault(name[:8], []).append(name)
+    return [(p, names) for p, names in by_patient.items() if len(names) >= min_images]
+
+
+def _findings_vector(findings: str) -> str:
+    from data.chestxray_nih import FINDINGS
+
+    present = set(findings.split("|"))
+    return " ".join("1" if f in present else "0" for f in FINDINGS)
+
+
 def make_nih(root: str, n_patients: int = 6, layout: str = "flat", data_entry: str = "v2020", size=(48, 48),
-             seed: int = 0, list_format: str = "plain", odd_modes: bool = True) -> int:
-    """NIH tree at root. layout: flat | nested. Returns the train_val_list count."""
+             seed: int = 0, list_format: str = "plain", odd_modes: bool = True, full_official: bool = False) -> int:
+    """NIH tree at root (layout: flat | nested) with real file names from the reference's split lists.
+
+    n_patients - 2 training patients of train_official.txt (2 or 3 images each), one patient of val_official.txt
+    and one of test_official.txt (2 images each). The download's train_val_list.txt and test_list.txt list them,
+    and train_official_subset.txt lists the training images (list_format 'labels': the reference's "name label x14"
+    lines, consistent with Data_Entry's synthetic findings; 'plain': names only), for --train_list.
+    full_official=True puts every image of train_official.txt (75,312) on disk as hard links to a few files, for
+    runs on the default list. Returns the number of pre-training images.
+    """
     rng = np.random.default_rng(seed)
-    train, test, entries = [], [], []
-    for p in range(1, n_patients + 1):
-        for k in range(2 if p % 2 else 3):
-            name = f"{10000 + p:08d}_{k * 2:03d}.png"  # suffix != follow-up number, as in the real data
-            (test if p == n_patients else train).append(name)
-            entries.append([name, NIH_FINDINGS[(p + k) % len(NIH_FINDINGS)], str(k), str(10000 + p), str(30 + p),
-                            "M" if p % 2 else "F", "PA" if k % 2 else "AP", "2500", "2048", "0.168", "0.168"])
-    for i, name in enumerate(train + test):
-        folder = os.path.join(root, "images") if layout == "flat" else os.path.join(
-            root, f"images_{1 + i % 3:03d}", "images")
+    train_patients = _official_patients("train", 3)[: max(1, n_patients - 2)]
+    train = [n for p, (_, names) in enumerate(train_patients, start=1) for n in names[: 2 if p % 2 else 3]]
+    val = _official_patients("val", 2)[0][1][:2]
+    test = _official_patients("test", 2)[0][1][:2]
+    on_disk = train + val + test
+    findings = {n: NIH_FINDINGS[(i + rng.integers(0, 2)) % len(NIH_FINDINGS)] for i, n in enumerate(on_disk)}
+
+    def folder(i):
+        return os.path.join(root, "images") if layout == "flat" else os.path.join(root, f"images_{1 + i % 3:03d}",
+                                                                                  "images")
+
+    for i, name in enumerate(on_disk):
         mode = "RGBA" if odd_modes and i == 0 else "LA" if odd_modes and i == 1 else "L"
-        save_image(os.path.join(folder, name), chest_image(*size, seed=seed * 1000 + i), mode)
+        save_image(os.path.join(folder(i), name), chest_image(*size, seed=seed * 1000 + i), mode)
+    if full_official:
+        # ext4 allows 65,000 links per file: rotate among the fixture's own training images
+        present = set(on_disk)
+        sources = [os.path.join(folder(i), n) for i, n in enumerate(train)]
+        official = _official_patients("train", 1)
+        extra = [n for _, names in official for n in names if n not in present]
+        for i, name in enumerate(extra):
+            target = os.path.join(folder(i), name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.link(sources[i % len(sources)], target)
+            findings[name] = NIH_FINDINGS[i % len(NIH_FINDINGS)]
+        train = [n for _, names in official for n in names]
     header = NIH_HEADER + ("," if data_entry == "2017" else "")
-    name = "Data_Entry_2017_v2020.csv" if data_entry == "v2020" else "Data_Entry_2017.csv"
-    with open(os.path.join(root, name), "w", encoding="utf-8") as f:
+    entry_name = "Data_Entry_2017_v2020.csv" if data_entry == "v2020" else "Data_Entry_2017.csv"
+    with open(os.path.join(root, entry_name), "w", encoding="utf-8") as f:
         f.write(header + "\n")
-        for e in entries:
-            f.write(",".join(e) + ("," if data_entry == "2017" else "") + "\n")
-    with open(os.path.join(root, "train_val_list.txt"), "w", encoding="utf-8") as f:
-        for name in train:
-            labels = " ".join(str(int(v)) for v in rng.integers(0, 2, 14))
-            f.write(f"{name} {labels}\n" if list_format == "labels" else f"{name}\n")
-    with open(os.path.join(root, "test_list.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(test) + "\n")
+        for k, (name, finding) in enumerate(findings.items()):
+            row = [name, finding, str(k % 7), str(int(name[:8])), str(30 + k % 50), "M" if k % 2 else "F",
+                   "PA" if k % 3 else "AP", "2500", "2048", "0.168", "0.168"]
+            f.write(",".join(row) + ("," if data_entry == "2017" else "") + "\n")
+    _write_lines(os.path.join(root, "train_val_list.txt"), sorted(train + val))
+    _write_lines(os.path.join(root, "test_list.txt"), test)
+    _write_lines(os.path.join(root, NIH_SUBSET_LIST),
+                 [f"{n} {_findings_vector(findings[n])}" if list_format == "labels" else n for n in train])
     return len(train)
+
+
+def _write_lines(path: str, lines: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(f"{line}\n" for line in lines))
 
 
 def make_mimic(root: str, n_subjects: int = 5, resized: bool = False, gz: bool = True, size=(48, 40),
                seed: int = 0, version: str = "2.0.0") -> int:
     """MIMIC-CXR-JPG tree at root (version 2.1.0 adds IMAGE_FILENAMES, the labelled test set and wget's
-    index.html files). Returns the number of train AP/PA images."""
+    index.html files). Returns the number of train AP/PA images of labelled studies (the reference pool)."""
     rng = np.random.default_rng(seed)
     meta, split, labels, selected = [], [], [], 0
     views_cycle = ["PA", "LATERAL", "AP", "LL", "AP AXIAL", ""]
@@ -142,7 +190,8 @@ def make_mimic(root: str, n_subjects: int = 5, resized: bool = False, gz: bool =
         split_name = "test" if s == n_subjects - 1 else "validate" if s == n_subjects - 2 else "train"
         for t in range(2):
             study = str(50000000 + s * 10 + t)
-            if not (s == 0 and t == 1):  # a study with images but no label row
+            labelled = not (s == 0 and t == 1)  # a study with images but no label row
+            if labelled:
                 labels.append([subject, study, *_label_cells(rng, 14)])
             for k in range(3):
                 view = views_cycle[(s + t + k) % len(views_cycle)]
@@ -150,7 +199,7 @@ def make_mimic(root: str, n_subjects: int = 5, resized: bool = False, gz: bool =
                 meta.append([dicom, subject, study, "CHEST (PA AND LAT)", view, str(size[0]), str(size[1]),
                              "21530412", "104512.25", "CHEST (PA AND LAT)", "postero-anterior", "Erect"])
                 split.append([dicom, study, subject, split_name])
-                selected += split_name == "train" and view in ("AP", "PA")
+                selected += split_name == "train" and view in ("AP", "PA") and labelled
                 folder = os.path.join(root, "files_resized_320" if resized else "files", f"p{subject[:2]}",
                                       f"p{subject}", f"s{study}")
                 save_image(os.path.join(folder, f"{dicom}.jpg"), chest_image(*size, seed=len(meta),

@@ -71,6 +71,12 @@ class GrayToNormalizedTensor:
         return torch.addcmul(self.shift, pixels.float(), self.scale)  # broadcasts to [C, H, W]
 
 
+def plain_resize(input_size: int) -> transforms.Resize:
+    """The reference's resize without --random_resize_range: transforms.Resize((s, s)) at torchvision's default
+    interpolation, bilinear (antialiased on PIL images)."""
+    return transforms.Resize((input_size, input_size), interpolation=InterpolationMode.BILINEAR)
+
+
 def build_train_transform(input_size: int, random_resize_range, mean, std, in_chans: int = 3):
     """The reference pipeline, on the gray image; channels are replicated after ToTensor."""
     if random_resize_range:
@@ -78,14 +84,10 @@ def build_train_transform(input_size: int, random_resize_range, mean, std, in_ch
                                                  interpolation=InterpolationMode.BICUBIC),
                     transforms.RandomHorizontalFlip()]
     else:
-        geometry = [transforms.Resize((input_size, input_size), interpolation=InterpolationMode.BICUBIC),
-                    transforms.RandomHorizontalFlip()]
+        geometry = [plain_resize(input_size), transforms.RandomHorizontalFlip()]
     return transforms.Compose([*geometry, GrayToNormalizedTensor(mean, std, in_chans)])
 
 
 def build_eval_transform(input_size: int, mean, std, in_chans: int = 3):
-    """Deterministic resize + normalise, for held-out reconstructions."""
-    return transforms.Compose([
-        transforms.Resize((input_size, input_size), interpolation=InterpolationMode.BICUBIC),
-        GrayToNormalizedTensor(mean, std, in_chans),
-    ])
+    """Deterministic resize + normalise, for held-out reconstructions and the probe: the plain training resize."""
+    return transforms.Compose([plain_resize(input_size), GrayToNormalizedTensor(mean, std, in_chans)])

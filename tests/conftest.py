@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data.synthetic import make_reference_layout  # noqa: E402
+from data.synthetic import NIH_SUBSET_LIST, make_reference_layout  # noqa: E402
 
 VIT_SCRIPT = str(ROOT / "main_pretrain_multi_datasets_xray.py")
 CNN_SCRIPT = str(ROOT / "main_pretrain_multi_datasets_xray_cnn.py")
@@ -65,11 +65,16 @@ def run_cli(cmd: list[str], cwd=None, timeout: int = 300, env=None, expect_rc: i
     return proc
 
 
+def nih_subset(data_path: str) -> str:
+    """The fixture's few NIH training images hold only part of the default train_official.txt: their own list."""
+    return os.path.join(data_path, "nih_chestxray", NIH_SUBSET_LIST)
+
+
 def tiny_run_args(data_path: str, out: str, model: str = "mae_vit_debug_patch16", **overrides) -> list[str]:
     """Flags for a seconds-long CPU run on the tiny fixture."""
     flags = {"model": model, "input_size": 32, "batch_size": 4, "epochs": 1, "warmup_epochs": 0, "mask_ratio": 0.75,
              "num_workers": 0, "device": "cpu", "data_path": data_path, "output_dir": out, "log_dir": out,
-             "blr": 1.5e-4, "print_freq": 1}
+             "blr": 1.5e-4, "print_freq": 1, "train_list": nih_subset(data_path)}
     flags.update(overrides)
     args = []
     for key, value in flags.items():

@@ -62,7 +62,8 @@ def reference_forward(sd, imgs, mask_ratio, patch_size, depth, num_heads, dec_de
 
 
 def reference_cnn_forward(net, imgs, mask_ratio, patch_size):
-    """medical_mae's CNN forward: zero the removed patches, reconstruct, MSE over all pixels."""
+    """medical_mae's CNN forward: zero the removed patches, reconstruct, MSE over all pixels. Like the reference it
+    returns the reconstructed image itself as pred, [N, C, H, W]."""
     p = patch_size
     n, c, h, _ = imgs.shape
     g = h // p
@@ -76,7 +77,21 @@ def reference_cnn_forward(net, imgs, mask_ratio, patch_size):
     mask = torch.gather(mask, dim=1, index=ids_restore)
     x = x * (1 - mask.unsqueeze(-1))
     x = torch.einsum("nhwpqc->nchpwq", x.reshape(n, g, g, p, p, c)).reshape(n, c, h, h)
-    out = net(x)
-    pred = torch.einsum("nchpwq->nhwpqc", out.reshape(n, c, g, p, g, p)).reshape(n, g * g, p * p * c)
+    pred = net(x)
+    patches = torch.einsum("nchpwq->nhwpqc", pred.reshape(n, c, g, p, g, p)).reshape(n, g * g, p * p * c)
     target = torch.einsum("nchpwq->nhwpqc", imgs.reshape(n, c, g, p, g, p)).reshape(n, g * g, p * p * c)
-    return ((pred - target) ** 2).mean(dim=-1).mean(), pred, mask
+    return ((patches - target) ** 2).mean(dim=-1).mean(), pred, mask
+
+
+def reference_param_groups(model, weight_decay):
+    """timm 0.3.2's optim_factory.add_weight_decay, as the reference's pre-training script calls it: no decay for
+    1-D tensors and names ending in '.bias'; frozen tensors left out; the no-decay group first."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if len(param.shape) == 1 or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import models_mae
+import models_mae_cnn
 from data.sampler import ResumableSampler
 from engine_pretrain import build_optimizer, param_groups
+from tests.reference_impl import reference_param_groups
 from util.args import resolve_lr
 from util.lr_sched import adjust_learning_rate, lr_at
 
@@ -46,17 +48,30 @@ def test_lr_rule_uses_effective_batch():
     assert args.lr == 0.1
 
 
-def test_param_groups_no_decay_on_biases_norms_tokens():
-    model = models_mae.create_model("mae_vit_debug_patch16", img_size=32)
-    no_decay, decay = param_groups(model, 0.05)
+def _group_names(model, groups):
     names = {id(p): n for n, p in model.named_parameters()}
-    no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    decay_names = {names[id(p)] for p in decay["params"]}
-    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
-    assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
-    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "decoder_pred.weight"} <= decay_names
-    assert all(p.ndim >= 2 for p in decay["params"])
-    assert "pos_embed" not in no_decay_names | decay_names  # fixed, not trained
+    return [([names[id(p)] for p in g["params"]], g["weight_decay"]) for g in groups]
+
+
+@pytest.mark.parametrize("build", [lambda: models_mae.create_model("mae_vit_debug_patch16", img_size=32),
+                                   lambda: models_mae_cnn.create_model("resnet18", img_size=64)],
+                         ids=["vit", "cnn"])
+def test_param_groups_are_the_references_by_default(build):
+    """Same tensors, same order, same decay as timm's add_weight_decay: a reference optimizer state fits them."""
+    model = build()
+    ours = _group_names(model, param_groups(model, 0.05))
+    assert ours == _group_names(model, reference_param_groups(model, 0.05))
+    (no_decay, zero), (decay, wd) = ours
+    assert zero == 0.0 and wd == 0.05 and "pos_embed" not in no_decay + decay  # fixed tables are not trained
+
+
+def test_param_groups_no_decay_tokens_exempts_the_cls_and_mask_tokens():
+    model = models_mae.create_model("mae_vit_debug_patch16", img_size=32)
+    (default_no_decay, _), (default_decay, _) = _group_names(model, param_groups(model, 0.05))
+    (no_decay, _), (decay, _) = _group_names(model, param_groups(model, 0.05, decay_tokens=False))
+    tokens = {"cls_token", "mask_token"}
+    assert tokens <= set(default_decay) and tokens <= set(no_decay) and not tokens & set(decay)
+    assert set(no_decay) - set(default_no_decay) == tokens and set(default_decay) - set(decay) == tokens
 
 
 def test_sampler_ranks_disjoint_and_cover():

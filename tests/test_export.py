@@ -57,10 +57,12 @@ def test_visualize_writes_grid(runs, tiny_data, tmp_path, run):
 
 
 def test_visualize_is_reproducible_with_fixed_mask_seed(runs, tiny_data, tmp_path):
-    for out in ("a", "b"):
-        _tool("visualize_reconstruction.py", "--checkpoint", runs["vit"], "--datasets_names", "chexpert",
-              "--data_path", tiny_data[0], "--num", "1", "--out", str(tmp_path / out))
-    assert (tmp_path / "a" / "chexpert_0.png").read_bytes() == (tmp_path / "b" / "chexpert_0.png").read_bytes()
+    for out, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        proc = _tool("visualize_reconstruction.py", "--checkpoint", runs["vit"], "--datasets_names", "chexpert",
+                     "--data_path", tiny_data[0], "--num", "1", "--mask_seed", seed, "--out", str(tmp_path / out))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    grids = {out: (tmp_path / out / "chexpert_0.png").read_bytes() for out in "abc"}
+    assert grids["a"] == grids["b"] and grids["a"] != grids["c"]  # the seed alone decides the mask
 
 
 def test_visualize_refuses_encoder_only_file(runs, tmp_path):

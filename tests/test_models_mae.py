@@ -6,22 +6,38 @@ import models_mae
 from tests.reference_impl import reference_forward
 from util.masking import patchify, unpatchify
 
-REFERENCE_NAMES = [
-    "mae_vit_small_patch16_dec128d2b", "mae_vit_small_patch16_dec512d8b", "mae_vit_small_patch16_dec512d2b",
-    "mae_vit_small_patch16_dec512d2b_448", "mae_vit_base_patch16_dec512d2b", "mae_vit_base_patch16_dec512d8b",
-    "mae_vit_large_patch16_dec512d8b", "mae_vit_huge_patch14_dec512d8b",
-    "mae_vit_small_patch16_dec512d8", "mae_vit_small_patch16_dec512d2", "mae_vit_small_patch16",
-    "mae_vit_base_patch16_dec512d2", "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14",
-]
-# (embed_dim, depth, heads, decoder_dim, decoder_depth) from the reference factories
-SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16), "huge": (1280, 32, 16)}
+# The reference's factories, (embed_dim, depth, heads, decoder_dim, decoder_depth) each, and its alias table
+# one for one (alias -> factory). Every decoder has 16 heads.
+REFERENCE_FACTORIES = {
+    "mae_vit_small_patch16_dec128d2b": (384, 12, 6, 128, 2),
+    "mae_vit_small_patch16_dec512d8b": (384, 12, 6, 512, 8),
+    "mae_vit_small_patch16_dec512d2b": (384, 12, 6, 512, 2),
+    "mae_vit_small_patch16_dec512d2b_448": (384, 12, 6, 512, 2),
+    "mae_vit_base_patch16_dec512d2b": (768, 12, 12, 512, 2),
+    "mae_vit_base_patch16_dec512d8b": (768, 12, 12, 512, 8),
+    "mae_vit_large_patch16_dec512d8b": (1024, 24, 16, 512, 8),
+    "mae_vit_huge_patch14_dec512d8b": (1280, 32, 16, 512, 8),
+}
+REFERENCE_ALIASES = {
+    "mae_vit_small_patch16_dec512d8": "mae_vit_small_patch16_dec512d8b",
+    "mae_vit_small_patch16_dec512d2": "mae_vit_small_patch16_dec512d2b",
+    "mae_vit_small_patch16": "mae_vit_small_patch16_dec128d2b",
+    "mae_vit_base_patch16_dec512d2": "mae_vit_base_patch16_dec512d2b",
+    "mae_vit_base_patch16": "mae_vit_base_patch16_dec512d8b",
+    "mae_vit_large_patch16": "mae_vit_large_patch16_dec512d8b",
+    "mae_vit_huge_patch14": "mae_vit_huge_patch14_dec512d8b",
+}
+REFERENCE_NAMES = [*REFERENCE_FACTORIES, *REFERENCE_ALIASES]
 
 
 def _expected(name):
-    size = next(k for k in SIZES if f"_{k}_" in name)
-    dec = {"dec128d2": (128, 2), "dec512d2": (512, 2)}
-    dec_dim, dec_depth = next((v for k, v in dec.items() if k in name), (512, 8))
-    return (*SIZES[size], dec_dim, dec_depth)
+    return REFERENCE_FACTORIES[REFERENCE_ALIASES.get(name, name)]
+
+
+def test_models_mae_registry_is_the_reference_table_plus_the_debug_model():
+    assert set(models_mae.MODELS.names()) == {*REFERENCE_NAMES, "mae_vit_debug_patch16"}
+    for alias, target in REFERENCE_ALIASES.items():
+        assert models_mae.MODELS.get(alias) is models_mae.MODELS.get(target), alias
 
 
 @pytest.mark.parametrize("name", REFERENCE_NAMES)
@@ -61,11 +77,16 @@ def test_models_mae_state_dict_keys_match_reference():
 def test_models_mae_pos_embed_fixed_sincos():
     model = models_mae.create_model("mae_vit_debug_patch16", img_size=64)
     assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
-    assert torch.all(model.pos_embed[0, 0] == 0)  # cls position is zero
-    # row 1 is patch (0, 0): sin(0)=0 for the first half of each axis, cos(0)=1 for the second
-    d = model.pos_embed.shape[-1] // 4
-    first = model.pos_embed[0, 1]
-    assert torch.allclose(first[:d], torch.zeros(d)) and torch.allclose(first[d:2 * d], torch.ones(d))
+    # MAE's table in closed form: after the zero cls row, patch (row i, column j) is [sin(j w), cos(j w), sin(i w),
+    # cos(i w)] with w_m = 10000^(-m / (D/4)); MAE's meshgrid puts the column index in the first half
+    for table in (model.pos_embed[0], model.decoder_pos_embed[0]):
+        dim, grid = table.shape[-1], 4
+        omega = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+        i, j = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        row, col = i.reshape(-1, 1) * omega, j.reshape(-1, 1) * omega
+        expected = torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], dim=1)
+        assert torch.all(table[0] == 0)  # cls position
+        torch.testing.assert_close(table[1:].double(), expected, rtol=0, atol=1e-6)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "pos_embed" not in trainable and "decoder_pos_embed" not in trainable
 

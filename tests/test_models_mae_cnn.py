@@ -1,6 +1,7 @@
 import sys
 
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 
 import models_mae_cnn
@@ -15,25 +16,26 @@ def test_cnn_forward_backward(encoder, in_chans):
     imgs = torch.randn(2, in_chans, 64, 64)
     loss, pred, mask = model(imgs, mask_ratio=0.75)
     loss.backward()
-    assert torch.isfinite(loss) and pred.shape == (2, 16, 256 * in_chans) and torch.all(mask.sum(1) == 12)
+    assert torch.isfinite(loss) and pred.shape == imgs.shape and torch.all(mask.sum(1) == 12)
     assert all(p.grad is not None for p in model.model.encoder.parameters() if p.requires_grad)
 
 
-def test_cnn_state_dict_keys_match_reference():
-    keys = models_mae_cnn.create_model("densenet121", img_size=64).state_dict().keys()
-    assert {k.split(".")[0] + "." + k.split(".")[1] for k in keys} == {"model.encoder", "model.decoder",
-                                                                       "model.segmentation_head"}
+@pytest.mark.parametrize("encoder, channels_last", [("densenet121", True), ("densenet121", False), ("resnet50", True)])
+def test_cnn_state_dict_is_the_references(encoder, channels_last):
+    """The reference wraps smp.Unet as self.model: every key and shape of that network under 'model.', no other."""
+    ours = models_mae_cnn.create_model(encoder, img_size=64, channels_last=channels_last).state_dict()
+    smp_net = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=3).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {f"model.{k}": tuple(v.shape) for k, v in smp_net.items()}
 
 
 def _perturbed_loss(model, visible: bool):
-    imgs = torch.randn(2, 3, 64, 64)
-    pred = torch.randn(2, 16, 768)
+    imgs, pred = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
     mask = torch.zeros(2, 16)
     mask[:, :8] = 1
     region = (mask == 0) if visible else (mask == 1)
-    bumped = pred.clone()
+    bumped = model.patchify(pred)
     bumped[region] += 1.0
-    return model.forward_loss(imgs, pred, mask), model.forward_loss(imgs, bumped, mask)
+    return model.forward_loss(imgs, pred, mask), model.forward_loss(imgs, model.unpatchify(bumped), mask)
 
 
 def test_cnn_masked_loss_ignores_visible_patches():

@@ -14,6 +14,7 @@ import engine_pretrain
 import main_pretrain_multi_datasets_xray as vit_main
 import models_mae
 from tests.conftest import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
+from tests.reference_impl import reference_param_groups
 from util import checkpoint as ckpt_lib
 from util.args import REQUEUE_EXIT_CODE
 
@@ -160,6 +161,47 @@ def test_reference_checkpoint_with_namespace_args_loads(tmp_path):
     assert ckpt["args"]["blr"] == 1.5e-4 and ckpt_lib.progress_of(ckpt) == (20, 0)
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
         torch.load(path, weights_only=True)  # plain weights_only refuses it; the allow-list above is what admits it
+
+
+def _reference_format_checkpoint(path, epoch=0, steps=2):
+    """What the reference's save_model writes after `epoch`: weights, an AdamW over timm's add_weight_decay groups
+    with `steps` steps of state, the fp16 NativeScaler's state, and the parsed args as a pickled Namespace."""
+    torch.manual_seed(3)
+    model = models_mae.create_model("mae_vit_debug_patch16", img_size=32)
+    optimizer = torch.optim.AdamW(reference_param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) if p.requires_grad else None
+        optimizer.step()
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 0}
+    args = argparse.Namespace(model="mae_vit_debug_patch16", batch_size=4, epochs=800, blr=1.5e-4, mask_ratio=0.75,
+                              input_size=32, datasets_names=["chexpert", "chestxray_nih"], output_dir=str(path.parent))
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "scaler": scaler,
+                "args": args}, path)
+    return model, optimizer
+
+
+@pytest.mark.slow
+def test_reference_format_checkpoint_resumes_with_its_optimizer_state(tiny_data, tmp_path):
+    ref_path = tmp_path / "reference-checkpoint-0.pth"
+    _, ref_optimizer = _reference_format_checkpoint(ref_path, epoch=0, steps=2)
+    out = str(tmp_path / "run")
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], out, epochs=2, resume=str(ref_path),
+                                                               max_steps_per_epoch=3)])
+    assert re.search(r"resumed from .*reference-checkpoint-0.pth: epoch 1, step 0", proc.stdout), proc.output
+    ckpt = _weights(out)
+    saved = ref_optimizer.state_dict()
+    assert ckpt["epoch"] == 1 and len(ckpt["optimizer"]["param_groups"]) == 2
+    assert [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]] == \
+        [len(g["params"]) for g in saved["param_groups"]]
+    # the moments went on from the reference's two steps: three more steps, not three from scratch
+    assert {float(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {2.0 + 3}
+    # and the other grouping names its flag before any compute
+    other = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(tmp_path / "other"), epochs=2,
+                                                                resume=str(ref_path), no_decay_tokens=True)],
+                    expect_rc=1)
+    assert "written with --decay_tokens" in other.stdout and "Traceback" not in other.stderr, other.output
 
 
 def test_atomic_save_failure_keeps_previous(tmp_path):

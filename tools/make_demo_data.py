@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.synthetic import make_reference_layout  # noqa: E402
+from data.synthetic import NIH_SUBSET_LIST, make_reference_layout  # noqa: E402
 
 
 def main() -> None:
@@ -18,11 +18,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[160, 136], metavar=("H", "W"),
                         help="image height and width (default: 160 136)")
     args = parser.parse_args()
-    if os.path.isdir(os.path.join(args.out, "nih_chestxray")):
+    subset = os.path.join(args.out, "nih_chestxray", NIH_SUBSET_LIST)
+    if os.path.isfile(subset):
         print(f"demo data already in {args.out}; delete it to rebuild")
         return
     counts = make_reference_layout(args.out, scale=args.scale, size=tuple(args.size))
     print(f"demo data in {args.out}: " + ", ".join(f"{k} {v} pre-training images" for k, v in counts.items()))
+    print(f"NIH holds a few images of the default train_official.txt: train on them with --train_list {subset}")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def main() -> int:
     for path in args.images:
         jobs.append((os.path.splitext(os.path.basename(path))[0], load_gray(path), run_args.datasets_names[0]))
     if args.datasets_names:
+        # the run's own NIH list: the default train_official.txt needs the whole NIH download
         dataset, _ = data.build_pretrain_dataset(args.datasets_names, data_path=args.data_path,
-                                                 input_size=run_args.input_size)
+                                                 input_size=run_args.input_size, train_list=run_args.train_list)
         for source in dataset.datasets:
             jobs += [(f"{source.name}_{i}", source.load(i), source.name) for i in range(min(args.num, len(source)))]
     os.makedirs(args.out, exist_ok=True)

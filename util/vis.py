@@ -20,6 +20,8 @@ def reconstruct(model, images: torch.Tensor, mask_ratio: float, mask_seed: int):
         loss, pred, mask = model(images, mask_ratio=mask_ratio)
     p, c = model.patch_size, model.in_chans
     pred = pred.float()
+    if pred.ndim == 4:  # the CNN returns the reconstructed image (as the reference does), the ViT its patches
+        pred = patchify(pred, p)
     if model.norm_pix_loss:
         target = patchify(images.float(), p)
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)

@@ -63,6 +63,20 @@ def test_dicom_decodes_dark_left_bright_right(tmp_path, variant):
     assert out[:, :4].mean() < 20 and out[:, -4:].mean() > 235
 
 
+def test_dicom_window_and_rescale_are_applied_before_the_percentile_stretch(tmp_path):
+    """A narrow window saturates most of a 12-bit gradient, and a negative rescale slope flips it: results the final
+    percentile stretch alone cannot give, so skipping either LUT fails here."""
+    pixels = gradient(40, 256, 4095)
+    plain, windowed, flipped = (str(tmp_path / f"{n}.dcm") for n in ("plain", "windowed", "flipped"))
+    write_dicom(plain, pixels)
+    write_dicom(windowed, pixels, window=(1024, 1024))  # 512..1536 of 0..4095 spans the display range
+    write_dicom(flipped, pixels, rescale=(-1.0, 4095.0))
+    out_plain, out_windowed, out_flipped = (np.asarray(load_gray(p)).astype(float) for p in (plain, windowed, flipped))
+    assert (out_plain >= 250).mean() < 0.05 and (out_windowed >= 250).mean() > 0.5
+    assert 0.08 < (out_windowed <= 5).mean() < 0.2  # below the window: values under 512, an eighth of the range
+    assert out_flipped[:, :4].mean() > 235 and out_flipped[:, -4:].mean() < 20
+
+
 def test_dicom_detected_by_content_without_extension(tmp_path):
     path = str(tmp_path / "noext")
     write_dicom(path, gradient(16, 16, 4095))

@@ -18,7 +18,7 @@ from data.synthetic import (
     save_image,
     write_dicom,
 )
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT, child_env, nih_subset
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -59,8 +59,11 @@ def test_nih_data_entry_variants_give_views(tmp_path, data_entry):
     views = view_positions(str(root))
     assert set(views.values()) == {"AP", "PA"}
     ds, _ = data.build_pretrain_dataset(["chestxray_nih"], data_path=str(tmp_path), views=["chestxray_nih=PA"],
-                                        input_size=32)
-    assert 0 < len(ds) < len(views)
+                                        input_size=32, train_list=nih_subset(str(tmp_path)))
+    pool = open(nih_subset(str(tmp_path))).read().split()
+    expected = [n for n in pool if views[n] == "PA"]
+    assert 0 < len(expected) < len(pool)  # the fixture's pool has both views
+    assert [os.path.basename(p.decode()) for p in ds.datasets[0].paths] == expected
 
 
 def test_nih_data_entry_patient_sex_header(tmp_path):
@@ -93,9 +96,11 @@ def _run_tool(tool, *args):
 def test_verify_data_reports_missing_truncated_and_bad_csv(tmp_path):
     make_nih(str(tmp_path / "nih_chestxray"))
     make_padchest(str(tmp_path / "padchest"), truncated=True, n_images=4)
-    os.remove(sorted((tmp_path / "nih_chestxray" / "images").glob("*.png"))[2])
+    pool = open(nih_subset(str(tmp_path))).read().split()
+    os.remove(tmp_path / "nih_chestxray" / "images" / pool[2])
     proc = _run_tool("verify_data.py", "--data_path", str(tmp_path), "--datasets_names", "chestxray_nih", "padchest",
-                     "--workers", "2", "--report", str(tmp_path / "report.json"))
+                     "--workers", "2", "--report", str(tmp_path / "report.json"),
+                     "--train_list", nih_subset(str(tmp_path)))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "BAD" in proc.stdout and ": missing" in proc.stdout and "image file is truncated" in proc.stdout
     assert "FAILED: 2 bad file(s)" in proc.stdout
@@ -109,7 +114,7 @@ def test_verify_data_reports_missing_truncated_and_bad_csv(tmp_path):
 def test_compute_norm_stats_writes_usable_json(tmp_path, tiny_data):
     out = tmp_path / "stats.json"
     proc = _run_tool("compute_norm_stats.py", "--data_path", tiny_data[0], "--datasets_names", "chexpert",
-                     "chestxray_nih", "--input_size", "32", "--out", str(out))
+                     "chestxray_nih", "--input_size", "32", "--out", str(out), "--train_list", nih_subset(tiny_data[0]))
     assert proc.returncode == 0, proc.stderr
     ds, _ = data.build_pretrain_dataset(["chexpert"], data_path=tiny_data[0], norm_stats=str(out), input_size=32)
     normalize = ds.datasets[0].transform.transforms[-1]

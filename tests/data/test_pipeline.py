@@ -13,7 +13,7 @@ import data
 from data.prepared import PreparedStore
 from data.synthetic import chest_image
 from data.transforms import IMAGENET, build_train_transform
-from tests.conftest import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
+from tests.conftest import ROOT, VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
 
 
 @pytest.mark.parametrize("in_chans", [3, 1])
@@ -36,10 +36,25 @@ def test_pipeline_matches_reference_transform(tmp_path, in_chans):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_plain_resize_matches_reference_transform(tmp_path):
+    """Without --random_resize_range the reference resizes with transforms.Resize((s, s)): bilinear, torchvision's
+    default interpolation."""
+    path = str(tmp_path / "x.jpg")
+    Image.fromarray(chest_image(80, 96, seed=3)).save(path, quality=95)
+    reference = transforms.Compose([transforms.Resize((32, 32)), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(), transforms.Normalize(*IMAGENET)])
+    ours = build_train_transform(32, None, *IMAGENET, in_chans=3)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        expected = reference(Image.open(path).convert("RGB"))
+        torch.manual_seed(seed)
+        torch.testing.assert_close(ours(data.image_io.load_gray(path)), expected, rtol=1e-5, atol=1e-5)
+
+
 def _prepare(data_path, out, *extra):
     return run_cli([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--data_path", data_path,
                     "--datasets_names", "chexpert", "chestxray_nih", "mimic_cxr", "--out", out, "--workers", "1",
-                    "--shard_images", "8", *extra], env=child_env())
+                    "--shard_images", "8", "--train_list", nih_subset(data_path), *extra], env=child_env())
 
 
 def test_prepared_gives_same_sample_set_and_resumes(tiny_data, tmp_path):
@@ -48,17 +63,22 @@ def test_prepared_gives_same_sample_set_and_resumes(tiny_data, tmp_path):
     store = PreparedStore(out)
     assert store.verify() == [] and len(store.manifest["shards"]) == 4
     names = ["chexpert", "chestxray_nih", "mimic_cxr"]
-    original, counts = data.build_pretrain_dataset(names, data_path=tiny_data[0], input_size=32)
+    original, counts = data.build_pretrain_dataset(names, data_path=tiny_data[0], input_size=32,
+                                                   train_list=nih_subset(tiny_data[0]))
     prepared, prepared_counts = data.build_pretrain_dataset(names, prepared_dir=out, input_size=32)
     for a, b in zip(original.datasets, prepared.datasets, strict=True):
         assert a.name == b.name and list(a.paths) == list(b.paths)
     assert {k: v["images"] for k, v in counts.items()} == {k: v["images"] for k, v in prepared_counts.items()}
     torch.testing.assert_close(original[(5, 9)][0], prepared[(5, 9)][0])  # fixture images are below 320 px
     # an interruption: the last shard and the manifest are gone; the same command finishes the job
+    kept = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out) if name.startswith("shard_")
+            and not name.startswith("shard_00003")}
     os.remove(os.path.join(out, "manifest.json"))
     os.remove(os.path.join(out, "shard_00003.npz"))
     proc = _prepare(tiny_data[0], out)
     assert "(shard 4/4)" in proc.stderr + proc.stdout and PreparedStore(out).verify() == []
+    # the finished shards were kept as they were, not written again
+    assert {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in kept} == kept and len(kept) >= 6
 
 
 def test_prepared_detects_corrupt_shard_and_other_inputs(tiny_data, tmp_path):
@@ -105,10 +125,25 @@ def test_training_from_prepared_dir(tiny_data, tmp_path):
     assert "prepared: " in proc.stdout and os.path.exists(os.path.join(run, "checkpoint-0.pth"))
 
 
-def test_jpeg_draft_keeps_enough_resolution():
+@pytest.mark.parametrize("scale_min", [0.5, 0.2, 1.0])
+def test_jpeg_draft_keeps_enough_resolution(scale_min):
+    """Every RandomResizedCrop torchvision draws on an image decoded at the draft size still has both sides at least
+    --input_size, so the crop only ever downsamples. Below scale 1 the size is tight: a decode 10% smaller gives crops
+    that would be upsampled (at scale 1 every crop is the whole image and the rule is conservative)."""
     args = _default_args()
-    args.jpeg_draft, args.input_size, args.random_resize_range = True, 224, [0.5, 1.0]
-    assert data.draft_min_side(args) == int(np.ceil(224 * np.sqrt(4 / 3) / np.sqrt(0.5)))
+    args.jpeg_draft, args.input_size, args.random_resize_range = True, 224, [scale_min, 1.0]
+    side = data.draft_min_side(args)
+
+    def smallest_crop_side(height, width, draws=4000):
+        torch.manual_seed(0)
+        image = torch.empty(1, height, width)
+        return min(min(transforms.RandomResizedCrop.get_params(image, (scale_min, 1.0), (3 / 4, 4 / 3))[2:])
+                   for _ in range(draws))
+
+    for height, width in ((side, side), (side, round(side * 1.3)), (round(side * 1.25), side)):
+        assert smallest_crop_side(height, width) >= 224, (height, width)
+    if scale_min < 1:
+        assert smallest_crop_side(round(side * 0.9), round(side * 0.9)) < 224
     args.jpeg_draft = False
     assert data.draft_min_side(args) is None
 

@@ -7,11 +7,14 @@ import pytest
 import torch
 
 import data
-from data.synthetic import make_chexpert, make_mimic, make_nih
+from data.chestxray_nih import DEFAULT_TRAIN_LIST, OFFICIAL_SPLITS_DIR
+from data.synthetic import NIH_SUBSET_LIST, make_chexpert, make_mimic, make_nih
+from tests.conftest import ROOT, nih_subset
 
 
 def _build(names, data_path, **overrides):
     overrides.setdefault("input_size", 32)
+    overrides.setdefault("train_list", nih_subset(data_path))
     return data.build_pretrain_dataset(names, data_path=data_path, **overrides)
 
 
@@ -64,11 +67,40 @@ def test_mimic_layouts(tmp_path, resized, gz, version):
     assert counts["mimic_cxr"]["filters"][1][0] == "split == train"
 
 
-def test_mimic_keeps_images_of_unlabelled_studies(tmp_path):
-    make_mimic(str(tmp_path / "mimic_cxr"))
-    ds, _ = _build(["mimic_cxr"], str(tmp_path), views=["mimic_cxr=all"])
-    # subject 0 study 1 has no chexpert row; its train images are still there
-    assert any(b"/s50000001/" in p for p in ds.datasets[0].paths)
+def _reference_mimic_pool(root):
+    """The reference's MIMIC pool (its xrv-style loader): start from the label table, join the metadata on
+    (subject_id, study_id), keep ViewPosition AP/PA, then split == train. Returns the dicom ids."""
+    import pandas as pd
+
+    labels = pd.read_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz").set_index(["subject_id", "study_id"])
+    meta = pd.read_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz").set_index(["subject_id", "study_id"])
+    pool = labels.join(meta).reset_index()
+    pool = pool[pool["ViewPosition"].isin(["AP", "PA"])]
+    split = pd.read_csv(root / "mimic-cxr-2.0.0-split.csv.gz")
+    pool = pool.merge(split[["dicom_id", "split"]], on="dicom_id")
+    return set(pool.loc[pool["split"] == "train", "dicom_id"])
+
+
+def _dicom_ids(ds):
+    return {os.path.basename(p.decode())[:-4] for p in ds.datasets[0].paths}
+
+
+def test_mimic_default_pool_is_the_references_labelled_studies(tmp_path, caplog):
+    root = tmp_path / "mimic_cxr"
+    expected = make_mimic(str(root), n_subjects=8)
+    ds, counts = _build(["mimic_cxr"], str(tmp_path))
+    assert _dicom_ids(ds) == _reference_mimic_pool(root) and len(ds) == expected
+    why, n = counts["mimic_cxr"]["filters"][2]
+    unlabelled = counts["mimic_cxr"]["filters"][1][1] - n
+    assert why.startswith(f"studies in mimic-cxr-2.0.0-chexpert.csv.gz ({unlabelled} images of unlabelled studies "
+                          "left out") and unlabelled > 0
+    # subject 0 study 1 has no label row: its images come back with --mimic_cxr_unlabeled, or without the table
+    kept, _ = _build(["mimic_cxr"], str(tmp_path), mimic_cxr_unlabeled=True)
+    assert any(b"/s50000001/" in p for p in kept.datasets[0].paths) and _dicom_ids(ds) < _dicom_ids(kept)
+    os.remove(root / "mimic-cxr-2.0.0-chexpert.csv.gz")
+    with caplog.at_level("INFO"):
+        no_table, _ = _build(["mimic_cxr"], str(tmp_path))
+    assert _dicom_ids(no_table) == _dicom_ids(kept) and "every study is used, also those without labels" in caplog.text
 
 
 def test_missing_listed_file_fails_with_path(tmp_path):
@@ -97,21 +129,60 @@ def test_csv_without_expected_columns_is_named(tmp_path):
         _build(["chexpert"], str(tmp_path))
 
 
-def test_leakage_guard_reports_test_patients(tmp_path):
+def test_leakage_guard_reports_validation_and_test_patients(tmp_path):
     root = tmp_path / "nih_chestxray"
     make_nih(str(root))
-    leaked = (root / "test_list.txt").read_text().split()[0]
-    with open(root / "train_val_list.txt", "a") as f:
-        f.write(leaked + "\n")
-    with pytest.raises(data.DataLeakageError, match=rf"chestxray_nih: 1 image\(s\) of 1 patient\(s\) in test_list.txt, "
-                                                    rf"e.g. {leaked[:8]}"):
+    train_val = set((root / "train_val_list.txt").read_text().split())
+    pool = set((root / NIH_SUBSET_LIST).read_text().split())
+    leaked = [(root / "test_list.txt").read_text().split()[0], sorted(train_val - pool)[0]]  # a test, a val image
+    with open(root / NIH_SUBSET_LIST, "a") as f:
+        f.write("\n".join(leaked) + "\n")
+    with pytest.raises(data.DataLeakageError, match=r"chestxray_nih: 2 image\(s\) of 2 patient\(s\) in "
+                                                    r"val_official.txt \+ test_list.txt, e.g. "):
         _build(["chestxray_nih"], str(tmp_path))
     ds, _ = _build(["chestxray_nih"], str(tmp_path), leakage_check=False)
-    assert leaked in {os.path.basename(p.decode()) for p in ds.datasets[0].paths}
+    assert set(leaked) <= {os.path.basename(p.decode()) for p in ds.datasets[0].paths}
+
+
+def _reference_nih_list_selection(list_path):
+    """The reference's ChestX_ray14: one image per line of the list file, its first field, in file order."""
+    with open(list_path) as f:
+        return [line.split()[0] for line in f if line.strip()]
+
+
+def test_nih_default_pool_is_the_reference_train_official_list(tmp_path):
+    root = tmp_path / "nih_chestxray"
+    assert make_nih(str(root), full_official=True) == 75_312
+    ds, counts = data.build_pretrain_dataset(["chestxray_nih"], data_path=str(tmp_path), input_size=32,
+                                             startup_check=0)
+    expected = _reference_nih_list_selection(DEFAULT_TRAIN_LIST)
+    assert [os.path.basename(p.decode()) for p in ds.datasets[0].paths] == expected and len(expected) == 75_312
+    assert counts["chestxray_nih"]["filters"][0] == ("train_official.txt", 75_312)
+    labels = np.loadtxt(DEFAULT_TRAIN_LIST, usecols=range(1, 15), dtype=np.float32)
+    assert np.array_equal(ds.datasets[0].labels, labels)  # the list's own findings, for the probe
+    # the whole download list would pre-train on the fine-tuning validation patients: the guard says so
+    with pytest.raises(data.DataLeakageError, match=r"chestxray_nih: 2 image\(s\) of 1 patient\(s\) in "
+                                                    r"val_official.txt \+ test_list.txt"):
+        data.build_pretrain_dataset(["chestxray_nih"], data_path=str(tmp_path), input_size=32, startup_check=0,
+                                    train_list="train_val_list.txt")
+
+
+def test_shipped_nih_lists_are_the_references_and_patient_disjoint():
+    lists = {s: _reference_nih_list_selection(os.path.join(OFFICIAL_SPLITS_DIR, f"{s}_official.txt"))
+             for s in ("train", "val", "test")}
+    assert {s: len(v) for s, v in lists.items()} == {"train": 75_312, "val": 11_212, "test": 25_596}
+    patients = {s: {n[:8] for n in v} for s, v in lists.items()}
+    assert not patients["train"] & patients["val"] and not patients["train"] & patients["test"]
+    assert not patients["val"] & patients["test"]
+    published = ROOT.parent / "shared" / "reference" / "nih_official_splits"
+    if published.is_dir():  # the copy the reference published, beside the checkout here and on CI
+        for split in lists:
+            name = f"{split}_official.txt"
+            assert (published / name).read_bytes() == open(os.path.join(OFFICIAL_SPLITS_DIR, name), "rb").read()
 
 
 def test_default_sources_have_no_leakage(tiny_data):
-    indexes = data.build_pretrain_dataset(["chexpert", "chestxray_nih", "mimic_cxr"], data_path=tiny_data[0])[0]
+    indexes = _build(["chexpert", "chestxray_nih", "mimic_cxr"], tiny_data[0])[0]
     assert len(indexes) == sum(tiny_data[1].values())
 
 
@@ -158,7 +229,7 @@ def test_public_api_with_moco_two_crop_transform(tiny_data):
             return [base(image), base(image)]
 
     ds, counts = data.build_pretrain_dataset(["chexpert", "chestxray_nih"], data_path=tiny_data[0],
-                                             transform=TwoCrops())
+                                             transform=TwoCrops(), train_list=nih_subset(tiny_data[0]))
     loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True)
     (q, k), replaced = next(iter(loader))
     assert q.shape == k.shape == (4, 1, 24, 24) and replaced.tolist() == [0, 0, 0, 0]

@@ -17,7 +17,7 @@ install-test: install
 	$(PIP) install -q -r requirements-test.txt
 
 demo: install
-	$(PYTHON) tools/make_demo_data.py --out $(DEMO_DIR)/data
+	$(PYTHON) -m tools.make_demo_data --out $(DEMO_DIR)/data
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(PYTHON) main_pretrain_multi_datasets_xray.py \
 	    --output_dir $(DEMO_DIR)/output --log_dir $(DEMO_DIR)/output \
 	    --batch_size 16 --model mae_vit_small_patch16_dec512d2b --mask_ratio 0.90 \
@@ -33,8 +33,8 @@ test: install-test
 
 # input pipeline (3 file kinds) then train step (ViT-S, DenseNet-121 U-Net), each printing same-run ratios
 bench: install
-	$(PYTHON) benchmarks/bench_loader.py $(BENCH_LOADER_ARGS)
-	$(PYTHON) benchmarks/bench_step.py $(BENCH_STEP_ARGS)
+	$(PYTHON) -m benchmarks.bench_loader $(BENCH_LOADER_ARGS)
+	$(PYTHON) -m benchmarks.bench_step $(BENCH_STEP_ARGS)
 
 lint: install-test
 	$(PYTHON) -m ruff check .

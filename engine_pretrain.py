@@ -11,10 +11,8 @@ import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,26 +20,22 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import data as data_lib
-from data.gpu_augment import BatchAugment
-from data.image_io import load_gray
 from data.sampler import ResumableSampler
-from data.transforms import build_eval_transform, norm_stats_for
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
-from util.args import REQUEUE_EXIT_CODE, argument_warnings, resolve_lr, validate_args
+from util import monitor
+from util.args import ExitCode, argument_warnings, resolve_lr, validate_args
 from util.host_memory import keep_freed_memory
-from util.log import MetricLogger, RunLog, setup_logging
+from util.log import MetricLogger, RunLog, git_commit, setup_logging, write_json
 from util.lr_sched import adjust_learning_rate
+from util.optim import build_optimizer, load_optimizer_state
 from util.precision import LossScaler, autocast, resolve_precision
 from util.preemption import Preempted, PreemptionFlag
-from util.probe import linear_probe_auroc
-from util.vis import save_loss_curve, save_reconstruction_png
+from util.vis import save_loss_curve
 
 logger = logging.getLogger(__name__)
 
 INPUT_BOUND_WARNING = 0.3  # data-wait share of step time above which the log warns
-VIS_IMAGES = 4
-VIS_MASK_SEED = 1234
 
 
 class TooManyBadSteps(RuntimeError):
@@ -79,59 +73,16 @@ class Run:
     loader: torch.utils.data.DataLoader
     sampler: ResumableSampler
     steps_per_epoch: int
+    data: data_lib.PretrainData
     run_log: RunLog
     preemption: PreemptionFlag
-    norm_stats: dict
-    vis_images: torch.Tensor | None = None
-    vis_source: str = ""  # whose normalisation the monitor images use
-    probe_data: dict | None = None  # --probe_freq: fixed labelled images, split by patient
-    augment: BatchAugment | None = None  # --gpu_augment
     preemption_requested: bool = False  # a signal reached some rank; agreed on at each optimizer step
-    heartbeat: dist_lib.Heartbeat | None = None
-
-
-TOKEN_PARAMETERS = ("cls_token", "mask_token")
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, decay_tokens: bool = True) -> list[dict]:
-    """[no decay, decay] in the reference's order (timm's add_weight_decay, as MAE calls it): no decay for 1-D
-    tensors and names ending in '.bias'. The reference decays the 3-D cls and mask tokens; decay_tokens=False
-    exempts them too. Frozen tensors (the sin-cos tables) are left out."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt_token = not decay_tokens and name.split(".")[-1] in TOKEN_PARAMETERS
-        if param.ndim <= 1 or name.endswith(".bias") or exempt_token:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel per step instead of ~8 passes over the weights
-
-
-def build_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, device: torch.device,
-                    decay_tokens: bool = True):
-    kwargs = {"fused": True} if device.type in FUSED_ADAMW_DEVICES else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, weight_decay, decay_tokens), lr=lr, betas=(0.9, 0.95), **kwargs)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def git_commit(short: bool = True) -> str:
-    """This checkout's commit, or 'unknown' outside git."""
-    try:
-        out = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def build_loader(args, dataset, info: dist_lib.DistInfo, device: torch.device):
@@ -165,13 +116,6 @@ def log_resolved(args, info, device, precision, eff_batch_size, steps_per_epoch)
                 summary["base_lr"], args.lr, eff_batch_size, args.batch_size, args.accum_iter, info.world_size)
 
 
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 def prepare_outputs(args, info) -> None:
     if not info.is_main:
         return
@@ -189,13 +133,9 @@ def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int) -> dict
         torch.distributed.all_gather_object(rng, ckpt_lib.rng_state())
     if not run.info.is_main:
         return None
-    args = {k: v for k, v in vars(run.args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
-    return {
-        "model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch,
-        "scaler": run.scaler.state_dict(), "args": args,
-        "step": step, "optimizer_steps": state.optimizer_steps, "bad_steps_total": state.bad_steps_total,
-        "rng": rng, "world_size": run.info.world_size, "norm_stats": run.norm_stats, "format": "medical_mae/1",
-    }
+    return ckpt_lib.assemble(run.model_without_ddp, run.optimizer, run.scaler.state_dict(), run.args, epoch, step,
+                             rng=rng, world_size=run.info.world_size, norm_stats=run.data.norm_stats,
+                             optimizer_steps=state.optimizer_steps, bad_steps_total=state.bad_steps_total)
 
 
 def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = False) -> None:
@@ -224,7 +164,8 @@ def resume(run: Run, state: TrainState) -> None:
         return
     run.model_without_ddp.load_state_dict(ckpt["model"])
     if "optimizer" in ckpt and "epoch" in ckpt:
-        load_optimizer_state(run, ckpt["optimizer"], path)
+        load_optimizer_state(run.optimizer, ckpt["optimizer"], run.model_without_ddp, args.weight_decay,
+                             args.decay_tokens, path)
         run.scaler.load_state_dict(ckpt.get("scaler") or {})
         state.epoch, state.step = ckpt_lib.progress_of(ckpt)
         state.optimizer_steps = int(ckpt.get("optimizer_steps", 0))
@@ -236,23 +177,6 @@ def resume(run: Run, state: TrainState) -> None:
             logger.warning("checkpoint was written by %s processes, this run has %d: RNG streams restart from "
                            "the seed", ckpt.get("world_size"), run.info.world_size)
     logger.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.step)
-
-
-def load_optimizer_state(run: Run, saved: dict, path: str) -> None:
-    """The optimizer state of a checkpoint; a weight-decay grouping other than this run's is named, with its flag."""
-    try:
-        run.optimizer.load_state_dict(saved)
-    except ValueError as e:
-        saved_sizes = [len(g["params"]) for g in saved.get("param_groups", [])]
-        for decay_tokens in (True, False):
-            groups = param_groups(run.model_without_ddp, run.args.weight_decay, decay_tokens)
-            if [len(g["params"]) for g in groups] == saved_sizes and decay_tokens != run.args.decay_tokens:
-                flag = "--decay_tokens" if decay_tokens else "--no_decay_tokens"
-                raise ValueError(f"{path}: its optimizer state was written with {flag} (weight decay "
-                                 f"{'on' if decay_tokens else 'off'} for cls_token/mask_token); rerun with {flag} "
-                                 "to resume it") from e
-        raise ValueError(f"{path}: the optimizer state does not fit this model's parameter groups "
-                         f"({saved_sizes} saved): {e}") from e
 
 
 def init_from(run: Run, state: TrainState) -> None:
@@ -335,12 +259,12 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
 
 def to_device(run: Run, samples, epoch: int, data_iter_step: int) -> torch.Tensor:
     """The batch on the training device; with --gpu_augment, augmented there (seeded, so resume is exact)."""
-    if run.augment is None:
+    if run.data.augment is None:
         return samples.to(run.device, non_blocking=True)
     canvas, hw, source = samples
     seed = (((run.args.seed * 1_000_003 + epoch) * 1_000_003 + data_iter_step) * run.info.world_size
             + run.info.rank) % 2**63
-    return run.augment(canvas.to(run.device, non_blocking=True), hw, source, seed)
+    return run.data.augment(canvas.to(run.device, non_blocking=True), hw, source, seed)
 
 
 def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> tuple[float, float]:
@@ -377,78 +301,23 @@ def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> tuple[flo
 
 def visualize(run: Run, epoch: int) -> float | None:
     """Reconstruction PNG + TensorBoard image and val_loss on the fixed monitor batch (rank 0)."""
-    if run.vis_images is None or not run.info.is_main:
+    batch = run.data.monitor
+    if batch is None:
         return None
-    model = run.model_without_ddp
-    was_training = model.training
-    model.eval()
-    mean, std = run.norm_stats["per_source"][run.vis_source]
+    mean, std = run.data.norm_stats["per_source"][batch.source]
     path = os.path.join(run.args.output_dir, f"reconstruction-{epoch:04d}.png")
-    with autocast(run.precision, run.device):
-        loss, grid = save_reconstruction_png(path, model, run.vis_images.to(run.device), run.args.mask_ratio,
-                                             VIS_MASK_SEED, mean, std, f"epoch {epoch}")
-    model.train(was_training)
+    loss, grid = monitor.reconstruction(run.model_without_ddp, batch.images, mean, std, run.args.mask_ratio, path,
+                                        f"epoch {epoch}", run.precision, run.device)
     run.run_log.scalar("val_loss", loss, (epoch + 1) * 1000)
     run.run_log.image("reconstruction", np.asarray(grid), (epoch + 1) * 1000)
-    logger.info("wrote %s (val_loss %.4f on %d monitor images, fixed mask seed)", path, loss, len(run.vis_images))
+    logger.info("wrote %s (val_loss %.4f on %d monitor images, fixed mask seed)", path, loss, len(batch.images))
     return loss
 
 
-def eval_transform(args, source: str):
-    """Deterministic resize + this run's normalisation for `source`."""
-    mean, std = norm_stats_for(source, args.norm_stats, args.in_chans)
-    return build_eval_transform(args.input_size, mean, std, args.in_chans)
-
-
-def monitor_images(args, dataset) -> tuple[torch.Tensor, str]:
-    """A fixed batch for reconstructions and val_loss, deterministically resized: held-out-split images of the
-    first source that has them (never trained on), else the first images of the pool, which the log says."""
-    source = next((d for d in dataset.datasets if d.monitor_paths), None)
-    if source is not None:
-        images, name = [load_gray(p) for p in source.monitor_paths[:VIS_IMAGES]], source.name
-        logger.info("monitoring reconstructions on %d held-out images of %s", len(images), name)
-    else:
-        source = dataset.datasets[0]
-        images, name = [source.decode(i)[0] for i in range(min(VIS_IMAGES, len(source)))], source.name
-        logger.info("no source has a held-out split here: monitoring reconstructions on %d training images of %s",
-                    len(images), name)
-    transform = eval_transform(args, name)
-    return torch.stack([transform(image) for image in images]), name
-
-
-def probe_set(args, dataset) -> dict | None:
-    """A fixed labelled subset of the first source with labels, split by patient into probe train and test."""
-    source = next((d for d in dataset.datasets if d.labels is not None), None)
-    if source is None:
-        logger.warning("--probe_freq: no source here has findings labels (CheXpert, NIH with Data_Entry); "
-                       "the probe is off")
-        return None
-    picks = np.sort(np.random.default_rng(0).choice(len(source), min(args.probe_images, len(source)), replace=False))
-    is_test = np.array([zlib.crc32(source.patients[i]) % 2 == 1 for i in picks])
-    transform = eval_transform(args, source.name)
-    images = torch.stack([transform(source.decode(int(i))[0]) for i in picks])
-    labels = torch.from_numpy(source.labels[picks])
-    logger.info("linear probe on %s: %d images (%d for scoring, other patients), %d findings", source.name,
-                len(picks), int(is_test.sum()), labels.shape[1])
-    return {"train": (images[~is_test], labels[~is_test]), "test": (images[is_test], labels[is_test])}
-
-
-@torch.no_grad()
 def probe(run: Run, epoch: int) -> float | None:
     """Mean AUROC of a linear probe on the frozen encoder (rank 0); logged as probe_auroc."""
-    model = run.model_without_ddp
-    was_training = model.training
-    model.eval()
-
-    def features(images):
-        with autocast(run.precision, run.device):
-            return torch.cat([model.probe_features(b.to(run.device)).float().cpu() for b in images.split(64)])
-
-    (train_x, train_y), (test_x, test_y) = run.probe_data["train"], run.probe_data["test"]
-    train_f, test_f = features(train_x), features(test_x)
-    with torch.enable_grad():  # the probe itself is trained; the encoder stays frozen
-        value, scored = linear_probe_auroc(train_f, train_y, test_f, test_y)
-    model.train(was_training)
+    subset = run.data.probe
+    value, scored = monitor.probe_auroc(run.model_without_ddp, subset.train, subset.test, run.precision, run.device)
     if value is None:
         logger.info("linear probe: no finding has both classes among the scoring images; nothing to report")
         return None
@@ -469,7 +338,7 @@ def run_epochs(run: Run, state: TrainState) -> None:
         save(run, state, epoch, 0, periodic=epoch % args.save_freq == 0 or last)
         if (args.vis_freq and epoch % args.vis_freq == 0) or last:
             stats["val_loss"] = visualize(run, epoch)
-        if run.probe_data is not None and (epoch % args.probe_freq == 0 or last):
+        if run.data.probe is not None and (epoch % args.probe_freq == 0 or last):
             stats["probe_auroc"] = probe(run, epoch)
         log_stats = {**{f"train_{k}": v for k, v in stats.items() if k not in ("val_loss", "probe_auroc")},
                      "epoch": epoch}
@@ -487,23 +356,23 @@ def run_pretraining(args, build_model, check_model_args=None) -> int:
         return _run(args, info, device, build_model, check_model_args)
     except Preempted as e:
         logger.warning("pre-empted (%s): checkpoint-last written; exiting with %d so the job can be requeued",
-                       e, REQUEUE_EXIT_CODE)
-        return REQUEUE_EXIT_CODE
+                       e, ExitCode.PREEMPTED)
+        return ExitCode.PREEMPTED
     except TooManyBadSteps as e:
         logger.error("%s", e)
-        return 2
+        return ExitCode.TOO_MANY_BAD_STEPS
     except SetupError as e:
         logger.error("error: %s", e.__cause__ or e)
-        return 1
+        return ExitCode.FAILED
     except data_lib.BadImageError as e:
         logger.error("error: %s (checkpoint-last.pth, if any, is intact; rerun to resume)", e)
-        return 1
+        return ExitCode.FAILED
     except RuntimeError as e:
         if not (info.distributed and dist_lib.is_communication_failure(e)):
             raise
         logger.error("rank %d: a collective failed (%s). %s. Each rank's log is in output_dir/logs/ "
                      "(rank 0) or on its console.", info.rank, str(e).splitlines()[0], dist_lib.peer_report())
-        return 1
+        return ExitCode.FAILED
     finally:
         dist_lib.cleanup()
 
@@ -517,14 +386,15 @@ def _run(args, info, device, build_model, check_model_args) -> int:
     try:
         prepare_outputs(args, info)
         setup_logging(args.output_dir if info.is_main else None, info.rank)
-        dataset, counts = data_lib.build_pretrain_dataset(args)
-        loader, sampler, steps = build_loader(args, dataset, info, device)
+        pretrain_data = data_lib.build_pretrain_data(args, monitor=info.is_main,
+                                                     probe=info.is_main and args.probe_freq > 0)
+        loader, sampler, steps = build_loader(args, pretrain_data.dataset, info, device)
     except (OSError, ValueError, RuntimeError) as e:  # missing data, bad metadata, leakage, unwritable output
         raise SetupError(str(e)) from e
     seed_everything(args.seed + info.rank)
     if info.is_main:
-        logger.info("%s", data_lib.format_count_tree(counts))
-        write_json(os.path.join(args.output_dir, "data_counts.json"), counts)
+        logger.info("%s", data_lib.format_count_tree(pretrain_data.counts))
+        write_json(os.path.join(args.output_dir, "data_counts.json"), pretrain_data.counts)
     precision = resolve_precision(args.precision, device)
     if args.keep_freed_memory and device.type == "cpu" and keep_freed_memory():
         logger.info("CPU run: freed memory stays in the process for reuse (--no_keep_freed_memory to give it back)")
@@ -535,14 +405,10 @@ def _run(args, info, device, build_model, check_model_args) -> int:
     if args.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(model_without_ddp, args.weight_decay, args.lr, device, args.decay_tokens)
-    norm_stats = {"policy": args.norm_stats, "sources": list(args.datasets_names),
-                  "per_source": {n: norm_stats_for(n, args.norm_stats, args.in_chans) for n in args.datasets_names}}
-    run = Run(args, info, device, precision, model, model_without_ddp, optimizer, LossScaler(precision, device),
-              loader, sampler, steps, RunLog(args.output_dir, args.log_dir, info.is_main), PreemptionFlag().install(),
-              norm_stats)
-    if args.gpu_augment:
-        stats = [norm_stats["per_source"][n] for n in args.datasets_names]
-        run.augment = BatchAugment(args.input_size, args.random_resize_range, stats, args.in_chans)
+    run = Run(args=args, info=info, device=device, precision=precision, model=model,
+              model_without_ddp=model_without_ddp, optimizer=optimizer, scaler=LossScaler(precision, device),
+              loader=loader, sampler=sampler, steps_per_epoch=steps, data=pretrain_data,
+              run_log=RunLog(args.output_dir, args.log_dir, info.is_main), preemption=PreemptionFlag().install())
     state = TrainState(epoch=args.start_epoch)
     try:
         resume(run, state)
@@ -551,11 +417,8 @@ def _run(args, info, device, build_model, check_model_args) -> int:
         raise SetupError(f"--resume/--auto_resume/--init_from: {e}") from e
     if info.distributed:
         run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        run.heartbeat = dist_lib.Heartbeat(info, args.dist_timeout)
+        dist_lib.Heartbeat(info, args.dist_timeout)  # registers itself; dist_lib.cleanup() stops it
     if info.is_main:
-        run.vis_images, run.vis_source = monitor_images(args, dataset)
-        if args.probe_freq:
-            run.probe_data = probe_set(args, dataset)
         write_json(os.path.join(args.output_dir, "args.json"), vars(args))
     logger.info("model: %s, %.1fM parameters; start at epoch %d step %d", args.model,
                 sum(p.numel() for p in model_without_ddp.parameters()) / 1e6, state.epoch, state.step)
@@ -563,7 +426,7 @@ def _run(args, info, device, build_model, check_model_args) -> int:
     run_epochs(run, state)
     run.run_log.close()
     logger.info("training time %s", datetime.timedelta(seconds=int(time.time() - start)))
-    return 0
+    return ExitCode.OK
 
 
 def main(args, build_model, check_model_args=None) -> None:
@@ -575,5 +438,5 @@ def cli_main(parser, model_names, build_model, check_model_args) -> None:
     args = parser.parse_args()
     if args.model == "list":
         print("\n".join(model_names))
-        sys.exit(0)
+        sys.exit(ExitCode.OK)
     main(args, build_model, check_model_args)

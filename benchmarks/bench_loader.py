@@ -1,6 +1,6 @@
 """Input pipeline images/s per core: the reference pipeline against ours, on the same generated files.
 
-    python benchmarks/bench_loader.py [--seconds 3] [--repeats 3]
+    python -m benchmarks.bench_loader [--seconds 3] [--repeats 3]
 
 Files (synthetic chest X-rays): 390x320 JPEG (CheXpert-small), 2828x2320 JPEG (full-resolution
 CheXpert/MIMIC), 1024x1024 PNG (NIH). Every pipeline ends in the same 3x224x224 normalised tensor
@@ -13,7 +13,6 @@ DCT-scaled pipeline can beat it.
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -23,13 +22,11 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data import draft_min_side  # noqa: E402
-from data.image_io import load_gray  # noqa: E402
-from data.prepared import PreparedStore, prepare  # noqa: E402
-from data.synthetic import chest_image  # noqa: E402
-from data.transforms import IMAGENET, build_train_transform  # noqa: E402
+from data import draft_min_side
+from data.image_io import load_gray
+from data.prepared import PreparedStore, prepare
+from data.synthetic import chest_image
+from data.transforms import IMAGENET, build_train_transform
 
 SIZE, SCALE = 224, (0.5, 1.0)
 # the training path's own rule for the smallest decode every crop can use

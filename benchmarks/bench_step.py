@@ -1,6 +1,6 @@
 """Train-step images/s: the reference model code against ours, measured in the same run.
 
-    python benchmarks/bench_step.py [--steps 4] [--compile] [--device cuda] [--precision bf16]
+    python -m benchmarks.bench_step [--steps 4] [--compile] [--device cuda] [--precision bf16]
 
 Models: ViT-S MAE (mae_vit_small_patch16_dec128d2b, mask 0.9) and the DenseNet-121 U-Net, batch 16, 224 px.
 "reference" reproduces the reference step: explicit attention (timm 0.3.2/0.4.12 blocks have no fused SDPA),
@@ -12,20 +12,16 @@ allocator setting is per process; the reference and "ours" keep glibc's defaults
 """
 import argparse
 import multiprocessing
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import models_mae  # noqa: E402
-import models_mae_cnn  # noqa: E402
-from engine_pretrain import build_optimizer, param_groups  # noqa: E402
-from util.host_memory import keep_freed_memory  # noqa: E402
-from util.precision import autocast  # noqa: E402
+import models_mae
+import models_mae_cnn
+from util.host_memory import keep_freed_memory
+from util.optim import build_optimizer, param_groups
+from util.precision import autocast
 
 
 def build(kind: str, variant: str, device):

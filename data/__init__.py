@@ -11,6 +11,7 @@ Each item is (transform(gray PIL image), replaced_flag).
 import argparse
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,17 +19,18 @@ from data.base import BAD_FILE_POLICIES, BadImageError, ConcatSources, Source, S
 from data.chestxray_nih import ChestXrayNIH
 from data.chexpert import CheXpert
 from data.folder import Folder
-from data.gpu_augment import CanvasTransform
+from data.gpu_augment import BatchAugment, CanvasTransform
 from data.image_io import decode_problem
 from data.mimic_cxr import MimicCXR
+from data.monitor import MonitorBatch, ProbeSubset, monitor_batch, probe_subset
 from data.padchest import PadChest
 from data.prepared import PreparedStore
 from data.transforms import build_train_transform, check_norm_policy, norm_stats_for
 from data.vindr_cxr import VinDrCXR
 from util.args import add_bool_flag
 
-__all__ = ["SOURCES", "BadImageError", "DataLeakageError", "add_data_args", "build_indexes", "build_pretrain_dataset",
-           "check_data_args", "count_tree", "format_count_tree"]
+__all__ = ["SOURCES", "BadImageError", "DataLeakageError", "PretrainData", "add_data_args", "build_indexes",
+           "build_pretrain_data", "build_pretrain_dataset", "check_data_args", "count_tree", "format_count_tree"]
 
 logger = logging.getLogger(__name__)
 
@@ -254,22 +256,26 @@ def format_count_tree(counts: dict) -> str:
     return "\n".join(lines)
 
 
-def build_pretrain_dataset(args_or_names, data_path: str = "data", transform=None, **overrides):
-    """The concatenated pre-training dataset and its count tree.
+def resolve_norm_stats(args) -> dict:
+    """--norm_stats resolved once for every source: what the transforms, the monitor and the checkpoint use."""
+    return {"policy": args.norm_stats, "sources": list(args.datasets_names),
+            "per_source": {n: norm_stats_for(n, args.norm_stats, args.in_chans) for n in args.datasets_names}}
 
-    Pass the parsed training args, or a list of source names plus keyword overrides of any data flag
-    (e.g. transform=..., chexpert_root=..., views=["chexpert=AP,PA"]). With transform=None each source
-    gets the reference augmentation and its own mean/std from --norm_stats.
-    """
-    if isinstance(args_or_names, argparse.Namespace):
-        args = args_or_names
-    else:
-        parser = argparse.ArgumentParser(add_help=False)
-        add_data_args(parser)
-        args = parser.parse_args([])
-        args.datasets_names, args.data_path = list(args_or_names), data_path
-        for key, value in overrides.items():
-            setattr(args, key, value)
+
+def _default_args(names, data_path: str, overrides: dict) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_data_args(parser)
+    args = parser.parse_args([])
+    unknown = sorted(set(overrides) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"build_pretrain_dataset: unknown data option(s) {unknown}; valid: {sorted(vars(args))}")
+    args.datasets_names, args.data_path = list(names), data_path
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def _datasets(args, transform, norm_stats: dict) -> tuple[ConcatSources, dict]:
     problems = check_data_args(args)
     if problems:
         raise ValueError("; ".join(problems))
@@ -278,11 +284,53 @@ def build_pretrain_dataset(args_or_names, data_path: str = "data", transform=Non
     datasets = []
     for source_id, idx in enumerate(indexes):
         source_transform = transform
-        if source_transform is None and getattr(args, "gpu_augment", False):
+        if source_transform is None and args.gpu_augment:
             source_transform = CanvasTransform(args.gpu_augment_canvas, source_id)
         elif source_transform is None:
-            mean, std = norm_stats_for(idx.name, args.norm_stats, args.in_chans)
+            mean, std = norm_stats["per_source"][idx.name]
             source_transform = build_train_transform(args.input_size, args.random_resize_range, mean, std,
                                                      args.in_chans)
         datasets.append(XrayDataset(idx, source_transform, args.bad_files, draft_min_side(args), store))
     return ConcatSources(datasets), count_tree(indexes)
+
+
+def build_pretrain_dataset(args_or_names, data_path: str = "data", transform=None, **overrides):
+    """The concatenated pre-training dataset and its count tree: the public API for other self-supervised code.
+
+    Pass the parsed training args, or a list of source names plus keyword overrides of any data flag
+    (e.g. transform=..., chexpert_root=..., views=["chexpert=AP,PA"]); an unknown keyword is an error that lists
+    the valid ones. With transform=None each source gets the reference augmentation and its own mean/std from
+    --norm_stats.
+    """
+    if isinstance(args_or_names, argparse.Namespace):
+        args = args_or_names
+    else:
+        args = _default_args(args_or_names, data_path, overrides)
+    return _datasets(args, transform, resolve_norm_stats(args))
+
+
+@dataclass
+class PretrainData:
+    """Everything the engine takes from the data layer; it never reads a dataset's internals."""
+
+    dataset: ConcatSources
+    counts: dict  # the count tree (data_counts.json)
+    norm_stats: dict  # resolve_norm_stats: policy, sources, per-source (mean, std)
+    augment: BatchAugment | None  # --gpu_augment: crop, flip, normalise on the device, after the batch is moved
+    monitor: MonitorBatch | None  # the fixed reconstruction batch (on the main process)
+    probe: ProbeSubset | None  # the fixed labelled probe subset (--probe_freq, main process)
+
+
+def build_pretrain_data(args, monitor: bool = True, probe: bool = False) -> PretrainData:
+    """The training pool plus the fixed evaluation images; monitor/probe are built only where asked (rank 0)."""
+    norm_stats = resolve_norm_stats(args)
+    dataset, counts = _datasets(args, None, norm_stats)
+    per_source = norm_stats["per_source"]
+    augment = None
+    if args.gpu_augment:
+        augment = BatchAugment(args.input_size, args.random_resize_range,
+                               [per_source[n] for n in args.datasets_names], args.in_chans)
+    return PretrainData(
+        dataset, counts, norm_stats, augment,
+        monitor_batch(dataset, per_source, args.input_size, args.in_chans) if monitor else None,
+        probe_subset(dataset, per_source, args.input_size, args.in_chans, args.probe_images) if probe else None)

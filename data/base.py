@@ -38,7 +38,6 @@ class SourceIndex:
     rows: np.ndarray | None = None  # positions in a prepared store (data/prepared.py), when reading from one
     monitor_paths: list = field(default_factory=list)  # a few held-out-split images for reconstruction monitoring
     labels: np.ndarray | None = None  # [N, K] 0/1 findings, for the optional linear probe (--probe_freq)
-    label_names: list = field(default_factory=list)
 
     def __post_init__(self):
         self.paths = np.asarray(self.paths, dtype=np.bytes_)
@@ -111,7 +110,7 @@ class XrayDataset(Dataset):
         self.min_side = min_side
         self.store, self.rows = store, index.rows
         self.monitor_paths = list(index.monitor_paths)
-        self.patients, self.labels, self.label_names = index.patients, index.labels, index.label_names
+        self.patients, self.labels = index.patients, index.labels
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -118,8 +118,6 @@ class ChestXrayNIH(Source):
         elif entries and all(n in entries for n in names):
             found = [set(entries[n][1].split("|")) for n in names]
             idx.labels = np.array([[f in row for f in FINDINGS] for row in found], dtype=np.float32)
-        if idx.labels is not None:
-            idx.label_names = list(FINDINGS)
         # held out: the fine-tuning validation patients and the test patients (the download's list if present)
         test_list = os.path.join(root, "test_list.txt")
         if not os.path.isfile(test_list):

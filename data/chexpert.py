@@ -69,7 +69,7 @@ class CheXpert(Source):
         views = np.where(frontal, df["AP/PA"].to_numpy(), "Lateral")
         findings = [c for c in df.columns[5:] if c != "No Finding"]
         idx = SourceIndex(self.name, root, paths, _patients(rel), views, filters=[("train.csv", len(paths))],
-                          labels=(df[findings].to_numpy() == "1.0").astype(np.float32), label_names=findings)
+                          labels=(df[findings].to_numpy() == "1.0").astype(np.float32))
         valid = _find_csv(root, "valid.csv")
         if valid:
             held = pd.read_csv(valid, dtype=str, keep_default_na=False, usecols=["Path", "Frontal/Lateral"])

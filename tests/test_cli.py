@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import CNN_SCRIPT, VIT_SCRIPT, nih_subset, run_cli, tiny_run_args
+from tests.conftest import CNN_SCRIPT, ROOT, VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
 from util.host_memory import is_glibc
 
 pytestmark = pytest.mark.slow
@@ -124,3 +124,12 @@ def test_cli_compile_flag_trains(tiny_data, tmp_path):
                    timeout=600)
     ckpt = _check_run_outputs(str(tmp_path))
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"]), proc.output
+
+
+@pytest.mark.parametrize("tool", sorted(p.stem for p in (ROOT / "tools").glob("*.py")
+                                        if p.stem not in ("__init__", "checkpoint_model")))
+def test_tools_run_as_modules_from_the_repository_root(tool):
+    """As PRETRAIN.md says to run them: `python -m tools.<name>` from the root, no PYTHONPATH, no sys.path edits."""
+    env = {k: v for k, v in child_env().items() if k != "PYTHONPATH"}
+    proc = run_cli([sys.executable, "-m", f"tools.{tool}", "--help"], env=env)
+    assert "usage:" in proc.stdout

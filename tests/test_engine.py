@@ -7,10 +7,10 @@ import torch
 import models_mae
 import models_mae_cnn
 from data.sampler import ResumableSampler
-from engine_pretrain import build_optimizer, param_groups
 from tests.reference_impl import reference_param_groups
 from util.args import resolve_lr
 from util.lr_sched import adjust_learning_rate, lr_at
+from util.optim import build_optimizer, param_groups
 
 
 def test_lr_schedule_warmup_cosine_values():

@@ -38,7 +38,7 @@ def runs(tiny_data, tmp_path_factory):
 
 
 def _tool(name, *args):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], cwd=ROOT, env=child_env(),
+    proc = subprocess.run([sys.executable, "-m", f"tools.{name.removesuffix('.py')}", *args], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=300)
     return proc
 

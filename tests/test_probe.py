@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import data
-import engine_pretrain
 import main_pretrain_multi_datasets_xray as vit_main
 from data.synthetic import make_chexpert, make_nih
 from tests.conftest import VIT_SCRIPT, run_cli, tiny_run_args
@@ -51,8 +50,7 @@ def test_cli_probe_and_held_out_monitor(tmp_path):
         assert epoch_a["val_loss"] == epoch_b["val_loss"] and epoch_a["probe_auroc"] == epoch_b["probe_auroc"]
     # the logged value is the probe of the final weights on the fixed, patient-split labelled subset: recompute it
     run_args = argparse.ArgumentParser(parents=[vit_main.get_args_parser()]).parse_args(args)
-    dataset, _ = data.build_pretrain_dataset(run_args)
-    probe_data = engine_pretrain.probe_set(run_args, dataset)
+    subset = data.build_pretrain_data(run_args, monitor=False, probe=True).probe
     model = vit_main.build_model(run_args)
     model.load_state_dict(torch.load(os.path.join(str(tmp_path / "b"), "checkpoint-last.pth"),
                                      weights_only=True)["model"])
@@ -61,7 +59,7 @@ def test_cli_probe_and_held_out_monitor(tmp_path):
     torch.set_num_threads(1)  # as the run (OMP_NUM_THREADS=1), so the probe's arithmetic is the same
     try:
         with torch.no_grad():
-            (train_x, train_y), (test_x, test_y) = probe_data["train"], probe_data["test"]
+            (train_x, train_y), (test_x, test_y) = subset.train, subset.test
             value, scored = linear_probe_auroc(model.probe_features(train_x), train_y, model.probe_features(test_x),
                                                test_y)
     finally:

@@ -16,7 +16,7 @@ import models_mae
 from tests.conftest import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
 from tests.reference_impl import reference_param_groups
 from util import checkpoint as ckpt_lib
-from util.args import REQUEUE_EXIT_CODE
+from util.args import ExitCode
 
 KILL_ARGS = {"input_size": 64, "batch_size": 2, "epochs": 5, "warmup_epochs": 1, "save_every_steps": 1}
 
@@ -71,7 +71,7 @@ def test_sigterm_writes_checkpoint_and_exits_with_requeue_code(tiny_data, tmp_pa
     _wait_for_line(proc, r"Epoch: \[0\]\s+\[\s*2/")
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode == REQUEUE_EXIT_CODE, rest
+    assert proc.returncode == ExitCode.PREEMPTED, rest
     assert "received SIGTERM" in rest and "pre-empted" in rest
     ckpt = _weights(out)
     assert ckpt["epoch"] < 199 and ckpt_lib.progress_of(ckpt) > (0, 2)

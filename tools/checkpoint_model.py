@@ -1,14 +1,10 @@
 """Rebuild the pre-training model a checkpoint came from (shared by the export and visualisation tools)."""
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import main_pretrain_multi_datasets_xray as vit_main  # noqa: E402
-import main_pretrain_multi_datasets_xray_cnn as cnn_main  # noqa: E402
-import models_mae  # noqa: E402
-from util.checkpoint import load_checkpoint  # noqa: E402
+import main_pretrain_multi_datasets_xray as vit_main
+import main_pretrain_multi_datasets_xray_cnn as cnn_main
+import models_mae
+from util.checkpoint import load_checkpoint
 
 
 def model_from_checkpoint(path: str):

@@ -1,20 +1,16 @@
 """Mean and std of the chosen sources' pixels (after decoding to 8-bit gray and resizing), for --norm_stats.
 
-    python tools/compute_norm_stats.py --data_path data --datasets_names chexpert chestxray_nih \
+    python -m tools.compute_norm_stats --data_path data --datasets_names chexpert chestxray_nih \
         --max_images 5000 --out cxr_stats.json
     python main_pretrain_multi_datasets_xray.py ... --norm_stats cxr_stats.json
 """
 import argparse
 import json
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import data  # noqa: E402
-from data.image_io import load_gray  # noqa: E402
+import data
+from data.image_io import load_gray
 
 
 def pixel_stats(paths: list[str], size: int) -> tuple[float, float]:

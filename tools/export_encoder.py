@@ -1,7 +1,7 @@
 """Export the encoder of a pre-training checkpoint for fine-tuning, with a JSON sidecar.
 
-    python tools/export_encoder.py --checkpoint runs/vit_s/checkpoint-799.pth --out exports/vit_s
-    python tools/export_encoder.py --checkpoint ... --out ... --input_size 384 --in_chans 1
+    python -m tools.export_encoder --checkpoint runs/vit_s/checkpoint-799.pth --out exports/vit_s
+    python -m tools.export_encoder --checkpoint ... --out ... --input_size 384 --in_chans 1
 
 ViT runs give a timm VisionTransformer state dict (load with strict=True into timm.create_model(name, num_classes=0)
 or drop nothing but the head); CNN runs give the torchvision backbone (densenet*: `.features`, resnet*: the model
@@ -16,13 +16,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from checkpoint_model import model_from_checkpoint  # noqa: E402
-
-import models_mae  # noqa: E402
-import models_mae_cnn  # noqa: E402
-from engine_pretrain import git_commit  # noqa: E402
+import models_mae
+import models_mae_cnn
+from tools.checkpoint_model import model_from_checkpoint
+from util.log import git_commit
 
 
 def export_vit(model, input_size, in_chans):

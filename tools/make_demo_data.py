@@ -1,14 +1,11 @@
 """Write a small synthetic chest X-ray collection in the three reference layouts (for make demo).
 
-    python tools/make_demo_data.py --out demo_run/data [--scale 8]
+    python -m tools.make_demo_data --out demo_run/data [--scale 8]
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.synthetic import NIH_SUBSET_LIST, make_reference_layout  # noqa: E402
+from data.synthetic import NIH_SUBSET_LIST, make_reference_layout
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Decode, convert to 8-bit gray and resize every pre-training image once, into a few memory-mapped shards.
 
-    python tools/prepare_data.py --data_path data --datasets_names chexpert chestxray_nih mimic_cxr \
+    python -m tools.prepare_data --data_path data --datasets_names chexpert chestxray_nih mimic_cxr \
         --out data/prepared_320 --prepare_size 320 --workers 16
     python main_pretrain_multi_datasets_xray.py ... --prepared_dir data/prepared_320
 
@@ -12,10 +12,8 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import data  # noqa: E402
-from data.prepared import PreparedStore, prepare  # noqa: E402
+import data
+from data.prepared import PreparedStore, prepare
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """Check every image the pre-training pool would use: missing files, unreadable or truncated images,
 CSVs without the expected columns, leakage into held-out splits. Exit code 1 if anything is wrong.
 
-    python tools/verify_data.py --data_path data --datasets_names chexpert chestxray_nih mimic_cxr [--workers 8]
+    python -m tools.verify_data --data_path data --datasets_names chexpert chestxray_nih mimic_cxr [--workers 8]
 
 Takes the same data flags as the training scripts.
 """
@@ -13,10 +13,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import data  # noqa: E402
-from data.image_io import decode_problem  # noqa: E402
+import data
+from data.image_io import decode_problem
 
 
 def _check(path: str):

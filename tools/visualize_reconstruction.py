@@ -1,7 +1,7 @@
 """Reconstruction grids from a checkpoint: original | masked | reconstruction | reconstruction + visible patches.
 
-    python tools/visualize_reconstruction.py --checkpoint runs/vit_s/checkpoint-799.pth --images a.png b.jpg --out vis/
-    python tools/visualize_reconstruction.py --checkpoint ... --datasets_names chexpert --num 8 --out vis/
+    python -m tools.visualize_reconstruction --checkpoint runs/vit_s/checkpoint-799.pth --images a.png b.jpg --out vis/
+    python -m tools.visualize_reconstruction --checkpoint ... --datasets_names chexpert --num 8 --out vis/
 
 One PNG per image. Panels use the run's own normalisation (stored in the checkpoint). With norm_pix_loss the
 predicted patches are de-normalised with the ground-truth patch mean/variance, and those panels are labelled
@@ -13,14 +13,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from checkpoint_model import model_from_checkpoint  # noqa: E402
-
-import data  # noqa: E402
-from data.image_io import load_gray  # noqa: E402
-from data.transforms import build_eval_transform, norm_stats_for  # noqa: E402
-from util.vis import save_reconstruction_png  # noqa: E402
+import data
+from data.image_io import load_gray
+from data.transforms import build_eval_transform, norm_stats_for
+from tools.checkpoint_model import model_from_checkpoint
+from util.vis import save_reconstruction_png
 
 
 def main() -> int:

@@ -1,8 +1,17 @@
 """Flags shared by both entry scripts (the reference parser plus the new options), and their checks."""
 import argparse
+import enum
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-REQUEUE_EXIT_CODE = 3  # exit status after a pre-emption checkpoint; scripts/ requeue on it
+
+
+class ExitCode(enum.IntEnum):
+    """The entry scripts' exit statuses (PRETRAIN.md section 6); scripts/slurm_pretrain.sh requeues on PREEMPTED."""
+
+    OK = 0
+    FAILED = 1  # bad input before training, a bad file under --bad_files error, or a failed rank
+    TOO_MANY_BAD_STEPS = 2  # --max_bad_steps non-finite steps in a row, after a checkpoint
+    PREEMPTED = 3  # SIGTERM/SIGUSR1: checkpoint-last written, requeue the job
 
 
 def add_bool_flag(group, name: str, default: bool, help: str) -> None:

@@ -68,6 +68,18 @@ def atomic_copy(src: str, dst: str) -> None:
         raise
 
 
+FORMAT = "medical_mae/1"
+PLAIN_TYPES = (int, float, str, bool, list, tuple, type(None))
+
+
+def assemble(model, optimizer, scaler_state: dict, args, epoch: int, step: int, **extra) -> dict:
+    """A checkpoint: the reference's keys first (model, optimizer, epoch, scaler, args), args as a plain dict so it
+    loads with weights_only=True, then this project's `extra` (step, rng, world_size, norm_stats, counters)."""
+    plain_args = {k: v for k, v in vars(args).items() if isinstance(v, PLAIN_TYPES)}
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "scaler": scaler_state,
+            "args": plain_args, "step": step, **extra, "format": FORMAT}
+
+
 def load_checkpoint(path: str) -> dict:
     """Load with weights_only=True; args saved as a Namespace (reference files) come back as a dict."""
     if not os.path.isfile(path):

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import resource
+import subprocess
 import sys
 import time
 from collections import defaultdict, deque
@@ -155,3 +156,21 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def write_json(path: str, obj) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def git_commit(short: bool = True) -> str:
+    """This checkout's commit, or 'unknown' outside git (recorded in the start-up log and export sidecars)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -33,8 +33,6 @@ class LossScaler:
     The GradScaler only exists for fp16; bf16 and fp32 need no loss scaling.
     """
 
-    state_dict_key = "amp_scaler"
-
     def __init__(self, precision: str, device: torch.device):
         enabled = precision == "fp16"
         self._scaler = torch.amp.GradScaler(device.type, enabled=enabled) if enabled else None
@@ -66,9 +64,6 @@ class LossScaler:
         """Leave the weights alone; fp16 still lowers its scale after an overflow."""
         if self._scaler:
             self._scaler.update()
-
-    def scale(self) -> float:
-        return self._scaler.get_scale() if self._scaler else 1.0
 
     def state_dict(self) -> dict:
         return self._scaler.state_dict() if self._scaler else {}

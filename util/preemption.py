@@ -1,7 +1,7 @@
 """SIGTERM / SIGUSR1 -> a flag the training loop reads at the next optimizer step.
 
 SLURM sends one of these before pre-emption or the time limit (with --signal). The loop then
-finishes the step, writes checkpoint-last on rank 0 and exits with REQUEUE_EXIT_CODE.
+finishes the step, writes checkpoint-last on rank 0 and exits with ExitCode.PREEMPTED (3).
 """
 import logging
 import signal

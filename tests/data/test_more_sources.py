@@ -89,7 +89,7 @@ def test_startup_check_reports_truncated_image(tmp_path):
 
 
 def _run_tool(tool, *args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], cwd=ROOT, env=child_env(),
+    return subprocess.run([sys.executable, "-m", f"tools.{tool.removesuffix('.py')}", *args], cwd=ROOT, env=child_env(),
                           capture_output=True, text=True, timeout=120)
 
 

@@ -13,7 +13,7 @@ import data
 from data.prepared import PreparedStore
 from data.synthetic import chest_image
 from data.transforms import IMAGENET, build_train_transform
-from tests.conftest import ROOT, VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
+from tests.conftest import VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
 
 
 @pytest.mark.parametrize("in_chans", [3, 1])
@@ -52,7 +52,7 @@ def test_plain_resize_matches_reference_transform(tmp_path):
 
 
 def _prepare(data_path, out, *extra):
-    return run_cli([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--data_path", data_path,
+    return run_cli([sys.executable, "-m", "tools.prepare_data", "--data_path", data_path,
                     "--datasets_names", "chexpert", "chestxray_nih", "mimic_cxr", "--out", out, "--workers", "1",
                     "--shard_images", "8", "--train_list", nih_subset(data_path), *extra], env=child_env())
 
@@ -87,9 +87,9 @@ def test_prepared_detects_corrupt_shard_and_other_inputs(tiny_data, tmp_path):
     with open(os.path.join(out, "shard_00001.u8"), "r+b") as f:
         f.write(b"\xff\xff\xff")
     assert PreparedStore(out).verify() == ["shard_00001.u8"]
-    check = run_cli([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--out", out, "--verify"], expect_rc=1)
+    check = run_cli([sys.executable, "-m", "tools.prepare_data", "--out", out, "--verify"], expect_rc=1)
     assert "checksum mismatch: shard_00001.u8" in check.stdout
-    proc = run_cli([sys.executable, str(ROOT / "tools" / "prepare_data.py"), "--data_path", tiny_data[0],
+    proc = run_cli([sys.executable, "-m", "tools.prepare_data", "--data_path", tiny_data[0],
                     "--datasets_names", "chexpert", "--out", out], expect_rc=None)
     assert proc.returncode != 0 and "holds a preparation of other inputs" in proc.stdout + proc.stderr
 

@@ -28,6 +28,7 @@ from util.args import ExitCode, argument_warnings, resolve_lr, validate_args
 from util.host_memory import keep_freed_memory
 from util.log import MetricLogger, RunLog, git_commit, setup_logging, write_json
 from util.lr_sched import adjust_learning_rate
+from util.model_api import PretrainModel
 from util.optim import build_optimizer, load_optimizer_state
 from util.precision import LossScaler, autocast, resolve_precision
 from util.preemption import Preempted, PreemptionFlag
@@ -400,7 +401,11 @@ def _run(args, info, device, build_model, check_model_args) -> int:
         logger.info("CPU run: freed memory stays in the process for reuse (--no_keep_freed_memory to give it back)")
     eff_batch_size = resolve_lr(args, info.world_size)
     log_resolved(args, info, device, precision, eff_batch_size, steps // args.accum_iter)
-    model = build_model(args).to(device)
+    model = build_model(args)
+    if not isinstance(model, PretrainModel):
+        raise TypeError(f"{type(model).__name__} lacks members of util.model_api.PretrainModel, the contract the "
+                        "engine, the monitor and the tools rely on")
+    model = model.to(device)
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)

@@ -28,17 +28,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_model_args(args) -> list[str]:
-    if args.model not in models_mae.MODELS:
-        try:
-            models_mae.MODELS.get(args.model)
-        except ValueError as e:
-            return [f"--model: {e}"]
-    patch = 14 if "patch14" in args.model else 16
+    try:
+        config = models_mae.MODELS.config(args.model)
+    except ValueError as e:
+        return [f"--model: {e}"]
     problems = []
-    if args.input_size % patch:
-        problems.append(f"--input_size {args.input_size} must be divisible by the patch size {patch} of {args.model}")
-    if args.model.endswith("_448") and args.input_size != 448:
-        problems.append(f"--model {args.model} is the 448-pixel variant; pass --input_size 448")
+    if args.input_size % config["patch_size"]:
+        problems.append(f"--input_size {args.input_size} must be divisible by the patch size {config['patch_size']} "
+                        f"of {args.model}")
+    if config.get("fixed_input_size") and args.input_size != config["input_size"]:
+        problems.append(f"--model {args.model} is the {config['input_size']}-pixel variant; pass --input_size "
+                        f"{config['input_size']}")
     return problems
 
 

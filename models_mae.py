@@ -18,6 +18,7 @@ from util.masking import (
     random_masking_ids,
     unpatchify,
 )
+from util.model_api import EncoderExport
 from util.pos_embed import get_2d_sincos_pos_embed, resample_pos_embed
 from util.registry import Registry
 from util.state_dict import adapt_in_chans, load_matching, strip_prefixes
@@ -39,6 +40,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.patch_size = patch_size
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
+        self.timm_model = None  # the timm architecture name of this encoder; set by the registered factories
 
         # encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -156,12 +158,17 @@ class MaskedAutoencoderViT(nn.Module):
         """Encoder weights under timm VisionTransformer names (the decoder and mask token dropped)."""
         return to_timm_state_dict(self.state_dict())
 
+    def export_encoder(self, input_size: int | None = None, in_chans: int | None = None) -> EncoderExport:
+        return export_to_timm(self, input_size, in_chans)
+
     def load_pretrained(self, checkpoint: dict) -> dict:
         return load_pretrained(self, checkpoint)
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoderViT:
-    return MODELS.get(name)(**kwargs)
+    model = MODELS.get(name)(**kwargs)
+    model.timm_model = MODELS.config(name)["timm_model"]
+    return model
 
 
 def _vit(embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, **kwargs):
@@ -171,49 +178,57 @@ def _vit(embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, **kwargs
                                 decoder_num_heads=16, mlp_ratio=4, **kwargs)
 
 
-@MODELS.register
+# Each entry carries its config: patch size, native input size (fixed: the model is defined at that size), and the
+# timm VisionTransformer its encoder exports to (None: timm has no named model of that shape).
+VIT_S, VIT_B, VIT_L, VIT_H = (dict(patch_size=16, input_size=224, timm_model="vit_small_patch16_224"),
+                              dict(patch_size=16, input_size=224, timm_model="vit_base_patch16_224"),
+                              dict(patch_size=16, input_size=224, timm_model="vit_large_patch16_224"),
+                              dict(patch_size=14, input_size=224, timm_model="vit_huge_patch14_224"))
+
+
+@MODELS.register(**VIT_S)
 def mae_vit_small_patch16_dec128d2b(**kwargs):
     return _vit(384, 12, 6, 128, 2, **kwargs)
 
 
-@MODELS.register
+@MODELS.register(**VIT_S)
 def mae_vit_small_patch16_dec512d8b(**kwargs):
     return _vit(384, 12, 6, 512, 8, **kwargs)
 
 
-@MODELS.register
+@MODELS.register(**VIT_S)
 def mae_vit_small_patch16_dec512d2b(**kwargs):
     return _vit(384, 12, 6, 512, 2, **kwargs)
 
 
-@MODELS.register
+@MODELS.register(**{**VIT_S, "input_size": 448, "fixed_input_size": True})
 def mae_vit_small_patch16_dec512d2b_448(**kwargs):
     kwargs.setdefault("img_size", 448)
     return _vit(384, 12, 6, 512, 2, **kwargs)
 
 
-@MODELS.register
+@MODELS.register(**VIT_B)
 def mae_vit_base_patch16_dec512d2b(**kwargs):
     return _vit(768, 12, 12, 512, 2, **kwargs)
 
 
-@MODELS.register
+@MODELS.register(**VIT_B)
 def mae_vit_base_patch16_dec512d8b(**kwargs):
     return _vit(768, 12, 12, 512, 8, **kwargs)
 
 
-@MODELS.register
+@MODELS.register(**VIT_L)
 def mae_vit_large_patch16_dec512d8b(**kwargs):
     return _vit(1024, 24, 16, 512, 8, **kwargs)
 
 
-@MODELS.register
+@MODELS.register(**VIT_H)
 def mae_vit_huge_patch14_dec512d8b(**kwargs):
     kwargs.setdefault("patch_size", 14)
     return _vit(1280, 32, 16, 512, 8, **kwargs)
 
 
-@MODELS.register
+@MODELS.register(patch_size=16, input_size=224, timm_model=None)
 def mae_vit_debug_patch16(**kwargs):
     """Not a reference model: a 2-block, 64-wide ViT for smoke tests and CI (checkpoints under 1 MB)."""
     kwargs.setdefault("patch_size", 16)
@@ -234,19 +249,33 @@ MODELS.register(mae_vit_huge_patch14_dec512d8b, name="mae_vit_huge_patch14")
 
 # ---- conversions: export to timm, and --init_from --------------------------------------------------------------
 
-TIMM_NAMES = {(384, 12, 16): "vit_small_patch16_224", (768, 12, 16): "vit_base_patch16_224",
-              (1024, 24, 16): "vit_large_patch16_224", (1280, 32, 14): "vit_huge_patch14_224"}
-
-
-def timm_config(model: MaskedAutoencoderViT) -> tuple[str, dict]:
-    """The timm VisionTransformer name and keyword overrides that hold this encoder."""
-    dim, depth = model.cls_token.shape[-1], len(model.blocks)
-    name = TIMM_NAMES.get((dim, depth, model.patch_size), "vit_small_patch16_224")
+def timm_config(model: MaskedAutoencoderViT) -> tuple[str | None, dict]:
+    """(timm model name or None, keyword arguments) that build a VisionTransformer holding this encoder."""
     kwargs = {"img_size": model.patch_embed.img_size[0], "in_chans": model.in_chans, "num_classes": 0}
-    if (dim, depth, model.patch_size) not in TIMM_NAMES:
-        kwargs.update(embed_dim=dim, depth=depth, num_heads=model.blocks[0].attn.num_heads,
+    if model.timm_model is None:  # no named timm model of this shape: its full description
+        dim = model.cls_token.shape[-1]
+        kwargs.update(embed_dim=dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
                       mlp_ratio=model.blocks[0].mlp.fc1.out_features / dim, patch_size=model.patch_size)
-    return name, kwargs
+    return model.timm_model, kwargs
+
+
+def export_to_timm(model: MaskedAutoencoderViT, input_size: int | None, in_chans: int | None) -> EncoderExport:
+    """The encoder as a timm VisionTransformer state dict (strict, no head); --input_size resamples the position
+    table, --in_chans adapts the patch embedding."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    state = to_timm_state_dict(model.state_dict(), input_size, in_chans)
+    name, kwargs = timm_config(model)
+    kwargs.update(img_size=input_size or kwargs["img_size"], in_chans=in_chans or kwargs["in_chans"])
+    target = timm.create_model(name, pretrained=False, **kwargs) if name else VisionTransformer(**kwargs)
+    target.load_state_dict(state, strict=True)  # num_classes=0: no head, so every key must match
+    same_input = input_size in (None, model.patch_embed.img_size[0]) and in_chans in (None, model.in_chans)
+    meta = {"format": "timm", "timm_model": name, "timm_kwargs": kwargs}
+    if name is None:
+        meta["timm_class"] = "timm.models.vision_transformer.VisionTransformer"
+    return EncoderExport(state, meta, kwargs["img_size"], kwargs["in_chans"], target.eval().forward_features,
+                         model.forward_features if same_input else None)
 
 
 def to_timm_state_dict(mae_state: dict, img_size: int | None = None, in_chans: int | None = None) -> dict:

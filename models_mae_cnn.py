@@ -16,6 +16,7 @@ from util.masking import (
     random_masking_ids,
     unpatchify,
 )
+from util.model_api import EncoderExport
 from util.state_dict import adapt_in_chans, load_matching, strip_prefixes
 
 ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "DeepLabV3Plus", "MAnet", "PAN", "UPerNet",
@@ -55,6 +56,7 @@ class MaskedAutoencoderCNN(nn.Module):
         if loss_region not in LOSS_REGIONS:
             raise ValueError(f"--cnn_loss must be one of {list(LOSS_REGIONS)}, got '{loss_region}'")
         self.img_size = img_size
+        self.encoder_name = encoder_name
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
@@ -108,6 +110,12 @@ class MaskedAutoencoderCNN(nn.Module):
     def encoder_state_dict(self) -> dict:
         return self.model.encoder.state_dict()
 
+    def export_encoder(self, input_size: int | None = None, in_chans: int | None = None) -> EncoderExport:
+        if input_size or in_chans:
+            raise ValueError("--input_size/--in_chans apply to ViT exports; a CNN encoder takes any size divisible "
+                             "by 32 and keeps its input channels")
+        return export_to_torchvision(self)
+
     def load_pretrained(self, checkpoint: dict) -> dict:
         return load_pretrained(self, checkpoint)
 
@@ -130,6 +138,37 @@ def to_torchvision_state_dict(encoder_state: dict, encoder_name: str) -> tuple[s
     if encoder_name.startswith(("resnet", "resnext")):
         return f"torchvision.models.{encoder_name}() (without fc)", dict(encoder_state)
     raise ValueError(f"no torchvision naming for encoder '{encoder_name}'; export the SMP encoder state dict instead")
+
+
+def export_to_torchvision(model: MaskedAutoencoderCNN) -> EncoderExport:
+    """The encoder loaded strictly into the torchvision backbone of the same name (DenseNet `.features`; ResNet
+    without `fc`), its first convolution rebuilt for in_chans != 3."""
+    import torchvision
+
+    name = model.encoder_name
+    target_name, state = to_torchvision_state_dict(model.encoder_state_dict(), name)
+    net = getattr(torchvision.models, name)()
+    densenet = name.startswith("densenet")
+    if model.in_chans != 3:
+        holder, attr = (net.features, "conv0") if densenet else (net, "conv1")
+        old = getattr(holder, attr)
+        setattr(holder, attr, torch.nn.Conv2d(model.in_chans, old.out_channels, old.kernel_size, old.stride,
+                                              old.padding, bias=old.bias is not None))
+    if densenet:
+        backbone = net.features
+        backbone.load_state_dict(state, strict=True)
+    else:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if sorted(missing) != ["fc.bias", "fc.weight"] or unexpected:
+            raise RuntimeError(f"unexpected keys loading into torchvision: missing {missing}, unexpected {unexpected}")
+        backbone = torch.nn.Sequential(*list(net.children())[:-2])
+    encoder = model.model.encoder
+
+    def reference(x):
+        return encoder.eval().features(x) if densenet else encoder.eval()(x)[-1]
+
+    return EncoderExport(state, {"format": "torchvision", "torchvision_target": target_name}, model.img_size,
+                         model.in_chans, backbone.eval(), reference)
 
 
 def load_pretrained(model: MaskedAutoencoderCNN, checkpoint: dict) -> dict:

@@ -1,23 +1,12 @@
-"""Shared fixtures: tiny datasets in the real layouts, a free port, a CLI runner, state resets."""
-import os
+"""Shared fixtures: tiny datasets in the real layouts, a free port, state resets (helpers are in tests/helpers.py)."""
 import random
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from data.synthetic import NIH_SUBSET_LIST, make_reference_layout  # noqa: E402
-
-VIT_SCRIPT = str(ROOT / "main_pretrain_multi_datasets_xray.py")
-CNN_SCRIPT = str(ROOT / "main_pretrain_multi_datasets_xray_cnn.py")
+from data.synthetic import make_reference_layout
 
 
 @pytest.fixture(autouse=True)
@@ -44,44 +33,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def child_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "OMPI_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_cli(cmd: list[str], cwd=None, timeout: int = 300, env=None, expect_rc: int | None = 0):
-    """Run a command; on an unexpected exit code fail with its stdout and stderr."""
-    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=env or child_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    output = f"$ {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
-    if expect_rc is not None:
-        assert proc.returncode == expect_rc, f"exit code {proc.returncode}, expected {expect_rc}\n{output}"
-    proc.output = output
-    return proc
-
-
-def nih_subset(data_path: str) -> str:
-    """The fixture's few NIH training images hold only part of the default train_official.txt: their own list."""
-    return os.path.join(data_path, "nih_chestxray", NIH_SUBSET_LIST)
-
-
-def tiny_run_args(data_path: str, out: str, model: str = "mae_vit_debug_patch16", **overrides) -> list[str]:
-    """Flags for a seconds-long CPU run on the tiny fixture."""
-    flags = {"model": model, "input_size": 32, "batch_size": 4, "epochs": 1, "warmup_epochs": 0, "mask_ratio": 0.75,
-             "num_workers": 0, "device": "cpu", "data_path": data_path, "output_dir": out, "log_dir": out,
-             "blr": 1.5e-4, "print_freq": 1, "train_list": nih_subset(data_path)}
-    flags.update(overrides)
-    args = []
-    for key, value in flags.items():
-        if value is True:
-            args.append(f"--{key}")
-        elif isinstance(value, (list, tuple)):
-            args += [f"--{key}", *map(str, value)]
-        elif value is not None and value is not False:
-            args += [f"--{key}", str(value)]
-    return args + ["--datasets_names", "chexpert", "chestxray_nih", "mimic_cxr"]

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import CNN_SCRIPT, ROOT, VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
+from tests.helpers import CNN_SCRIPT, ROOT, VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
 from util.host_memory import is_glibc
 
 pytestmark = pytest.mark.slow

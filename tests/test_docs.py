@@ -16,7 +16,7 @@ import pytest
 import main_pretrain_multi_datasets_xray as vit_main
 import main_pretrain_multi_datasets_xray_cnn as cnn_main
 from data.synthetic import make_chexpert, make_mimic, make_nih
-from tests.conftest import ROOT, child_env
+from tests.helpers import ROOT, child_env
 
 REFERENCE_DOC = ROOT.parent / "shared" / "reference" / "PRETRAIN.reference.md"
 COPY = ROOT / "tests" / "reference_commands.md"  # the commands alone, so the contract holds without shared/

@@ -6,16 +6,18 @@ import subprocess
 import sys
 
 import pytest
-import timm
 import torch
 import torchvision
 from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
 
 import engine_pretrain
 import main_pretrain_multi_datasets_xray as vit_main
 import main_pretrain_multi_datasets_xray_cnn as cnn_main
 import models_mae
-from tests.conftest import ROOT, child_env, tiny_run_args
+import models_mae_cnn
+from tests.helpers import ROOT, child_env, tiny_run_args
+from util.model_api import PretrainModel
 
 
 def _train(script, data_path, out, **overrides):
@@ -72,6 +74,27 @@ def test_visualize_refuses_encoder_only_file(runs, tmp_path):
     assert proc.returncode != 0 and "not a pre-training checkpoint" in proc.stderr
 
 
+@pytest.mark.parametrize("name, timm_name", [("mae_vit_small_patch16_dec512d2b", "vit_small_patch16_224"),
+                                             ("mae_vit_small_patch16", "vit_small_patch16_224"),
+                                             ("mae_vit_base_patch16_dec512d8b", "vit_base_patch16_224")])
+def test_export_target_comes_from_the_registry_entry(name, timm_name):
+    """The export target is the registry entry's config, not parsed from the name or guessed from the shape."""
+    model = models_mae.create_model(name, img_size=32)
+    export = model.export_encoder()
+    assert export.meta["timm_model"] == timm_name == models_mae.MODELS.config(name)["timm_model"]
+    probe = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(export.target_features(probe), export.reference_features(probe))
+
+
+def test_both_model_families_implement_the_model_contract():
+    for model in (models_mae.create_model("mae_vit_debug_patch16", img_size=32),
+                  models_mae_cnn.create_model("resnet18", img_size=64)):
+        assert isinstance(model, PretrainModel)
+    with pytest.raises(ValueError, match="apply to ViT exports"):
+        models_mae_cnn.create_model("resnet18", img_size=64).export_encoder(input_size=96)
+
+
 def test_export_vit_loads_strictly_into_timm(runs, tmp_path):
     proc = _tool("export_encoder.py", "--checkpoint", runs["vit"], "--out", str(tmp_path / "vit"))
     assert proc.returncode == 0 and "features match" in proc.stdout, proc.stderr
@@ -79,7 +102,8 @@ def test_export_vit_loads_strictly_into_timm(runs, tmp_path):
     assert sidecar["input_size"] == 64 and sidecar["mask_ratio"] == 0.75 and sidecar["norm_pix_loss"] is False
     assert sidecar["sources"] == ["chexpert", "chestxray_nih", "mimic_cxr"] and sidecar["epoch"] == 0
     assert sidecar["normalization"]["per_source"]["chestxray_nih"] == [[0.5056] * 3, [0.252] * 3]
-    model = timm.create_model(sidecar["timm_model"], pretrained=False, **sidecar["timm_kwargs"])
+    assert sidecar["timm_model"] is None  # the debug model has no timm name: the sidecar describes it in full
+    model = VisionTransformer(**sidecar["timm_kwargs"])
     model.load_state_dict(torch.load(tmp_path / "vit.pth", weights_only=True), strict=True)
 
 
@@ -88,7 +112,7 @@ def test_export_vit_resamples_pos_embed_and_channels(runs, tmp_path):
                  "--in_chans", "1")
     assert proc.returncode == 0, proc.stderr
     sidecar = json.loads((tmp_path / "v.json").read_text())
-    model = timm.create_model(sidecar["timm_model"], pretrained=False, **sidecar["timm_kwargs"])
+    model = VisionTransformer(**sidecar["timm_kwargs"])
     model.load_state_dict(torch.load(tmp_path / "v.pth", weights_only=True), strict=True)
     assert model.forward_features(torch.randn(1, 1, 96, 96)).shape == (1, 37, 64)
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, child_env
+from tests.helpers import ROOT, child_env
 from util.host_memory import is_glibc
 
 PAGE_FAULTS_PER_STEP = """

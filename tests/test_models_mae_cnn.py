@@ -5,7 +5,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 import models_mae_cnn
-from tests.conftest import CNN_SCRIPT, run_cli, tiny_run_args
+from tests.helpers import CNN_SCRIPT, run_cli, tiny_run_args
 from tests.reference_impl import reference_cnn_forward
 
 

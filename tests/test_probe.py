@@ -11,7 +11,7 @@ import torch
 import data
 import main_pretrain_multi_datasets_xray as vit_main
 from data.synthetic import make_chexpert, make_nih
-from tests.conftest import VIT_SCRIPT, run_cli, tiny_run_args
+from tests.helpers import VIT_SCRIPT, run_cli, tiny_run_args
 from util.probe import auroc, linear_probe_auroc
 
 

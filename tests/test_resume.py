@@ -13,7 +13,7 @@ import torch
 import engine_pretrain
 import main_pretrain_multi_datasets_xray as vit_main
 import models_mae
-from tests.conftest import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
+from tests.helpers import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
 from tests.reference_impl import reference_param_groups
 from util import checkpoint as ckpt_lib
 from util.args import ExitCode

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, child_env, tiny_run_args
+from tests.helpers import ROOT, child_env, tiny_run_args
 
 pytestmark = pytest.mark.slow
 SLURM_CONF = "/tmp/medmae-slurm/slurm.conf"

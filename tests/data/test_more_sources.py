@@ -18,7 +18,7 @@ from data.synthetic import (
     save_image,
     write_dicom,
 )
-from tests.conftest import ROOT, child_env, nih_subset
+from tests.helpers import ROOT, child_env, nih_subset
 
 
 @pytest.mark.parametrize("flat", [False, True])

@@ -13,7 +13,7 @@ import data
 from data.prepared import PreparedStore
 from data.synthetic import chest_image
 from data.transforms import IMAGENET, build_train_transform
-from tests.conftest import VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
+from tests.helpers import VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
 
 
 @pytest.mark.parametrize("in_chans", [3, 1])

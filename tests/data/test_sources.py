@@ -9,7 +9,7 @@ import torch
 import data
 from data.chestxray_nih import DEFAULT_TRAIN_LIST, OFFICIAL_SPLITS_DIR
 from data.synthetic import NIH_SUBSET_LIST, make_chexpert, make_mimic, make_nih
-from tests.conftest import ROOT, nih_subset
+from tests.helpers import ROOT, nih_subset
 
 
 def _build(names, data_path, **overrides):

@@ -21,6 +21,7 @@ from data.chexpert import CheXpert
 from data.folder import Folder
 from data.gpu_augment import BatchAugment, CanvasTransform
 from data.image_io import decode_problem
+from data.leakage import DataLeakageError, check_leakage
 from data.mimic_cxr import MimicCXR
 from data.monitor import MonitorBatch, ProbeSubset, monitor_batch, probe_subset
 from data.padchest import PadChest
@@ -38,10 +39,6 @@ SOURCES: dict[str, Source] = {s.name: s for s in (CheXpert(), ChestXrayNIH(), Mi
                                                   Folder())}
 
 
-class DataLeakageError(RuntimeError):
-    """Pre-training images belong to patients of a source's own test or validation split."""
-
-
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Data")
     g.add_argument("--data_path", default="data", type=str,
@@ -49,19 +46,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                         "mimic_cxr/ (default: data)")
     g.add_argument("--datasets_names", nargs="+", default=["chexpert", "chestxray_nih"],
                    help=f"sources to pre-train on, any of {list(SOURCES)} (default: chexpert chestxray_nih)")
-    for name in SOURCES:
+    for name, source in SOURCES.items():
         g.add_argument(f"--{name}_root", default=None, type=str,
-                       help=f"folder of {name}, overriding --data_path/{SOURCES[name].default_dir}")
-    g.add_argument("--folder_list", default=None, type=str,
-                   help="for the 'folder' source: a file listing image paths (path[,patient] per line) instead of "
-                        "scanning --folder_root")
-    g.add_argument("--train_list", default=None, type=str,
-                   help="NIH list file of training images (name [labels] per line), looked up in the working "
-                        "directory, the NIH folder and the project; default: the reference's "
-                        "data_splits/chestxray/train_official.txt (75,312 images, shipped with the project)")
-    add_bool_flag(g, "mimic_cxr_unlabeled", False,
-                  "mimic_cxr: also pre-train on images of studies without a row in mimic-cxr-2.0.0-chexpert.csv(.gz); "
-                  "the reference, which starts from that label table, leaves them out")
+                       help=f"folder of {name}, overriding --data_path/{source.default_dir}")
+        source.add_args(g)
     g.add_argument("--input_size", default=224, type=int, help="images input size (default: 224)")
     g.add_argument("--in_chans", default=3, type=int, choices=[1, 3],
                    help="model input channels; 1 is native grayscale, 3 repeats the gray plane (default: 3)")
@@ -122,7 +110,7 @@ def check_data_args(args) -> list[str]:
                 [float(v) for v in values.values()]
         except ValueError as e:
             problems.append(str(e))
-    if getattr(args, "gpu_augment", False) and not args.random_resize_range:
+    if args.gpu_augment and not args.random_resize_range:
         problems.append("--gpu_augment reproduces RandomResizedCrop: give --random_resize_range (e.g. 0.5 1.0)")
     if (issue := check_norm_policy(args.norm_stats)) is not None:
         problems.append(issue)
@@ -132,7 +120,7 @@ def check_data_args(args) -> list[str]:
 
 
 def _view_filter(idx: SourceIndex, source: Source, requested: str | None) -> None:
-    views = requested.split(",") if requested else list(getattr(source, "default_views", ()))
+    views = requested.split(",") if requested else list(source.default_views)
     if not views or views == ["all"]:
         return
     if views == ["frontal"]:
@@ -184,25 +172,8 @@ def _check_sample_decodes(idx: SourceIndex, count: int, policy: str) -> None:
                    idx.name, len(problems), len(picks), listing)
 
 
-def check_leakage(indexes: list[SourceIndex]) -> None:
-    """Raise DataLeakageError if any source pre-trains on a patient of its own held-out split."""
-    report = []
-    for idx in indexes:
-        if not idx.held_out_patients:
-            continue
-        held = np.array(sorted(idx.held_out_patients), dtype=np.bytes_)
-        leaked = np.isin(idx.patients, held)
-        if leaked.any():
-            patients = sorted({p.decode() for p in idx.patients[leaked]})
-            report.append(f"  {idx.name}: {int(leaked.sum())} image(s) of {len(patients)} patient(s) in "
-                          f"{idx.held_out_name}, e.g. {', '.join(patients[:5])}")
-    if report:
-        raise DataLeakageError("pre-training pool overlaps held-out evaluation patients:\n" + "\n".join(report) +
-                               "\nRemove them from the training list, or pass --no-leakage_check if intended.")
-
-
 def open_prepared(args) -> PreparedStore | None:
-    return PreparedStore(args.prepared_dir) if getattr(args, "prepared_dir", None) else None
+    return PreparedStore(args.prepared_dir) if args.prepared_dir else None
 
 
 def build_indexes(args, check_files: bool = True, store: PreparedStore | None = None) -> list[SourceIndex]:
@@ -224,7 +195,7 @@ def build_indexes(args, check_files: bool = True, store: PreparedStore | None = 
             _view_filter(idx, source, views.get(name))
         if check_files and store is None:
             _check_files(idx, args.bad_files)
-            _check_sample_decodes(idx, getattr(args, "startup_check", 0), args.bad_files)
+            _check_sample_decodes(idx, args.startup_check, args.bad_files)
         _resample(idx, caps.get(name), weights.get(name), seed=0)
         if len(idx) == 0:
             raise ValueError(f"{name}: no images left after the filters ({idx.filters}); check --views and the data")
@@ -237,7 +208,7 @@ def build_indexes(args, check_files: bool = True, store: PreparedStore | None = 
 def draft_min_side(args) -> int | None:
     """The smallest decode that loses nothing: every RandomResizedCrop (area >= MIN, aspect <= 4/3) still
     downsamples to --input_size. None unless --jpeg_draft."""
-    if not getattr(args, "jpeg_draft", False):
+    if not args.jpeg_draft:
         return None
     scale_min = args.random_resize_range[0] if args.random_resize_range else 1.0
     return int(np.ceil(args.input_size * np.sqrt(4 / 3) / np.sqrt(scale_min)))

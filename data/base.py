@@ -60,13 +60,25 @@ class SourceIndex:
 
 
 class Source:
-    """One chest X-ray collection. Subclasses set `name` and implement `index`."""
+    """One chest X-ray collection: everything a source may offer is declared here.
+
+    A subclass sets `name` (its --datasets_names value) and `default_dir`, implements `index`, and may set
+    `default_views` and add flags of its own in `add_args` (every source gets --<name>_root). Beyond the pool, its
+    SourceIndex may carry held_out_patients (for the leakage guard), monitor_paths (held-out images for the
+    reconstruction monitor) and labels (findings, for the probe).
+    """
 
     name = ""
     default_dir = ""  # folder under --data_path in the reference layout
+    # views kept unless --views says otherwise: () keeps all, ("frontal",) drops laterals
+    default_views: tuple[str, ...] = ()
+
+    @classmethod
+    def add_args(cls, group) -> None:
+        """Flags of this source alone, added to the Data group."""
 
     def resolve_root(self, args) -> str:
-        root = getattr(args, f"{self.name}_root", None) or os.path.join(args.data_path, self.default_dir)
+        root = vars(args)[f"{self.name}_root"] or os.path.join(args.data_path, self.default_dir)
         if not os.path.isdir(root):
             raise FileNotFoundError(
                 f"{self.name}: data folder {root} does not exist. Put the dataset at "

@@ -93,8 +93,15 @@ class ChestXrayNIH(Source):
     name = "chestxray_nih"
     default_dir = "nih_chestxray"
 
+    @classmethod
+    def add_args(cls, group) -> None:
+        group.add_argument("--train_list", default=None, type=str,
+                           help="NIH list file of training images (name [labels] per line), looked up in the working "
+                                "directory, the NIH folder and the project; default: the reference's "
+                                "data_splits/chestxray/train_official.txt (75,312 images, shipped with the project)")
+
     def list_file(self, args, root: str) -> str:
-        given = getattr(args, "train_list", None)
+        given = args.train_list
         if not given:
             return require_file(DEFAULT_TRAIN_LIST, self.name, "the shipped data_splits/chestxray/train_official.txt")
         for candidate in (given, os.path.join(root, given), os.path.join(PROJECT_DIR, given)):

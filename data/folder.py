@@ -17,8 +17,14 @@ class Folder(Source):
     name = "folder"
     default_dir = "folder"
 
+    @classmethod
+    def add_args(cls, group) -> None:
+        group.add_argument("--folder_list", default=None, type=str,
+                           help="for the 'folder' source: a file listing image paths (path[,patient] per line) "
+                                "instead of scanning --folder_root")
+
     def index(self, args) -> SourceIndex:
-        list_file = getattr(args, "folder_list", None)
+        list_file = args.folder_list
         if list_file:
             return self._from_list(list_file)
         root = self.resolve_root(args)

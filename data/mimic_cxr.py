@@ -16,6 +16,7 @@ import os
 import pandas as pd
 
 from data.base import MONITOR_IMAGES, Source, SourceIndex, require_columns
+from util.args import add_bool_flag
 
 logger = logging.getLogger(__name__)
 LABEL_TABLE = "mimic-cxr-2.0.0-chexpert"
@@ -49,6 +50,13 @@ class MimicCXR(Source):
     default_dir = "mimic_cxr"
     default_views = ("AP", "PA")
 
+    @classmethod
+    def add_args(cls, group) -> None:
+        add_bool_flag(group, "mimic_cxr_unlabeled", False,
+                      "mimic_cxr: also pre-train on images of studies without a row in "
+                      "mimic-cxr-2.0.0-chexpert.csv(.gz); the reference, which starts from that label table, leaves "
+                      "them out")
+
     @staticmethod
     def image_dir(root: str) -> str:
         resized = os.path.join(root, "files_resized_320")
@@ -74,7 +82,7 @@ class MimicCXR(Source):
         df = df[df["split"] == "train"]
         filters = [("metadata", n_all), ("split == train", len(df))]
         label_path = _find_optional(root, LABEL_TABLE)
-        if label_path is not None and not getattr(args, "mimic_cxr_unlabeled", False):
+        if label_path is not None and not args.mimic_cxr_unlabeled:
             labelled = _labelled_studies(df, label_path)
             filters.append((f"studies in {os.path.basename(label_path)} ({int((~labelled).sum())} images of "
                             "unlabelled studies left out, as the reference; --mimic_cxr_unlabeled keeps them)",

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny datasets in the real layouts, a free port, state resets (helpers are in tests/helpers.py)."""
+"""Shared fixtures: tiny datasets in the real layouts, trained tiny runs, a free port, state resets (plain helpers are
+in tests/helpers.py)."""
 import random
 import socket
 
@@ -6,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import main_pretrain_multi_datasets_xray as vit_main
+import main_pretrain_multi_datasets_xray_cnn as cnn_main
 from data.synthetic import make_reference_layout
+from tests.helpers import train_in_process
 
 
 @pytest.fixture(autouse=True)
@@ -33,3 +37,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_data, tmp_path_factory):
+    """Checkpoints of one-epoch runs on the tiny fixture: ViT and CNN, each with and without norm_pix_loss."""
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "vit": train_in_process(vit_main, tiny_data[0], str(root / "vit"), input_size=64),
+        "vit_npl": train_in_process(vit_main, tiny_data[0], str(root / "vit_npl"), input_size=64, norm_pix_loss=True),
+        "cnn": train_in_process(cnn_main, tiny_data[0], str(root / "cnn"), model="densenet121", input_size=64),
+        "cnn_npl": train_in_process(cnn_main, tiny_data[0], str(root / "cnn_npl"), model="resnet50", input_size=64,
+                          norm_pix_loss=True),
+    }

@@ -2,10 +2,13 @@
 
 Fixtures live in conftest.py; these are plain functions, imported as `from tests.helpers import ...`.
 """
+import argparse
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import data
 from data.synthetic import NIH_SUBSET_LIST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +55,33 @@ def tiny_run_args(data_path: str, out: str, model: str = "mae_vit_debug_patch16"
         elif value is not None and value is not False:
             args += [f"--{key}", str(value)]
     return args + ["--datasets_names", "chexpert", "chestxray_nih", "mimic_cxr"]
+
+
+def build_dataset(names, data_path, **overrides):
+    """build_pretrain_dataset on a fixture: 32 px, and the fixture's own NIH list unless one is given."""
+    overrides.setdefault("input_size", 32)
+    overrides.setdefault("train_list", nih_subset(data_path))
+    return data.build_pretrain_dataset(names, data_path=data_path, **overrides)
+
+
+def default_data_args() -> argparse.Namespace:
+    """Every data flag at its default."""
+    parser = argparse.ArgumentParser()
+    data.add_data_args(parser)
+    return parser.parse_args([])
+
+
+def run_tool(tool: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """python -m tools.<tool> from the repository root, as PRETRAIN.md runs it."""
+    return subprocess.run([sys.executable, "-m", f"tools.{tool.removesuffix('.py')}", *args], cwd=ROOT,
+                          env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train_in_process(script, data_path: str, out: str, **overrides) -> str:
+    """A tiny run of an entry script's pipeline in this process; returns its checkpoint-0.pth."""
+    import engine_pretrain
+
+    args = argparse.ArgumentParser(parents=[script.get_args_parser()]).parse_args(
+        tiny_run_args(data_path, out, **overrides))
+    assert engine_pretrain.run_pretraining(args, script.build_model, script.check_model_args) == 0
+    return os.path.join(out, "checkpoint-0.pth")

@@ -1,0 +1,71 @@
+"""tools/export_encoder and the models' export_encoder: timm and torchvision."""
+import json
+
+import pytest
+import torch
+import torchvision
+from timm.models.vision_transformer import VisionTransformer
+
+import models_mae
+import models_mae_cnn
+from tests.helpers import run_tool
+from util.model_api import PretrainModel
+
+
+@pytest.mark.parametrize("name, timm_name", [("mae_vit_small_patch16_dec512d2b", "vit_small_patch16_224"),
+                                             ("mae_vit_small_patch16", "vit_small_patch16_224"),
+                                             ("mae_vit_base_patch16_dec512d8b", "vit_base_patch16_224")])
+def test_export_target_comes_from_the_registry_entry(name, timm_name):
+    """The export target is the registry entry's config, not parsed from the name or guessed from the shape."""
+    model = models_mae.create_model(name, img_size=32)
+    export = model.export_encoder()
+    assert export.meta["timm_model"] == timm_name == models_mae.MODELS.config(name)["timm_model"]
+    probe = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(export.target_features(probe), export.reference_features(probe))
+
+
+def test_both_model_families_implement_the_model_contract():
+    for model in (models_mae.create_model("mae_vit_debug_patch16", img_size=32),
+                  models_mae_cnn.create_model("resnet18", img_size=64)):
+        assert isinstance(model, PretrainModel)
+    with pytest.raises(ValueError, match="apply to ViT exports"):
+        models_mae_cnn.create_model("resnet18", img_size=64).export_encoder(input_size=96)
+
+
+def test_export_vit_loads_strictly_into_timm(runs, tmp_path):
+    proc = run_tool("export_encoder.py", "--checkpoint", runs["vit"], "--out", str(tmp_path / "vit"))
+    assert proc.returncode == 0 and "features match" in proc.stdout, proc.stderr
+    sidecar = json.loads((tmp_path / "vit.json").read_text())
+    assert sidecar["input_size"] == 64 and sidecar["mask_ratio"] == 0.75 and sidecar["norm_pix_loss"] is False
+    assert sidecar["sources"] == ["chexpert", "chestxray_nih", "mimic_cxr"] and sidecar["epoch"] == 0
+    assert sidecar["normalization"]["per_source"]["chestxray_nih"] == [[0.5056] * 3, [0.252] * 3]
+    assert sidecar["timm_model"] is None  # the debug model has no timm name: the sidecar describes it in full
+    model = VisionTransformer(**sidecar["timm_kwargs"])
+    model.load_state_dict(torch.load(tmp_path / "vit.pth", weights_only=True), strict=True)
+
+
+def test_export_vit_resamples_pos_embed_and_channels(runs, tmp_path):
+    proc = run_tool("export_encoder.py", "--checkpoint", runs["vit"], "--out", str(tmp_path / "v"),
+                    "--input_size", "96",
+                 "--in_chans", "1")
+    assert proc.returncode == 0, proc.stderr
+    sidecar = json.loads((tmp_path / "v.json").read_text())
+    model = VisionTransformer(**sidecar["timm_kwargs"])
+    model.load_state_dict(torch.load(tmp_path / "v.pth", weights_only=True), strict=True)
+    assert model.forward_features(torch.randn(1, 1, 96, 96)).shape == (1, 37, 64)
+
+
+def test_export_densenet_loads_strictly_into_torchvision(runs, tmp_path):
+    proc = run_tool("export_encoder.py", "--checkpoint", runs["cnn"], "--out", str(tmp_path / "d"))
+    assert proc.returncode == 0 and "features match" in proc.stdout, proc.stderr
+    features = torchvision.models.densenet121().features
+    features.load_state_dict(torch.load(tmp_path / "d.pth", weights_only=True), strict=True)
+
+
+def test_export_resnet50_loads_into_torchvision_without_fc(runs, tmp_path):
+    proc = run_tool("export_encoder.py", "--checkpoint", runs["cnn_npl"], "--out", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    result = torchvision.models.resnet50().load_state_dict(torch.load(tmp_path / "r.pth", weights_only=True),
+                                                           strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys

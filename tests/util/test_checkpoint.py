@@ -1,0 +1,69 @@
+"""util/checkpoint.py: safe loading, atomic saves, pruning, the write probe."""
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+
+import models_mae
+from tests.helpers import VIT_SCRIPT, run_cli, tiny_run_args
+from util import checkpoint as ckpt_lib
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path, tiny_data):
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "epoch": 0, "args": _Payload()}, evil)
+    with pytest.raises(ckpt_lib.UnsafeCheckpointError, match="refused to load .*evil.pth"):
+        ckpt_lib.load_checkpoint(str(evil))
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
+    out = tmp_path / "run"
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(out), resume=str(evil))],
+                   expect_rc=None, cwd=tmp_path)
+    assert proc.returncode == 1 and "refused to load" in proc.stdout, proc.output
+    assert not (tmp_path / "pwned-by-checkpoint").exists() and "Traceback" not in proc.stderr
+
+
+def test_reference_checkpoint_with_namespace_args_loads(tmp_path):
+    model = models_mae.create_model("mae_vit_debug_patch16", img_size=32)
+    path = tmp_path / "reference.pth"
+    torch.save({"model": model.state_dict(), "epoch": 19, "scaler": {},
+                "args": argparse.Namespace(model="mae_vit_small_patch16_dec128d2b", blr=1.5e-4, input_size=224)}, path)
+    ckpt = ckpt_lib.load_checkpoint(str(path))
+    assert ckpt["args"]["blr"] == 1.5e-4 and ckpt_lib.progress_of(ckpt) == (20, 0)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        torch.load(path, weights_only=True)  # plain weights_only refuses it; the allow-list above is what admits it
+
+
+def test_atomic_save_failure_keeps_previous(tmp_path):
+    path = str(tmp_path / "checkpoint-last.pth")
+    ckpt_lib.atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+
+    class Explodes:
+        def __reduce__(self):
+            raise RuntimeError("disk went away mid-write")
+
+    with pytest.raises(RuntimeError, match="disk went away"):
+        ckpt_lib.atomic_save({"epoch": 2, "w": torch.zeros(1000), "bad": Explodes()}, path)
+    assert ckpt_lib.load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
+def test_keep_last_prunes_periodic_only(tmp_path):
+    for epoch in range(5):
+        ckpt_lib.atomic_save({"epoch": epoch}, str(tmp_path / f"checkpoint-{epoch}.pth"))
+    ckpt_lib.atomic_save({"epoch": 4}, str(tmp_path / "checkpoint-last.pth"))
+    ckpt_lib.prune_periodic(str(tmp_path), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3.pth", "checkpoint-4.pth", "checkpoint-last.pth"]
+
+
+def test_unwritable_output_dir_is_clear(tiny_data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(blocker / "out"))], expect_rc=1)
+    assert "--output_dir" in proc.stdout and "is not writable" in proc.stdout, proc.output

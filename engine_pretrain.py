@@ -387,8 +387,9 @@ def _run(args, info, device, build_model, check_model_args) -> int:
     try:
         prepare_outputs(args, info)
         setup_logging(args.output_dir if info.is_main else None, info.rank)
-        pretrain_data = data_lib.build_pretrain_data(args, monitor=info.is_main,
-                                                     probe=info.is_main and args.probe_freq > 0)
+        pretrain_data = data_lib.build_pretrain_data(
+            data_lib.data_config(args), monitor=info.is_main,
+            probe_images=args.probe_images if info.is_main and args.probe_freq > 0 else 0)
         loader, sampler, steps = build_loader(args, pretrain_data.dataset, info, device)
     except (OSError, ValueError, RuntimeError) as e:  # missing data, bad metadata, leakage, unwritable output
         raise SetupError(str(e)) from e

@@ -9,6 +9,8 @@ Public API, also for other self-supervised code (the paper's MoCo v2 baselines u
 Each item is (transform(gray PIL image), replaced_flag).
 """
 import argparse
+import copy
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -30,8 +32,9 @@ from data.transforms import build_train_transform, check_norm_policy, norm_stats
 from data.vindr_cxr import VinDrCXR
 from util.args import add_bool_flag
 
-__all__ = ["SOURCES", "BadImageError", "DataLeakageError", "PretrainData", "add_data_args", "build_indexes",
-           "build_pretrain_data", "build_pretrain_dataset", "check_data_args", "count_tree", "format_count_tree"]
+__all__ = ["SOURCES", "BadImageError", "DataConfig", "DataLeakageError", "PretrainData", "add_data_args",
+           "build_indexes", "build_pretrain_data", "build_pretrain_dataset", "check_data_args", "count_tree",
+           "data_config", "format_count_tree"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,32 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     add_bool_flag(g, "leakage_check", True, "fail if a pre-training patient is in a source's own test/validation split")
 
 
+def _data_flag_defaults() -> dict:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_data_args(parser)
+    return vars(parser.parse_args([]))
+
+
+# One field per data flag, generated from add_data_args so the flags stay the single source of names and defaults.
+DataConfig = dataclasses.make_dataclass(
+    "DataConfig", [(name, object, dataclasses.field(default_factory=lambda v=value: copy.deepcopy(v)))
+                   for name, value in _data_flag_defaults().items()])
+DataConfig.__doc__ = "The data flags (add_data_args), and nothing else: what every source and builder in data/ reads."
+DATA_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig))
+
+
+def data_config(args=None, **overrides) -> DataConfig:
+    """A DataConfig from parsed args (their data flags; a missing one takes its default) and/or keyword overrides.
+    An unknown keyword is an error that lists the valid ones."""
+    if isinstance(args, DataConfig) and not overrides:
+        return args
+    unknown = sorted(set(overrides) - set(DATA_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown data option(s) {unknown}; valid: {list(DATA_FIELDS)}")
+    given = {} if args is None else {k: v for k, v in vars(args).items() if k in DATA_FIELDS}
+    return DataConfig(**{**given, **overrides})
+
+
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
     out = {}
     for item in items:
@@ -99,6 +128,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 def check_data_args(args) -> list[str]:
     """Problems with the data flags, each naming its flag (empty if none)."""
+    args = data_config(args)
     problems = []
     unknown = [n for n in args.datasets_names if n not in SOURCES]
     if unknown:
@@ -182,6 +212,7 @@ def build_indexes(args, check_files: bool = True, store: PreparedStore | None = 
     check_files=False leaves missing and undecodable files in the index (tools/verify_data.py reports them).
     `store` is the already opened --prepared_dir, if the caller has it.
     """
+    args = data_config(args)
     views, caps = _pairs(args.views, "--views"), _pairs(args.source_cap, "--source_cap")
     weights = _pairs(args.source_weight, "--source_weight")
     store = store if store is not None else open_prepared(args)
@@ -208,6 +239,7 @@ def build_indexes(args, check_files: bool = True, store: PreparedStore | None = 
 def draft_min_side(args) -> int | None:
     """The smallest decode that loses nothing: every RandomResizedCrop (area >= MIN, aspect <= 4/3) still
     downsamples to --input_size. None unless --jpeg_draft."""
+    args = data_config(args)
     if not args.jpeg_draft:
         return None
     scale_min = args.random_resize_range[0] if args.random_resize_range else 1.0
@@ -231,19 +263,6 @@ def resolve_norm_stats(args) -> dict:
     """--norm_stats resolved once for every source: what the transforms, the monitor and the checkpoint use."""
     return {"policy": args.norm_stats, "sources": list(args.datasets_names),
             "per_source": {n: norm_stats_for(n, args.norm_stats, args.in_chans) for n in args.datasets_names}}
-
-
-def _default_args(names, data_path: str, overrides: dict) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(add_help=False)
-    add_data_args(parser)
-    args = parser.parse_args([])
-    unknown = sorted(set(overrides) - set(vars(args)))
-    if unknown:
-        raise TypeError(f"build_pretrain_dataset: unknown data option(s) {unknown}; valid: {sorted(vars(args))}")
-    args.datasets_names, args.data_path = list(names), data_path
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
 
 
 def _datasets(args, transform, norm_stats: dict) -> tuple[ConcatSources, dict]:
@@ -273,11 +292,11 @@ def build_pretrain_dataset(args_or_names, data_path: str = "data", transform=Non
     the valid ones. With transform=None each source gets the reference augmentation and its own mean/std from
     --norm_stats.
     """
-    if isinstance(args_or_names, argparse.Namespace):
-        args = args_or_names
+    if isinstance(args_or_names, (argparse.Namespace, DataConfig)):
+        cfg = data_config(args_or_names, **overrides)
     else:
-        args = _default_args(args_or_names, data_path, overrides)
-    return _datasets(args, transform, resolve_norm_stats(args))
+        cfg = data_config(datasets_names=list(args_or_names), data_path=data_path, **overrides)
+    return _datasets(cfg, transform, resolve_norm_stats(cfg))
 
 
 @dataclass
@@ -292,8 +311,10 @@ class PretrainData:
     probe: ProbeSubset | None  # the fixed labelled probe subset (--probe_freq, main process)
 
 
-def build_pretrain_data(args, monitor: bool = True, probe: bool = False) -> PretrainData:
-    """The training pool plus the fixed evaluation images; monitor/probe are built only where asked (rank 0)."""
+def build_pretrain_data(args, monitor: bool = True, probe_images: int = 0) -> PretrainData:
+    """The training pool plus the fixed evaluation images: the monitor batch if `monitor`, a probe subset of
+    `probe_images` images if > 0 (both only where asked: rank 0)."""
+    args = data_config(args)
     norm_stats = resolve_norm_stats(args)
     dataset, counts = _datasets(args, None, norm_stats)
     per_source = norm_stats["per_source"]
@@ -304,4 +325,4 @@ def build_pretrain_data(args, monitor: bool = True, probe: bool = False) -> Pret
     return PretrainData(
         dataset, counts, norm_stats, augment,
         monitor_batch(dataset, per_source, args.input_size, args.in_chans) if monitor else None,
-        probe_subset(dataset, per_source, args.input_size, args.in_chans, args.probe_images) if probe else None)
+        probe_subset(dataset, per_source, args.input_size, args.in_chans, probe_images) if probe_images else None)

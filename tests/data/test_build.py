@@ -1,4 +1,5 @@
 """data/__init__.py: building the pool (file checks, normalisation, caps, the public API)."""
+import argparse
 import os
 import shutil
 
@@ -121,3 +122,13 @@ def test_jpeg_draft_keeps_enough_resolution(scale_min):
         assert smallest_crop_side(round(side * 0.9), round(side * 0.9)) < 224
     args.jpeg_draft = False
     assert data.draft_min_side(args) is None
+
+
+def test_data_config_holds_exactly_the_data_flags_and_rejects_typos(tiny_data):
+    assert set(data.DATA_FIELDS) == set(vars(default_data_args()))
+    with pytest.raises(TypeError, match=r"unknown data option\(s\) \['chexpert_rot'\]; valid: \[.*'chexpert_root'"):
+        data.build_pretrain_dataset(["chexpert"], data_path=tiny_data[0], chexpert_rot="x")
+    run_args = argparse.Namespace(**vars(default_data_args()), batch_size=8, model="mae_vit_debug_patch16")
+    cfg = data.data_config(run_args, input_size=48)
+    assert cfg.input_size == 48 and cfg.data_path == "data" and not hasattr(cfg, "batch_size")
+    assert data.data_config(argparse.Namespace(jpeg_draft=True)).input_size == 224  # missing flags: defaults

@@ -32,7 +32,8 @@ def test_cli_probe_and_held_out_monitor(tmp_path):
         assert epoch_a["val_loss"] == epoch_b["val_loss"] and epoch_a["probe_auroc"] == epoch_b["probe_auroc"]
     # the logged value is the probe of the final weights on the fixed, patient-split labelled subset: recompute it
     run_args = argparse.ArgumentParser(parents=[vit_main.get_args_parser()]).parse_args(args)
-    subset = data.build_pretrain_data(run_args, monitor=False, probe=True).probe
+    subset = data.build_pretrain_data(data.data_config(run_args), monitor=False,
+                                      probe_images=run_args.probe_images).probe
     model = vit_main.build_model(run_args)
     model.load_state_dict(torch.load(os.path.join(str(tmp_path / "b"), "checkpoint-last.pth"),
                                      weights_only=True)["model"])

@@ -126,18 +126,25 @@ def create_model(encoder_name: str, **kwargs) -> MaskedAutoencoderCNN:
 
 # ---- conversions: export to torchvision, and --init_from -------------------------------------------------------
 
-def to_torchvision_state_dict(encoder_state: dict, encoder_name: str) -> tuple[str, dict]:
-    """SMP encoder weights -> (torchvision target, state dict).
+# SMP encoders built on torchvision's own modules, so their keys map 1:1, and how each exports: 'features' loads
+# strictly into torchvision.models.<name>().features, 'without_fc' into torchvision.models.<name>() less its fc.
+TORCHVISION_EXPORTS = {
+    **{name: "features" for name in ("densenet121", "densenet161", "densenet169", "densenet201")},
+    **{name: "without_fc" for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                                       "resnext50_32x4d", "resnext101_32x8d")},
+}
 
-    DenseNets load strictly into torchvision `<name>().features` (the 'features.' prefix dropped); ResNets into
-    `<name>()` with only `fc` missing. SMP builds both encoders on torchvision's own modules, so keys map 1:1.
-    """
-    if encoder_name.startswith("densenet"):
+
+def to_torchvision_state_dict(encoder_state: dict, encoder_name: str) -> tuple[str, dict]:
+    """SMP encoder weights -> (torchvision target, state dict), by TORCHVISION_EXPORTS."""
+    kind = TORCHVISION_EXPORTS.get(encoder_name)
+    if kind == "features":
         return f"torchvision.models.{encoder_name}().features", {
             k.removeprefix("features."): v for k, v in encoder_state.items()}
-    if encoder_name.startswith(("resnet", "resnext")):
+    if kind == "without_fc":
         return f"torchvision.models.{encoder_name}() (without fc)", dict(encoder_state)
-    raise ValueError(f"no torchvision naming for encoder '{encoder_name}'; export the SMP encoder state dict instead")
+    raise ValueError(f"no torchvision equivalent for encoder '{encoder_name}' (known: {sorted(TORCHVISION_EXPORTS)}); "
+                     "export the SMP encoder state dict instead")
 
 
 def export_to_torchvision(model: MaskedAutoencoderCNN) -> EncoderExport:
@@ -148,7 +155,7 @@ def export_to_torchvision(model: MaskedAutoencoderCNN) -> EncoderExport:
     name = model.encoder_name
     target_name, state = to_torchvision_state_dict(model.encoder_state_dict(), name)
     net = getattr(torchvision.models, name)()
-    densenet = name.startswith("densenet")
+    densenet = TORCHVISION_EXPORTS[name] == "features"
     if model.in_chans != 3:
         holder, attr = (net.features, "conv0") if densenet else (net, "conv1")
         old = getattr(holder, attr)

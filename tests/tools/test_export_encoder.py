@@ -69,3 +69,14 @@ def test_export_resnet50_loads_into_torchvision_without_fc(runs, tmp_path):
     result = torchvision.models.resnet50().load_state_dict(torch.load(tmp_path / "r.pth", weights_only=True),
                                                            strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "densenet121", "resnext50_32x4d"])
+def test_cnn_export_target_comes_from_the_export_table(encoder):
+    export = models_mae_cnn.create_model(encoder, img_size=64).eval().export_encoder()
+    assert export.meta["torchvision_target"].startswith(f"torchvision.models.{encoder}()")
+    probe = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(export.target_features(probe), export.reference_features(probe))
+    with pytest.raises(ValueError, match="no torchvision equivalent for encoder 'efficientnet-b0'"):
+        models_mae_cnn.to_torchvision_state_dict({}, "efficientnet-b0")

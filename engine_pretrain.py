@@ -30,7 +30,7 @@ from util.log import MetricLogger, RunLog, git_commit, setup_logging, write_json
 from util.lr_sched import adjust_learning_rate
 from util.model_api import PretrainModel
 from util.optim import build_optimizer, load_optimizer_state
-from util.precision import LossScaler, autocast, resolve_precision
+from util.precision import LossScaler, autocast, configure_backends, resolve_precision
 from util.preemption import Preempted, PreemptionFlag
 from util.vis import save_loss_curve
 
@@ -54,8 +54,9 @@ class TrainState:
     epoch: int = 0
     step: int = 0  # next data_iter_step inside `epoch`
     optimizer_steps: int = 0
-    bad_steps_total: int = 0
-    bad_steps_in_a_row: int = 0
+    bad_steps_total: int = 0  # non-finite loss, or a non-finite gradient without a loss scaler
+    scaler_skips_total: int = 0  # fp16: the GradScaler found an overflow, skipped the update and lowered its scale
+    bad_steps_in_a_row: int = 0  # either kind; --max_bad_steps stops the run
     replaced_files: int = 0
 
 
@@ -128,27 +129,42 @@ def prepare_outputs(args, info) -> None:
 
 def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int) -> dict | None:
     """The checkpoint dict (reference keys first) on rank 0; None elsewhere. All ranks must call it."""
-    rng = [ckpt_lib.rng_state()]
+    rng = [ckpt_lib.rng_state(run.device)]
     if run.info.distributed:
         rng = [None] * run.info.world_size
-        torch.distributed.all_gather_object(rng, ckpt_lib.rng_state())
+        torch.distributed.all_gather_object(rng, ckpt_lib.rng_state(run.device))
     if not run.info.is_main:
         return None
     return ckpt_lib.assemble(run.model_without_ddp, run.optimizer, run.scaler.state_dict(), run.args, epoch, step,
                              rng=rng, world_size=run.info.world_size, norm_stats=run.data.norm_stats,
-                             optimizer_steps=state.optimizer_steps, bad_steps_total=state.bad_steps_total)
+                             optimizer_steps=state.optimizer_steps, bad_steps_total=state.bad_steps_total,
+                             scaler_skips_total=state.scaler_skips_total)
 
 
 def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = False) -> None:
-    """checkpoint-last (always) and checkpoint-{epoch} (periodic); rank 0 writes, every rank joins."""
+    """checkpoint-last (always) and checkpoint-{epoch} (periodic); rank 0 writes, every rank joins.
+
+    No rank returns before rank 0's files are complete: a pre-empted rank that exited early would have torchrun or
+    srun --kill-on-bad-exit kill rank 0 in the middle of a large write to a network filesystem."""
     ckpt = checkpoint_state(run, state, epoch, step)
-    if ckpt is None:
-        return
-    out = run.args.output_dir
-    ckpt_lib.atomic_save(ckpt, os.path.join(out, ckpt_lib.LAST_NAME))
-    if periodic:
-        ckpt_lib.atomic_copy(os.path.join(out, ckpt_lib.LAST_NAME), os.path.join(out, f"checkpoint-{epoch}.pth"))
-        ckpt_lib.prune_periodic(out, run.args.keep_last)
+    error = None
+    if ckpt is not None:
+        out = run.args.output_dir
+        try:
+            ckpt_lib.atomic_save(ckpt, os.path.join(out, ckpt_lib.LAST_NAME))
+            if periodic:
+                ckpt_lib.atomic_copy(os.path.join(out, ckpt_lib.LAST_NAME),
+                                     os.path.join(out, f"checkpoint-{epoch}.pth"))
+                ckpt_lib.prune_periodic(out, run.args.keep_last)
+        except (RuntimeError, OSError) as e:
+            error = e
+    if run.info.distributed:  # the barrier carries rank 0's outcome, so a failed write stops every rank at once
+        failed = torch.tensor([0.0 if error is None else 1.0], device=run.device)
+        dist_lib.all_reduce(failed)
+        if failed.item() and error is None:
+            raise RuntimeError("rank 0 could not write the checkpoint (its log says why); the previous one is intact")
+    if error is not None:
+        raise error
 
 
 def resume(run: Run, state: TrainState) -> None:
@@ -171,9 +187,10 @@ def resume(run: Run, state: TrainState) -> None:
         state.epoch, state.step = ckpt_lib.progress_of(ckpt)
         state.optimizer_steps = int(ckpt.get("optimizer_steps", 0))
         state.bad_steps_total = int(ckpt.get("bad_steps_total", 0))
+        state.scaler_skips_total = int(ckpt.get("scaler_skips_total", 0))
         rng = ckpt.get("rng")
         if rng and ckpt.get("world_size") == run.info.world_size:
-            ckpt_lib.set_rng_state(rng[run.info.rank])
+            ckpt_lib.set_rng_state(rng[run.info.rank], run.device, run.info.local_rank)
         elif rng:
             logger.warning("checkpoint was written by %s processes, this run has %d: RNG streams restart from "
                            "the seed", ckpt.get("world_size"), run.info.world_size)
@@ -228,14 +245,15 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
         images += samples.shape[0]
         if not update:
             continue
-        loss_value, grad_norm = optimizer_step(run, state, loss_accum / accum_iter)
+        loss_value, grad_norm, stepped = optimizer_step(run, state, loss_accum / accum_iter)
         loss_accum.zero_()
         state.step = data_iter_step + 1
-        metric_logger.update(loss=loss_value, lr=lr, grad_norm=grad_norm)
         epoch_1000x = int((data_iter_step / steps + state.epoch) * 1000)
-        run.run_log.scalar("train_loss", loss_value, epoch_1000x)
         run.run_log.scalar("lr", lr, epoch_1000x)
-        run.run_log.scalar("grad_norm", grad_norm, epoch_1000x)
+        if stepped:  # a skipped step's inf/nan stays out of the epoch averages
+            metric_logger.update(loss=loss_value, lr=lr, grad_norm=grad_norm)
+            run.run_log.scalar("train_loss", loss_value, epoch_1000x)
+            run.run_log.scalar("grad_norm", grad_norm, epoch_1000x)
         if state.bad_steps_in_a_row >= args.max_bad_steps:
             save(run, state, state.epoch, state.step)
             raise TooManyBadSteps(
@@ -251,7 +269,9 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats.update(images_per_s=images * run.info.world_size / max(elapsed, 1e-9),
                  data_wait_fraction=metric_logger.data_wait_fraction, bad_steps=state.bad_steps_total,
-                 replaced_files=state.replaced_files)
+                 scaler_skips=state.scaler_skips_total, replaced_files=state.replaced_files)
+    if run.scaler.enabled:  # read once an epoch: get_scale() waits for the device
+        stats["loss_scale"] = run.scaler.scale()
     if stats["data_wait_fraction"] > INPUT_BOUND_WARNING:
         logger.warning("input-bound: %.0f%% of step time waited for data. Raise --num_workers, or train from "
                        "tools/prepare_data.py output.", 100 * stats["data_wait_fraction"])
@@ -268,36 +288,46 @@ def to_device(run: Run, samples, epoch: int, data_iter_step: int) -> torch.Tenso
     return run.data.augment(canvas.to(run.device, non_blocking=True), hw, source, seed)
 
 
-def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> tuple[float, float]:
+def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> tuple[float, float, bool]:
     """Step unless the loss or gradient is non-finite; one all-reduce and one host sync per step.
 
-    The stop flag travels with the loss so every rank sees a pre-emption signal at the same step.
-    Returns the process-averaged loss and the gradient norm (before clipping).
+    The stop flag travels with the loss so every rank sees a pre-emption signal at the same step. With fp16, a
+    non-finite gradient is the GradScaler's overflow: the update is skipped, the scale lowered, and the skip counted
+    apart from non-finite losses; both count towards --max_bad_steps, so a collapsing scale stops the run.
+    Returns the process-averaged loss, the gradient norm (before clipping) and whether the weights were updated.
     """
     args = run.args
     norm = run.scaler.step_prepare(run.optimizer, run.model.parameters(), args.clip_grad)
     stop = 1.0 if run.preemption.set else 0.0
-    packed = torch.stack([loss.float(), torch.tensor(stop, device=run.device), norm.float().to(run.device)])
+    # torch.full fills on the device; torch.tensor(stop, device=...) would be a blocking host-to-device copy
+    packed = torch.stack([loss.float(), torch.full((), stop, device=run.device), norm.float().to(run.device)])
     dist_lib.all_reduce(packed)
     loss_value, stop_count, norm_value = packed.tolist()
     loss_value /= run.info.world_size
     norm_value /= run.info.world_size
     run.preemption_requested = stop_count > 0
-    finite = math.isfinite(loss_value) and (math.isfinite(norm_value) or run.scaler.enabled)
-    if finite:
+    stepped = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if stepped:
         run.scaler.step_apply(run.optimizer)
         state.bad_steps_in_a_row = 0
         state.optimizer_steps += 1
     else:
-        run.scaler.step_skip(run.optimizer)
-        state.bad_steps_total += 1
+        run.scaler.step_skip(run.optimizer)  # fp16: lowers the scale
         state.bad_steps_in_a_row += 1
-        logger.warning("non-finite loss (%s) or gradient norm (%s) at epoch %d step %d: update skipped "
-                       "(%d in a row, %d in total)", loss_value, norm_value, state.epoch, state.step,
-                       state.bad_steps_in_a_row, state.bad_steps_total)
-        run.run_log.scalar("bad_steps", state.bad_steps_total, state.optimizer_steps)
+        if run.scaler.enabled and math.isfinite(loss_value):
+            state.scaler_skips_total += 1
+            logger.info("fp16 gradient overflow at epoch %d step %d: update skipped, loss scale now %g (%d skips in "
+                        "total, %d bad steps in a row)", state.epoch, state.step, run.scaler.scale(),
+                        state.scaler_skips_total, state.bad_steps_in_a_row)
+            run.run_log.scalar("scaler_skips", state.scaler_skips_total, state.optimizer_steps)
+        else:
+            state.bad_steps_total += 1
+            logger.warning("non-finite loss (%s) or gradient norm (%s) at epoch %d step %d: update skipped "
+                           "(%d in a row, %d in total)", loss_value, norm_value, state.epoch, state.step,
+                           state.bad_steps_in_a_row, state.bad_steps_total)
+            run.run_log.scalar("bad_steps", state.bad_steps_total, state.optimizer_steps)
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value
+    return loss_value, norm_value, stepped
 
 
 def visualize(run: Run, epoch: int) -> float | None:
@@ -398,6 +428,7 @@ def _run(args, info, device, build_model, check_model_args) -> int:
         logger.info("%s", data_lib.format_count_tree(pretrain_data.counts))
         write_json(os.path.join(args.output_dir, "data_counts.json"), pretrain_data.counts)
     precision = resolve_precision(args.precision, device)
+    configure_backends(device)
     if args.keep_freed_memory and device.type == "cpu" and keep_freed_memory():
         logger.info("CPU run: freed memory stays in the process for reuse (--no_keep_freed_memory to give it back)")
     eff_batch_size = resolve_lr(args, info.world_size)

@@ -16,7 +16,10 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 class CanvasTransform:
-    """Gray PIL image -> (uint8 [1, C, C] with the image top-left, (h, w), source id)."""
+    """Gray PIL image -> (uint8 [1, C, C] with the image top-left, (h, w), source id).
+
+    Beyond the image the canvas repeats its last row and column, so the bicubic taps of a crop that touches the
+    right or bottom border read image values (as PIL's resampling does), never a zero fill."""
 
     def __init__(self, canvas: int, source_id: int):
         self.canvas, self.source_id = canvas, source_id
@@ -27,9 +30,8 @@ class CanvasTransform:
             scale = self.canvas / max(w, h)
             image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
             w, h = image.size
-        out = torch.zeros(1, self.canvas, self.canvas, dtype=torch.uint8)
-        out[0, :h, :w] = torch.from_numpy(np.array(image, dtype=np.uint8))  # a writable copy
-        return out, torch.tensor([h, w]), self.source_id
+        pixels = np.pad(np.asarray(image, dtype=np.uint8), ((0, self.canvas - h), (0, self.canvas - w)), mode="edge")
+        return torch.from_numpy(pixels).unsqueeze(0), torch.tensor([h, w]), self.source_id
 
 
 def sample_crops(hw: torch.Tensor, scale, generator: torch.Generator, ratio=RATIO) -> torch.Tensor:
@@ -68,6 +70,12 @@ class BatchAugment:
         # (x / 255 - mean) / std as x * a + b, one row per source
         self.a = torch.tensor([[1.0 / (255.0 * s) for s in std] for _, std in per_source_stats])
         self.b = torch.tensor([[-m / s for m, s in zip(mean, std)] for mean, std in per_source_stats])
+        self._on_device: dict = {}  # device -> (a, b): constants copied to the device once, not every step
+
+    def _constants(self, device: torch.device):
+        if device not in self._on_device:
+            self._on_device[device] = (self.a.to(device), self.b.to(device))
+        return self._on_device[device]
 
     def __call__(self, canvas: torch.Tensor, hw: torch.Tensor, source: torch.Tensor, seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
@@ -84,6 +92,7 @@ class BatchAugment:
         grid = F.affine_grid(theta, [n, 1, self.size, self.size], align_corners=False)
         pixels = F.grid_sample(canvas.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
         pixels = pixels.clamp_(0, 255)
-        a = self.a.to(canvas.device)[source.to(canvas.device)].view(n, -1, 1, 1)
-        b = self.b.to(canvas.device)[source.to(canvas.device)].view(n, -1, 1, 1)
+        a_rows, b_rows = self._constants(canvas.device)
+        source = source.to(canvas.device, non_blocking=True)
+        a, b = a_rows[source].view(n, -1, 1, 1), b_rows[source].view(n, -1, 1, 1)
         return pixels * a + b  # broadcasts the gray plane to in_chans channels

@@ -1,5 +1,7 @@
 """Never lose a cluster week: kill/resume equivalence, pre-emption, NaN handling, safe loading, dead ranks."""
 import argparse
+import json
+import math
 import os
 import re
 import signal
@@ -108,6 +110,23 @@ class NaNInjectingMAE(models_mae.MaskedAutoencoderViT):
         return (loss * float("nan") if self.calls in self.bad_calls else loss), pred, mask
 
 
+class InfGradMAE(NaNInjectingMAE):
+    """The same debug MAE with a finite loss whose gradient overflows (inf in one weight) on chosen calls."""
+
+    def forward(self, imgs, mask_ratio=None):
+        self.calls += 1
+        self.snapshots.append(self.blocks[0].attn.qkv.weight.detach().clone())
+        if self.calls in self.bad_calls:
+            weight = self.blocks[0].attn.qkv.weight
+
+            def overflow(grad):  # this backward only
+                handle.remove()
+                return grad * float("inf")
+
+            handle = weight.register_hook(overflow)
+        return models_mae.MaskedAutoencoderViT.forward(self, imgs, mask_ratio)
+
+
 def _in_process_args(data_path, out, **overrides):
     parser = argparse.ArgumentParser(parents=[vit_main.get_args_parser()])
     return parser.parse_args(tiny_run_args(data_path, out, **overrides))
@@ -122,6 +141,25 @@ def test_nan_batch_is_skipped_and_counted(tiny_data, tmp_path):
     assert not torch.equal(model.snapshots[3], model.snapshots[4])
     line = (tmp_path / "log.txt").read_text().splitlines()[-1]
     assert '"train_bad_steps": 1' in line
+
+
+def test_fp16_overflow_is_a_scaler_skip_not_a_step(tiny_data, tmp_path):
+    """fp16 with the GradScaler and fused AdamW on CPU: an overflowing gradient leaves the weights and the optimizer
+    state alone, counts one scaler skip (not a bad step, not an optimizer step), halves the scale, and keeps inf out
+    of the logged gradient norm."""
+    args = _in_process_args(tiny_data[0], str(tmp_path), precision="fp16")
+    model = InfGradMAE({3}, img_size=args.input_size)
+    assert engine_pretrain.run_pretraining(args, lambda a: model) == 0
+    assert torch.equal(model.snapshots[2], model.snapshots[3]) and not torch.equal(model.snapshots[3],
+                                                                                    model.snapshots[4])
+    ckpt = _weights(str(tmp_path))
+    steps = model.calls - 1  # training steps: the last forward is the end-of-run reconstruction monitor
+    assert ckpt["optimizer_steps"] == steps - 1 and ckpt["scaler_skips_total"] == 1 and ckpt["bad_steps_total"] == 0
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {steps - 1}  # AdamW did not step
+    assert ckpt["scaler"]["scale"] == 2.0**15  # 2^16 at start, halved once
+    line = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])
+    assert line["train_scaler_skips"] == 1 and line["train_bad_steps"] == 0 and line["train_loss_scale"] == 2.0**15
+    assert math.isfinite(line["train_grad_norm"]) and math.isfinite(line["train_loss"])
 
 
 def test_nan_k_in_a_row_stops_after_checkpoint(tiny_data, tmp_path, caplog):

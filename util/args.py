@@ -83,7 +83,8 @@ def _add_optimiser_args(parser: argparse.ArgumentParser) -> None:
 
     prec = parser.add_argument_group("Precision and speed")
     prec.add_argument("--precision", default="auto", choices=PRECISIONS,
-                      help="auto: bf16 on CUDA that supports it, fp16 on other CUDA, fp32 on CPU (default: auto)")
+                      help="auto: bf16 on GPUs with native bf16 (compute capability >= 8), fp16 on older GPUs, fp32 on "
+                           "CPU (default: auto)")
     prec.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
 
 

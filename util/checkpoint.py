@@ -100,26 +100,43 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def rng_state() -> dict:
-    """Every RNG a training step touches, in weights_only-loadable types."""
+def rng_state(device: torch.device) -> dict:
+    """Every RNG a training step touches, in weights_only-loadable types. CUDA: the training device's generator only
+    (the other visible GPUs are not this rank's, and another launcher may show a different number of them)."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def cuda_state_for(state: dict, local_rank: int) -> torch.Tensor | None:
+    """The CUDA generator state to restore on this rank's training device. Checkpoints before this rule saved every
+    visible GPU's state in a list; the saving rank's own device was then its local rank."""
+    saved = state.get("cuda")
+    if isinstance(saved, (list, tuple)):
+        if local_rank >= len(saved):
+            logger.warning("checkpoint holds CUDA RNG states of %d GPUs, none for local rank %d: the CUDA stream "
+                           "restarts from the seed", len(saved), local_rank)
+            return None
+        return saved[local_rank]
+    return saved
+
+
+def set_rng_state(state: dict, device: torch.device, local_rank: int = 0) -> None:
     random.setstate(_as_python_state(state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = cuda_state_for(state, local_rank)
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+    elif cuda is not None:
+        logger.warning("checkpoint has a CUDA RNG state but this run trains on %s: it is not restored", device)
 
 
 def _as_python_state(state):

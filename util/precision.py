@@ -10,15 +10,31 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """'auto' is bf16 on CUDA that supports it, fp16 on other CUDA, fp32 elsewhere."""
+    """'auto' is bf16 on CUDA with native bf16 (compute capability >= 8), fp16 on older CUDA, fp32 elsewhere."""
     if requested != "auto":
         if requested in _DTYPES and device.type == "cpu":
             logger.warning("--precision %s on CPU: CPUs without %s units run this far slower than fp32",
                            requested, requested)
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if has_native_bf16(torch.cuda.get_device_capability(device)) else "fp16"
     return "fp32"
+
+
+def has_native_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 tensor cores arrived with compute capability 8 (A100). torch.cuda.is_bf16_supported() also says yes on
+    V100/T4, where bf16 is emulated and slow, so `auto` picks fp16 there."""
+    return capability[0] >= 8
+
+
+def configure_backends(device: torch.device) -> None:
+    """CUDA runs: cuDNN autotunes its convolutions (every batch has one shape; the U-Net gains most), and TF32 stays
+    off, so --precision fp32 means fp32 (bf16/fp16 autocast is the fast path)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def autocast(precision: str, device: torch.device):
@@ -64,6 +80,10 @@ class LossScaler:
         """Leave the weights alone; fp16 still lowers its scale after an overflow."""
         if self._scaler:
             self._scaler.update()
+
+    def scale(self) -> float:
+        """The fp16 loss scale (1.0 without a scaler), logged as loss_scale."""
+        return self._scaler.get_scale() if self._scaler else 1.0
 
     def state_dict(self) -> dict:
         return self._scaler.state_dict() if self._scaler else {}

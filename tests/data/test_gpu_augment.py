@@ -50,3 +50,15 @@ def test_training_with_gpu_augment(tiny_data, tmp_path):
     bad = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(tmp_path / "x"), gpu_augment=True)],
                   expect_rc=None)
     assert bad.returncode != 0 and "--gpu_augment reproduces RandomResizedCrop" in bad.stderr
+
+
+def test_gpu_augment_crops_touching_the_border_read_image_pixels_not_the_canvas_fill():
+    """A uniform image smaller than the canvas, cropped whole and downscaled: every output pixel is the image's value.
+    A zero-filled canvas would darken the right and bottom edges (bicubic taps reach past the image)."""
+    from data.gpu_augment import BatchAugment, CanvasTransform
+
+    image = Image.fromarray(np.full((40, 50), 200, dtype=np.uint8))
+    canvas, hw, source = CanvasTransform(64, 0)(image)
+    augment = BatchAugment(16, (1.0, 1.0), [([0.0], [1 / 255.0])], in_chans=1)  # identity normalisation
+    out = augment(canvas.unsqueeze(0), hw.unsqueeze(0), torch.tensor([source]), seed=5)
+    torch.testing.assert_close(out, torch.full_like(out, 200.0), rtol=0, atol=1e-3)

@@ -67,3 +67,25 @@ def test_unwritable_output_dir_is_clear(tiny_data, tmp_path):
     blocker.write_text("x")
     proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(blocker / "out"))], expect_rc=1)
     assert "--output_dir" in proc.stdout and "is not writable" in proc.stdout, proc.output
+
+
+def test_rng_state_round_trip_on_cpu_has_no_cuda_part():
+    state = ckpt_lib.rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    expected = torch.rand(3)
+    ckpt_lib.set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_cuda_rng_state_is_the_training_devices_across_launchers(caplog):
+    """Saved under torchrun (8 visible GPUs, old format: a list per rank) and resumed under srun --gpus-per-task=1
+    (one visible GPU, index 0): each rank restores the state of the GPU it trained on, its local rank."""
+    per_gpu = [torch.full((16,), k, dtype=torch.uint8) for k in range(8)]
+    assert torch.equal(ckpt_lib.cuda_state_for({"cuda": per_gpu}, local_rank=3), per_gpu[3])
+    assert ckpt_lib.cuda_state_for({"cuda": per_gpu[5]}, local_rank=0) is per_gpu[5]  # this format: one device
+    with caplog.at_level("WARNING"):
+        assert ckpt_lib.cuda_state_for({"cuda": per_gpu[:2]}, local_rank=4) is None
+    assert "none for local rank 4" in caplog.text
+    state = {**ckpt_lib.rng_state(torch.device("cpu")), "cuda": per_gpu[0]}
+    ckpt_lib.set_rng_state(state, torch.device("cpu"), local_rank=0)  # a CPU resume of a GPU run: said, not fatal
+    assert "it is not restored" in caplog.text

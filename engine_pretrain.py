@@ -58,11 +58,12 @@ class TrainState:
     scaler_skips_total: int = 0  # fp16: the GradScaler found an overflow, skipped the update and lowered its scale
     bad_steps_in_a_row: int = 0  # either kind; --max_bad_steps stops the run
     replaced_files: int = 0
+    preemption_requested: bool = False  # a signal reached some rank; agreed on at each optimizer step
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """Everything built once by run_pretraining and used by the loop."""
+    """Everything built once by run_pretraining and used by the loop (what changes is in TrainState)."""
 
     args: object
     info: dist_lib.DistInfo
@@ -78,7 +79,6 @@ class Run:
     data: data_lib.PretrainData
     run_log: RunLog
     preemption: PreemptionFlag
-    preemption_requested: bool = False  # a signal reached some rank; agreed on at each optimizer step
 
 
 def seed_everything(seed: int) -> None:
@@ -260,7 +260,7 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
                 f"{state.bad_steps_in_a_row} non-finite steps in a row (--max_bad_steps {args.max_bad_steps}). "
                 f"checkpoint-last.pth holds the last good weights. Remedies: --precision bf16 (or fp32) instead of "
                 f"fp16, a lower --blr, or --clip_grad 1.0; then rerun the same command to resume.")
-        if run.preemption_requested:
+        if state.preemption_requested:
             save(run, state, state.epoch, state.step)
             raise Preempted(run.preemption.signal_name or "signal on another rank")
         if args.save_every_steps and state.optimizer_steps % args.save_every_steps == 0 and state.step < steps:
@@ -305,7 +305,7 @@ def optimizer_step(run: Run, state: TrainState, loss: torch.Tensor) -> tuple[flo
     loss_value, stop_count, norm_value = packed.tolist()
     loss_value /= run.info.world_size
     norm_value /= run.info.world_size
-    run.preemption_requested = stop_count > 0
+    state.preemption_requested = stop_count > 0
     stepped = math.isfinite(loss_value) and math.isfinite(norm_value)
     if stepped:
         run.scaler.step_apply(run.optimizer)
@@ -442,6 +442,9 @@ def _run(args, info, device, build_model, check_model_args) -> int:
     if args.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(model_without_ddp, args.weight_decay, args.lr, device, args.decay_tokens)
+    if info.distributed:  # every rank then loads the same --resume/--init_from weights into model_without_ddp
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        dist_lib.Heartbeat(info, args.dist_timeout)  # registers itself; dist_lib.cleanup() stops it
     run = Run(args=args, info=info, device=device, precision=precision, model=model,
               model_without_ddp=model_without_ddp, optimizer=optimizer, scaler=LossScaler(precision, device),
               loader=loader, sampler=sampler, steps_per_epoch=steps, data=pretrain_data,
@@ -452,9 +455,6 @@ def _run(args, info, device, build_model, check_model_args) -> int:
         init_from(run, state)
     except (OSError, ValueError, RuntimeError, KeyError) as e:  # missing, unsafe or mismatched checkpoint
         raise SetupError(f"--resume/--auto_resume/--init_from: {e}") from e
-    if info.distributed:
-        run.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        dist_lib.Heartbeat(info, args.dist_timeout)  # registers itself; dist_lib.cleanup() stops it
     if info.is_main:
         write_json(os.path.join(args.output_dir, "args.json"), vars(args))
     logger.info("model: %s, %.1fM parameters; start at epoch %d step %d", args.model,

@@ -40,7 +40,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.patch_size = patch_size
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.timm_model = None  # the timm architecture name of this encoder; set by the registered factories
+        self.timm_model = None  # timm architecture name of this encoder; create_model sets it from the registry entry
 
         # encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)

@@ -78,7 +78,7 @@ class Source:
         """Flags of this source alone, added to the Data group."""
 
     def resolve_root(self, args) -> str:
-        root = vars(args)[f"{self.name}_root"] or os.path.join(args.data_path, self.default_dir)
+        root = getattr(args, f"{self.name}_root") or os.path.join(args.data_path, self.default_dir)
         if not os.path.isdir(root):
             raise FileNotFoundError(
                 f"{self.name}: data folder {root} does not exist. Put the dataset at "

@@ -29,23 +29,24 @@ VAL_LIST = os.path.join(OFFICIAL_SPLITS_DIR, "val_official.txt")
 TEST_LIST = os.path.join(OFFICIAL_SPLITS_DIR, "test_official.txt")
 
 
+def _list_rows(path: str) -> list[list[str]]:
+    """The whitespace-separated fields of every non-empty line."""
+    with open(path, encoding="utf-8") as f:
+        return [fields for line in f if (fields := line.split())]
+
+
 def read_list(path: str) -> tuple[list[str], np.ndarray | None]:
     """Names and, when every line is "name label x14", the [N, 14] labels (else None)."""
-    names, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if fields:
-                names.append(fields[0])
-                labels.append(fields[1:])
-    if labels and all(len(row) == len(FINDINGS) for row in labels):
-        return names, np.array(labels, dtype=np.float32)
+    rows = _list_rows(path)
+    names = [row[0] for row in rows]
+    if rows and all(len(row) == 1 + len(FINDINGS) for row in rows):
+        return names, np.array([row[1:] for row in rows], dtype=np.float32)
     return names, None
 
 
 def read_name_list(path: str) -> list[str]:
-    """First token of every non-empty line ("name label label ..." or just "name")."""
-    return read_list(path)[0]
+    """First token of every non-empty line ("name label label ..." or just "name"); labels are not parsed."""
+    return [row[0] for row in _list_rows(path)]
 
 
 def image_locations(root: str) -> dict[str, str]:

@@ -11,6 +11,6 @@ case "${RECIPE:-vit_s}" in
     *) echo "recipes.sh: RECIPE must be vit_s, vit_b or densenet121, got '$RECIPE'" >&2; exit 2 ;;
 esac
 # --device cuda: a GPU node with a broken CUDA install must fail at start-up, not train on its CPUs
-RECIPE_ARGS=(--device cuda --batch_size "${BATCH_SIZE:-256}" --accum_iter "${ACCUM_ITER:-1}" --model "$MODEL" --mask_ratio "$MASK"
-             --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 --num_workers "${NUM_WORKERS:-8}"
+RECIPE_ARGS=(--device cuda --batch_size "${BATCH_SIZE:-256}" --accum_iter "${ACCUM_ITER:-1}" --model "$MODEL"
+             --mask_ratio "$MASK" --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 --num_workers "${NUM_WORKERS:-8}"
              --input_size 224 "${MODEL_ARGS[@]}" --random_resize_range 0.5 1.0 --datasets_names "${DATASETS[@]}")

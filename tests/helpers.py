@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import data
+import engine_pretrain
 from data.synthetic import NIH_SUBSET_LIST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +80,6 @@ def run_tool(tool: str, *args, timeout: int = 300) -> subprocess.CompletedProces
 
 def train_in_process(script, data_path: str, out: str, **overrides) -> str:
     """A tiny run of an entry script's pipeline in this process; returns its checkpoint-0.pth."""
-    import engine_pretrain
-
     args = argparse.ArgumentParser(parents=[script.get_args_parser()]).parse_args(
         tiny_run_args(data_path, out, **overrides))
     assert engine_pretrain.run_pretraining(args, script.build_model, script.check_model_args) == 0

@@ -34,12 +34,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, model: t
         optimizer.load_state_dict(saved)
     except ValueError as e:
         saved_sizes = [len(g["params"]) for g in saved.get("param_groups", [])]
-        for other in (True, False):
-            sizes = [len(g["params"]) for g in param_groups(model, weight_decay, other)]
-            if sizes == saved_sizes and other != decay_tokens:
-                flag = "--decay_tokens" if other else "--no_decay_tokens"
-                raise ValueError(f"{source}: its optimizer state was written with {flag} (weight decay "
-                                 f"{'on' if other else 'off'} for cls_token/mask_token); rerun with {flag} "
-                                 "to resume it") from e
+        other = not decay_tokens
+        if [len(g["params"]) for g in param_groups(model, weight_decay, other)] == saved_sizes:
+            flag = "--decay_tokens" if other else "--no_decay_tokens"
+            raise ValueError(f"{source}: its optimizer state was written with {flag} (weight decay "
+                             f"{'on' if other else 'off'} for cls_token/mask_token); rerun with {flag} "
+                             "to resume it") from e
         raise ValueError(f"{source}: the optimizer state does not fit this model's parameter groups "
                          f"({saved_sizes} saved): {e}") from e

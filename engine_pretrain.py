@@ -26,7 +26,7 @@ from util import dist as dist_lib
 from util import monitor
 from util.args import ExitCode, argument_warnings, resolve_lr, validate_args
 from util.host_memory import keep_freed_memory
-from util.log import MetricLogger, RunLog, git_commit, setup_logging, write_json
+from util.log import MetricLogger, RunLog, git_commit, seconds_since_start, setup_logging, write_json
 from util.lr_sched import adjust_learning_rate
 from util.model_api import PretrainModel
 from util.optim import build_optimizer, load_optimizer_state
@@ -59,6 +59,7 @@ class TrainState:
     bad_steps_in_a_row: int = 0  # either kind; --max_bad_steps stops the run
     replaced_files: int = 0
     preemption_requested: bool = False  # a signal reached some rank; agreed on at each optimizer step
+    steps_this_process: int = 0  # optimizer steps since this process started (not checkpointed)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,21 @@ def build_loader(args, dataset, info: dist_lib.DistInfo, device: torch.device):
         generator=torch.Generator().manual_seed(args.seed),
     )
     return loader, sampler, steps
+
+
+def index_pool(args, info, device) -> data_lib.IndexPool:
+    """Rank 0 indexes and checks the data, or reads output_dir's index cache; the other ranks receive its index
+    and touch no image file. 8 ranks x N nodes would otherwise stat every image at every start and requeue."""
+    cfg = data_lib.data_config(args)
+    built = None
+
+    def build() -> bytes:
+        nonlocal built
+        built = data_lib.build_index_pool(cfg, args.output_dir)
+        return built.encode() if info.distributed else b""
+
+    payload = dist_lib.share_from_main(info, device, build)
+    return built if info.is_main else data_lib.IndexPool.decode(payload)
 
 
 def log_resolved(args, info, device, precision, eff_batch_size, steps_per_epoch) -> None:
@@ -247,6 +263,9 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
             continue
         loss_value, grad_norm, stepped = optimizer_step(run, state, loss_accum / accum_iter)
         loss_accum.zero_()
+        state.steps_this_process += 1
+        if state.steps_this_process == 1:  # what a restart or requeue costs before training goes on
+            logger.info("start-up: first optimizer step %.1f s after the process started", seconds_since_start())
         state.step = data_iter_step + 1
         epoch_1000x = int((data_iter_step / steps + state.epoch) * 1000)
         run.run_log.scalar("lr", lr, epoch_1000x)
@@ -419,7 +438,8 @@ def _run(args, info, device, build_model, check_model_args) -> int:
         setup_logging(args.output_dir if info.is_main else None, info.rank)
         pretrain_data = data_lib.build_pretrain_data(
             data_lib.data_config(args), monitor=info.is_main,
-            probe_images=args.probe_images if info.is_main and args.probe_freq > 0 else 0)
+            probe_images=args.probe_images if info.is_main and args.probe_freq > 0 else 0,
+            pool=index_pool(args, info, device))
         loader, sampler, steps = build_loader(args, pretrain_data.dataset, info, device)
     except (OSError, ValueError, RuntimeError) as e:  # missing data, bad metadata, leakage, unwritable output
         raise SetupError(str(e)) from e

@@ -11,12 +11,16 @@ Each item is (transform(gray PIL image), replaced_flag).
 import argparse
 import copy
 import dataclasses
+import itertools
 import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from data import index_cache
 from data.base import BAD_FILE_POLICIES, BadImageError, ConcatSources, Source, SourceIndex, XrayDataset
 from data.chestxray_nih import ChestXrayNIH
 from data.chexpert import CheXpert
@@ -32,9 +36,9 @@ from data.transforms import build_train_transform, check_norm_policy, norm_stats
 from data.vindr_cxr import VinDrCXR
 from util.args import add_bool_flag
 
-__all__ = ["SOURCES", "BadImageError", "DataConfig", "DataLeakageError", "PretrainData", "add_data_args",
-           "build_indexes", "build_pretrain_data", "build_pretrain_dataset", "check_data_args", "count_tree",
-           "data_config", "format_count_tree"]
+__all__ = ["SOURCES", "BadImageError", "DataConfig", "DataLeakageError", "IndexPool", "PretrainData",
+           "add_data_args", "build_index_pool", "build_indexes", "build_pretrain_data", "build_pretrain_dataset",
+           "check_data_args", "count_tree", "data_config", "format_count_tree"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="decode this many images of each source at start-up, so unreadable files fail before "
                         "training (default: 16; tools/verify_data.py checks every file)")
     add_bool_flag(g, "leakage_check", True, "fail if a pre-training patient is in a source's own test/validation split")
+    g.add_argument("--rebuild_index", action="store_true",
+                   help="index and check every image again even if output_dir/index_cache.npz is valid (it is "
+                        "rebuilt anyway when a metadata file, list, image folder or data flag changes)")
 
 
 def _data_flag_defaults() -> dict:
@@ -172,8 +179,38 @@ def _resample(idx: SourceIndex, cap: str | None, weight: str | None, seed: int) 
         idx.select(np.sort(chosen) if len(chosen) else np.arange(min(n, 1)), f"weight {weight}")
 
 
+STAT_THREADS = 32  # a network filesystem (Lustre, NFS, GPFS) answers many metadata requests at once
+STAT_CHUNK = 4096
+# A stat answered faster than this came from the page cache or a local disk: there, threads only add GIL
+# hand-offs (1.5x slower on the 2-core machine, benchmarks/RESULTS.md), so the rest is checked in one thread.
+LOCAL_STAT_S = 50e-6
+
+
+def _isfile_chunk(paths: np.ndarray) -> list[bool]:
+    return [os.path.isfile(p) for p in paths]  # bytes paths: no decoding
+
+
+def files_exist(paths: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """os.path.isfile of every path. The first chunk is timed: when a stat waits on a server, the rest is checked
+    by STAT_THREADS threads (stat releases the GIL while it waits); `threads` forces a thread count."""
+    head = paths[:STAT_CHUNK]
+    start = time.perf_counter()
+    found = _isfile_chunk(head)
+    rest = paths[len(head):]
+    if threads is None:
+        local = (time.perf_counter() - start) / max(len(head), 1) < LOCAL_STAT_S
+        threads = 1 if local else STAT_THREADS
+    if threads <= 1 or not len(rest):
+        found += _isfile_chunk(rest)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            chunks = [rest[i:i + STAT_CHUNK] for i in range(0, len(rest), STAT_CHUNK)]
+            found += itertools.chain.from_iterable(pool.map(_isfile_chunk, chunks))
+    return np.array(found, dtype=bool)
+
+
 def _check_files(idx: SourceIndex, policy: str) -> None:
-    exists = np.array([os.path.isfile(p.decode()) for p in idx.paths], dtype=bool)
+    exists = files_exist(idx.paths)
     if exists.all():
         return
     missing = [p.decode() for p in idx.paths[~exists]]
@@ -206,16 +243,9 @@ def open_prepared(args) -> PreparedStore | None:
     return PreparedStore(args.prepared_dir) if args.prepared_dir else None
 
 
-def build_indexes(args, check_files: bool = True, store: PreparedStore | None = None) -> list[SourceIndex]:
-    """Index, filter and check every source named in --datasets_names.
-
-    check_files=False leaves missing and undecodable files in the index (tools/verify_data.py reports them).
-    `store` is the already opened --prepared_dir, if the caller has it.
-    """
-    args = data_config(args)
-    views, caps = _pairs(args.views, "--views"), _pairs(args.source_cap, "--source_cap")
-    weights = _pairs(args.source_weight, "--source_weight")
-    store = store if store is not None else open_prepared(args)
+def _checked_indexes(args: DataConfig, check_files: bool, store: PreparedStore | None) -> list[SourceIndex]:
+    """Every source indexed, view-filtered and (check_files) checked on the filesystem: what the index cache holds."""
+    views = _pairs(args.views, "--views")
     indexes = []
     for name in args.datasets_names:
         source = SOURCES[name]
@@ -227,13 +257,69 @@ def build_indexes(args, check_files: bool = True, store: PreparedStore | None = 
         if check_files and store is None:
             _check_files(idx, args.bad_files)
             _check_sample_decodes(idx, args.startup_check, args.bad_files)
-        _resample(idx, caps.get(name), weights.get(name), seed=0)
-        if len(idx) == 0:
-            raise ValueError(f"{name}: no images left after the filters ({idx.filters}); check --views and the data")
         indexes.append(idx)
+    return indexes
+
+
+def _finish(args: DataConfig, indexes: list[SourceIndex]) -> list[SourceIndex]:
+    """Caps, weights and the leakage guard: cheap, so they run on every start, from a cache or not."""
+    caps, weights = _pairs(args.source_cap, "--source_cap"), _pairs(args.source_weight, "--source_weight")
+    for idx in indexes:
+        _resample(idx, caps.get(idx.name), weights.get(idx.name), seed=0)
+        if len(idx) == 0:
+            raise ValueError(f"{idx.name}: no images left after the filters ({idx.filters}); check --views and the "
+                             "data")
     if args.leakage_check:
         check_leakage(indexes)
     return indexes
+
+
+def build_indexes(args, check_files: bool = True, store: PreparedStore | None = None) -> list[SourceIndex]:
+    """Index, filter and check every source named in --datasets_names.
+
+    check_files=False leaves missing and undecodable files in the index (tools/verify_data.py reports them).
+    `store` is the already opened --prepared_dir, if the caller has it.
+    """
+    args = data_config(args)
+    store = store if store is not None else open_prepared(args)
+    return _finish(args, _checked_indexes(args, check_files, store))
+
+
+@dataclass
+class IndexPool:
+    """The checked index of every source, as the training job starts from it."""
+
+    indexes: list[SourceIndex]
+    origin: str  # how this start got it: built and checked, or read from the cache
+
+    def encode(self) -> bytes:
+        """The payload rank 0 sends the other ranks (index_cache format, key omitted: they trust their rank 0)."""
+        return index_cache.encode(self.indexes, {"format": index_cache.FORMAT, "origin": self.origin})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "IndexPool":
+        indexes, key = index_cache.decode(payload, key=None)
+        return cls(indexes, key["origin"])
+
+
+def build_index_pool(args, cache_dir: str | None = None) -> IndexPool:
+    """The checked index: read from `cache_dir`/index_cache.npz when it is valid for these inputs and flags (no
+    file on the image tree is touched), else built, checked and written there for the next start. Without
+    cache_dir, or with --prepared_dir (already one checked file), there is no cache. Caps, weights and the leakage
+    guard run after either. --rebuild_index ignores a valid cache."""
+    args = data_config(args)
+    store = open_prepared(args)
+    if cache_dir is None or store is not None:
+        return IndexPool(build_indexes(args, store=store), "built and checked")
+    path = os.path.join(cache_dir, index_cache.CACHE_NAME)
+    key = index_cache.cache_key(args, {name: SOURCES[name].inputs(args) for name in args.datasets_names})
+    cached = None if args.rebuild_index else index_cache.load(path, key)
+    if cached is not None:
+        return IndexPool(_finish(args, cached), f"read from {path} (no file checks)")
+    indexes = _checked_indexes(args, check_files=True, store=None)
+    index_cache.save(path, index_cache.encode(indexes, key))
+    why = " (--rebuild_index)" if args.rebuild_index else ""
+    return IndexPool(_finish(args, indexes), f"built and checked{why}; cached in {path}")
 
 
 def draft_min_side(args) -> int | None:
@@ -246,13 +332,15 @@ def draft_min_side(args) -> int | None:
     return int(np.ceil(args.input_size * np.sqrt(4 / 3) / np.sqrt(scale_min)))
 
 
-def count_tree(indexes: list[SourceIndex]) -> dict:
+def count_tree(indexes: list[SourceIndex], origin: str = "built and checked") -> dict:
+    """Per source: root, filters with their counts, images, patients, and where this start got the index."""
     return {idx.name: {"root": idx.root, "filters": idx.filters, "images": len(idx),
-                       "patients": int(len(np.unique(idx.patients)))} for idx in indexes}
+                       "patients": int(len(np.unique(idx.patients))), "index": origin} for idx in indexes}
 
 
 def format_count_tree(counts: dict) -> str:
-    lines = [f"pre-training pool: {sum(c['images'] for c in counts.values())} images"]
+    origins = sorted({c.get("index", "built and checked") for c in counts.values()})
+    lines = [f"pre-training pool: {sum(c['images'] for c in counts.values())} images (index {'; '.join(origins)})"]
     for name, c in counts.items():
         lines.append(f"├── {name}: {c['images']} images, {c['patients']} patients ({c['root']})")
         lines.extend(f"│     {why}: {n}" for why, n in c["filters"])
@@ -265,12 +353,13 @@ def resolve_norm_stats(args) -> dict:
             "per_source": {n: norm_stats_for(n, args.norm_stats, args.in_chans) for n in args.datasets_names}}
 
 
-def _datasets(args, transform, norm_stats: dict) -> tuple[ConcatSources, dict]:
+def _datasets(args, transform, norm_stats: dict, pool: IndexPool | None = None) -> tuple[ConcatSources, dict]:
     problems = check_data_args(args)
     if problems:
         raise ValueError("; ".join(problems))
     store = open_prepared(args)
-    indexes = build_indexes(args, store=store)
+    pool = pool if pool is not None else IndexPool(build_indexes(args, store=store), "built and checked")
+    indexes = pool.indexes
     datasets = []
     for source_id, idx in enumerate(indexes):
         source_transform = transform
@@ -281,7 +370,7 @@ def _datasets(args, transform, norm_stats: dict) -> tuple[ConcatSources, dict]:
             source_transform = build_train_transform(args.input_size, args.random_resize_range, mean, std,
                                                      args.in_chans)
         datasets.append(XrayDataset(idx, source_transform, args.bad_files, draft_min_side(args), store))
-    return ConcatSources(datasets), count_tree(indexes)
+    return ConcatSources(datasets), count_tree(indexes, pool.origin)
 
 
 def build_pretrain_dataset(args_or_names, data_path: str = "data", transform=None, **overrides):
@@ -311,12 +400,14 @@ class PretrainData:
     probe: ProbeSubset | None  # the fixed labelled probe subset (--probe_freq, main process)
 
 
-def build_pretrain_data(args, monitor: bool = True, probe_images: int = 0) -> PretrainData:
+def build_pretrain_data(args, monitor: bool = True, probe_images: int = 0,
+                        pool: IndexPool | None = None) -> PretrainData:
     """The training pool plus the fixed evaluation images: the monitor batch if `monitor`, a probe subset of
-    `probe_images` images if > 0 (both only where asked: rank 0)."""
+    `probe_images` images if > 0 (both only where asked: rank 0). `pool` is the index if the caller has it
+    (build_index_pool, or rank 0's via IndexPool.decode); else it is built here."""
     args = data_config(args)
     norm_stats = resolve_norm_stats(args)
-    dataset, counts = _datasets(args, None, norm_stats)
+    dataset, counts = _datasets(args, None, norm_stats, pool)
     per_source = norm_stats["per_source"]
     augment = None
     if args.gpu_augment:

@@ -46,15 +46,20 @@ def read_list(path: str) -> tuple[list[str], np.ndarray | None]:
 
 def read_name_list(path: str) -> list[str]:
     """First token of every non-empty line ("name label label ..." or just "name"); labels are not parsed."""
-    return [row[0] for row in _list_rows(path)]
+    with open(path, encoding="utf-8") as f:
+        return [fields[0] for line in f if (fields := line.split(maxsplit=1))]
+
+
+def image_folders(root: str) -> list[str]:
+    """<root>/images and <root>/images_*/images, those that exist."""
+    folders = [os.path.join(root, "images"), *sorted(glob.glob(os.path.join(glob.escape(root), "images_*", "images")))]
+    return [f for f in folders if os.path.isdir(f)]
 
 
 def image_locations(root: str) -> dict[str, str]:
     """file name -> path over <root>/images, <root>/images_*/images and <root> itself."""
-    folders = [os.path.join(root, "images"), *sorted(glob.glob(os.path.join(glob.escape(root), "images_*", "images"))),
-               root]
     found = {}
-    for folder in folders:
+    for folder in [*image_folders(root), root]:
         if os.path.isdir(folder):
             with os.scandir(folder) as entries:
                 for entry in entries:
@@ -78,7 +83,9 @@ def data_entry(root: str) -> dict[str, tuple[str, str]]:
         if os.path.isfile(path):
             df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
             require_columns(df, ["Image Index", "View Position", "Finding Labels"], path)
-            return dict(zip(df["Image Index"], zip(df["View Position"].str.strip(), df["Finding Labels"])))
+            columns = (df[c].to_numpy() for c in ("Image Index", "View Position", "Finding Labels"))
+            names, views, findings = columns
+            return dict(zip(names, zip(np.strings.strip(views.astype(str)).tolist(), findings)))
     return {}
 
 
@@ -111,12 +118,18 @@ class ChestXrayNIH(Source):
         raise FileNotFoundError(f"--train_list {given} not found (looked in the working directory, in {root} and in "
                                 f"{PROJECT_DIR})")
 
+    def inputs(self, args) -> list[str]:
+        root = self.resolve_root(args)
+        files = [self.list_file(args, root), VAL_LIST, TEST_LIST, *(os.path.join(root, n) for n in
+                                                                      (*DATA_ENTRY_FILES, "test_list.txt"))]
+        return [root, *image_folders(root), *(f for f in files if os.path.isfile(f))]
+
     def index(self, args) -> SourceIndex:
         root = self.resolve_root(args)
         list_path = self.list_file(args, root)
         names, list_labels = read_list(list_path)
         located = image_locations(root)
-        paths = [located.get(n, os.path.join(root, "images", n)) for n in names]
+        paths = [located.get(n) or os.path.join(root, "images", n) for n in names]
         entries = data_entry(root)
         views = [entries[n][0] if n in entries else "" for n in names]
         idx = SourceIndex(self.name, root, paths, [patient_of(n) for n in names], views,

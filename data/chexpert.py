@@ -16,10 +16,9 @@ import re
 import numpy as np
 import pandas as pd
 
-from data.base import MONITOR_IMAGES, Source, SourceIndex, require_columns
+from data.base import MONITOR_IMAGES, Source, SourceIndex, as_bytes, require_columns
 
 _KEY = re.compile(r"(patient\d+/study\d+/view\d+_\w+\.jpg)$")
-_PATIENT = re.compile(r"(patient\d+)")
 
 
 def _find_csv(root: str, name: str) -> str | None:
@@ -42,8 +41,16 @@ def _batch_index(root: str) -> dict[str, str]:
     return index
 
 
-def _patients(paths) -> np.ndarray:
-    return np.array([m.group(1) if (m := _PATIENT.search(p)) else "" for p in paths])
+def _patients(rel: np.ndarray) -> np.ndarray:
+    """patientNNNNN of every path (bytes), b"" where there is none."""
+    if not len(rel):
+        return rel
+    _, word, after = np.strings.partition(rel, b"patient")
+    return np.strings.add(word, np.strings.partition(after, b"/")[0])
+
+
+def _joined(folder: str, rel: np.ndarray) -> np.ndarray:
+    return np.strings.add(os.path.join(folder, "").encode(), rel)
 
 
 class CheXpert(Source):
@@ -58,13 +65,13 @@ class CheXpert(Source):
             raise FileNotFoundError(f"chexpert: train.csv not found in {root} or one folder below it")
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
         require_columns(df, ["Path", "Frontal/Lateral", "AP/PA"], csv)
-        rel = df["Path"].str.split("/", n=1).str[1].to_numpy()  # drop CheXpert-v1.0[-small]/
+        rel = np.strings.partition(as_bytes(df["Path"].to_numpy()), b"/")[2]  # drop CheXpert-v1.0[-small]/
         csv_dir = os.path.dirname(csv)
-        paths = np.array([os.path.join(csv_dir, r) for r in rel])
-        if len(paths) and not os.path.isfile(paths[0]) and not os.path.isfile(os.path.join(root, rel[0])):
+        paths = _joined(csv_dir, rel)
+        if len(paths) and not os.path.isfile(paths[0]) and not os.path.isfile(_joined(root, rel[:1])[0]):
             paths = self._aimi_paths(root, rel)
         elif len(paths) and not os.path.isfile(paths[0]):
-            paths = np.array([os.path.join(root, r) for r in rel])
+            paths = _joined(root, rel)
         frontal = df["Frontal/Lateral"].to_numpy() == "Frontal"
         views = np.where(frontal, df["AP/PA"].to_numpy(), "Lateral")
         findings = [c for c in df.columns[5:] if c != "No Finding"]
@@ -73,7 +80,7 @@ class CheXpert(Source):
         valid = _find_csv(root, "valid.csv")
         if valid:
             held = pd.read_csv(valid, dtype=str, keep_default_na=False, usecols=["Path", "Frontal/Lateral"])
-            idx.held_out_patients = set(_patients(held["Path"]))
+            idx.held_out_patients = {p.decode() for p in _patients(as_bytes(held["Path"].to_numpy()))}
             idx.held_out_name = "valid.csv"
             frontal_rel = held.loc[held["Frontal/Lateral"] == "Frontal", "Path"].str.split("/", n=1).str[1]
             idx.monitor_paths = [p for r in frontal_rel[:MONITOR_IMAGES]
@@ -81,10 +88,14 @@ class CheXpert(Source):
         return idx
 
     @staticmethod
-    def _aimi_paths(root: str, rel) -> np.ndarray:
+    def _aimi_paths(root: str, rel: np.ndarray) -> np.ndarray:
         index = _batch_index(root)
         out = []
-        for r in rel:
+        for r in (r.decode() for r in rel):
             match = _KEY.search(r)
             out.append(index.get(match.group(1), os.path.join(root, r)) if match else os.path.join(root, r))
-        return np.array(out)
+        return as_bytes(out)
+
+    def inputs(self, args) -> list[str]:
+        root = self.resolve_root(args)
+        return [root, *filter(None, (_find_csv(root, "train.csv"), _find_csv(root, "valid.csv")))]

@@ -10,12 +10,14 @@ is present; --mimic_cxr_unlabeled keeps the other studies' images too, and witho
 study is used (the log says so). 'validate' and 'test' subjects form the held-out set for the
 leakage guard.
 """
+import functools
 import logging
 import os
 
+import numpy as np
 import pandas as pd
 
-from data.base import MONITOR_IMAGES, Source, SourceIndex, require_columns
+from data.base import MONITOR_IMAGES, Source, SourceIndex, as_bytes, require_columns
 from util.args import add_bool_flag
 
 logger = logging.getLogger(__name__)
@@ -62,12 +64,19 @@ class MimicCXR(Source):
         resized = os.path.join(root, "files_resized_320")
         return resized if os.path.isdir(resized) else os.path.join(root, "files")
 
+    def inputs(self, args) -> list[str]:
+        root = self.resolve_root(args)
+        found = [_find_optional(root, stem) for stem in ("mimic-cxr-2.0.0-metadata", "mimic-cxr-2.0.0-split",
+                                                         LABEL_TABLE)]
+        return [root, *filter(None, found)]
+
     def index(self, args) -> SourceIndex:
         root = self.resolve_root(args)
         meta_path, split_path = _find(root, "mimic-cxr-2.0.0-metadata"), _find(root, "mimic-cxr-2.0.0-split")
-        meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False)
+        wanted = ("dicom_id", "subject_id", "study_id", "ViewPosition", "split")  # the other columns are not parsed
+        meta = pd.read_csv(meta_path, dtype=str, keep_default_na=False, usecols=lambda c: c in wanted)
         require_columns(meta, ["dicom_id", "subject_id", "study_id", "ViewPosition"], meta_path)
-        split = pd.read_csv(split_path, dtype=str, keep_default_na=False)
+        split = pd.read_csv(split_path, dtype=str, keep_default_na=False, usecols=lambda c: c in wanted)
         require_columns(split, ["dicom_id", "split"], split_path)
         df = meta[["dicom_id", "subject_id", "study_id", "ViewPosition"]].merge(
             split[["dicom_id", "split"]], on="dicom_id", how="left")
@@ -94,11 +103,13 @@ class MimicCXR(Source):
         sid = df["subject_id"].to_numpy()
         idx = SourceIndex(self.name, root, _image_paths(folder, df), sid, df["ViewPosition"].str.strip().to_numpy(),
                           held_out_patients=held_out, held_out_name="split validate+test", filters=filters)
-        idx.monitor_paths = [p for p in _image_paths(folder, validate[:MONITOR_IMAGES]) if os.path.isfile(p)]
+        idx.monitor_paths = [p.decode() for p in _image_paths(folder, validate[:MONITOR_IMAGES]) if os.path.isfile(p)]
         return idx
 
 
-def _image_paths(folder: str, df) -> list[str]:
-    """files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg for every row."""
-    return [os.path.join(folder, f"p{s[:2]}", f"p{s}", f"s{t}", f"{d}.jpg")
-            for s, t, d in zip(df["subject_id"], df["study_id"], df["dicom_id"])]
+def _image_paths(folder: str, df) -> np.ndarray:
+    """files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg for every row, built column-wise (bytes)."""
+    subject, study, dicom = (as_bytes(df[c].to_numpy()) for c in ("subject_id", "study_id", "dicom_id"))
+    parts = [os.path.join(folder, "p").encode(), np.strings.slice(subject, 2), b"/p", subject, b"/s", study, b"/",
+             dicom, b".jpg"]
+    return functools.reduce(np.strings.add, parts)

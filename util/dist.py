@@ -226,6 +226,38 @@ def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     return tensor
 
 
+class MainRankError(RuntimeError):
+    """Rank 0 failed in work the other ranks were waiting for; the message is rank 0's error."""
+
+
+def share_from_main(info: DistInfo, device: torch.device, produce) -> bytes:
+    """Rank 0 runs produce() -> bytes and every rank receives them (two broadcasts: length, then payload).
+
+    If produce() raises on rank 0, the other ranks raise MainRankError carrying its message at once, instead of
+    waiting for --dist_timeout; rank 0 re-raises its own error."""
+    if not info.distributed:
+        return produce()
+    payload, error = b"", None
+    if info.is_main:
+        try:
+            payload = produce()
+        except Exception as e:  # re-raised below, after the other ranks have been told
+            error, payload = e, f"{type(e).__name__}: {e}".encode()
+    header = torch.tensor([len(payload), error is not None], dtype=torch.int64, device=device)
+    dist.broadcast(header, src=0)
+    length, failed = header.tolist()
+    buffer = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device) if info.is_main and length
+              else torch.empty(length, dtype=torch.uint8, device=device))
+    if length:
+        dist.broadcast(buffer, src=0)
+    if error is not None:
+        raise error
+    received = buffer.cpu().numpy().tobytes()
+    if failed:
+        raise MainRankError(f"rank 0 failed: {received.decode(errors='replace')}")
+    return received
+
+
 def cleanup() -> None:
     if Heartbeat.current is not None:
         Heartbeat.current.close()

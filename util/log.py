@@ -124,6 +124,20 @@ class MetricLogger:
         return self.data_wait / self.busy if self.busy else 0.0
 
 
+_IMPORTED = time.time()
+
+
+def seconds_since_start() -> float:
+    """Seconds since this process started (from /proc on Linux; elsewhere since this module was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED
+
+
 class RunLog:
     """Rank-0 outputs: TensorBoard scalars and the reference's log.txt (one JSON line per epoch)."""
 

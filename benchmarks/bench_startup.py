@@ -153,10 +153,10 @@ def memory(work: str, data_path: str, steps: int = 1000) -> dict:
 
 def prepare_rate(work: str, workers: int) -> float:
     """Images/s of data.prepared.prepare (the body of tools.prepare_data) on CheXpert-small-sized JPEGs (390x320,
-    about 3,000 frontal images), pool start-up included: tiny files would time the worker hand-off instead."""
-    data_path = os.path.join(work, "chexpert_small_size")
+    about 6,000 frontal images), pool start-up included: tiny files would time the worker hand-off instead."""
+    data_path = os.path.join(work, "chexpert_small_size_6k")
     if not os.path.isdir(os.path.join(data_path, "CheXpert-v1.0-small")):
-        make_chexpert(data_path, n_patients=1000, size=(320, 390))
+        make_chexpert(data_path, n_patients=4000, size=(320, 390))
     indexes = data.build_indexes(data.data_config(datasets_names=["chexpert"], data_path=data_path))
     out = os.path.join(work, f"prepared_w{workers}")
     shutil.rmtree(out, ignore_errors=True)

@@ -23,6 +23,12 @@ class Folder(Source):
                            help="for the 'folder' source: a file listing image paths (path[,patient] per line) "
                                 "instead of scanning --folder_root")
 
+    def inputs(self, args) -> list[str]:
+        if args.folder_list:
+            return [args.folder_list] if os.path.isfile(args.folder_list) else []
+        root = self.resolve_root(args)  # every folder of the tree: adding or removing a file changes its folder's mtime
+        return [folder for folder, _, _ in os.walk(root)]
+
     def index(self, args) -> SourceIndex:
         list_file = args.folder_list
         if list_file:

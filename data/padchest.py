@@ -30,9 +30,17 @@ class PadChest(Source):
     default_dir = "padchest"
     default_views = ("PA", "AP", "AP_horizontal")
 
+    @staticmethod
+    def _csvs(root: str) -> list[str]:
+        return [p for ext in (".csv.gz", ".csv") for p in glob.glob(os.path.join(glob.escape(root), CSV_STEM + ext))]
+
+    def inputs(self, args) -> list[str]:
+        root = self.resolve_root(args)
+        return [root, *self._csvs(root)]
+
     def index(self, args) -> SourceIndex:
         root = self.resolve_root(args)
-        found = [p for ext in (".csv.gz", ".csv") for p in glob.glob(os.path.join(glob.escape(root), CSV_STEM + ext))]
+        found = self._csvs(root)
         if not found:
             raise FileNotFoundError(f"padchest: {CSV_STEM}.csv[.gz] not found in {root}")
         csv = found[0]

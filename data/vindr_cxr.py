@@ -22,6 +22,10 @@ class VinDrCXR(Source):
     name = "vindr_cxr"
     default_dir = "vindr_cxr"
 
+    def inputs(self, args) -> list[str]:
+        root = self.resolve_root(args)
+        return [root, *(f for f in (os.path.join(root, "train"), os.path.join(root, "test")) if os.path.isdir(f))]
+
     def index(self, args) -> SourceIndex:
         root = self.resolve_root(args)
         train = os.path.join(root, "train")

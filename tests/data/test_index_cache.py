@@ -232,3 +232,26 @@ def test_rank0_index_failure_stops_the_other_rank_at_once(tree, tmp_path, free_p
     text = proc.stdout + proc.stderr
     assert "train.csv not found" in text
     assert "[rank1]" in text and "rank 0 failed: FileNotFoundError" in text
+
+
+def test_every_source_declares_its_metadata_as_inputs(tmp_path):
+    """A source's metadata file edited in place changes no folder's mtime: each must be a declared input."""
+    from data.synthetic import make_padchest, make_vindr
+
+    make_reference_layout(str(tmp_path), size=(40, 48))
+    make_padchest(str(tmp_path / "padchest"))
+    make_vindr(str(tmp_path / "vindr_cxr"))
+    (tmp_path / "folder" / "p1").mkdir(parents=True)
+    config = data.data_config(data_path=str(tmp_path), train_list=nih_subset(str(tmp_path)))
+    declared = {name: set(source.inputs(config)) for name, source in data.SOURCES.items()}
+    assert {os.path.join(str(tmp_path), "CheXpert-v1.0-small", f) for f in ("train.csv", "valid.csv")} <= declared[
+        "chexpert"]
+    nih = os.path.join(str(tmp_path), "nih_chestxray")
+    assert {nih_subset(str(tmp_path)), os.path.join(nih, "Data_Entry_2017_v2020.csv"),
+            os.path.join(nih, "test_list.txt"), os.path.join(nih, "images")} <= declared["chestxray_nih"]
+    mimic = os.path.join(str(tmp_path), "mimic_cxr")
+    assert {os.path.join(mimic, f"mimic-cxr-2.0.0-{t}.csv.gz") for t in ("metadata", "split", "chexpert")} <= declared[
+        "mimic_cxr"]
+    assert any(p.endswith("PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz") for p in declared["padchest"])
+    assert {os.path.join(str(tmp_path), "vindr_cxr", d) for d in ("train", "test")} <= declared["vindr_cxr"]
+    assert os.path.join(str(tmp_path), "folder", "p1") in declared["folder"]

@@ -88,6 +88,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+PREFETCH_BATCHES = 4  # per worker, when they fit the budget below
+# Ready batches sit in shared memory (and, on CUDA, pinned memory). 8 workers x 4 batches of 256 x 3 x 224 x 224 fp32
+# would hold 5 GB per rank; the budget keeps it near 1 GiB, and never less than one batch per worker.
+PREFETCH_BUDGET_BYTES = 2**30
+
+
+def batch_bytes(args) -> int:
+    """Bytes of one batch as the workers hand it over: uint8 canvases with --gpu_augment, else fp32 images."""
+    if args.gpu_augment:
+        return args.batch_size * args.gpu_augment_canvas ** 2
+    return args.batch_size * args.in_chans * args.input_size ** 2 * 4
+
+
+def prefetch_batches(args, shm_free_bytes: int | None) -> int | None:
+    """Batches each DataLoader worker keeps ready (None without workers): PREFETCH_BATCHES, fewer when all workers'
+    batches would pass PREFETCH_BUDGET_BYTES or the free shared memory, at least 1. If one batch per worker does not
+    fit in the free shared memory, the run stops here (a DataLoader would die with a bus error mid-epoch)."""
+    if args.num_workers == 0:
+        return None
+    per_round = args.num_workers * batch_bytes(args)  # one ready batch per worker
+    fits = PREFETCH_BUDGET_BYTES // per_round
+    if shm_free_bytes is not None:
+        if shm_free_bytes < per_round:
+            raise ValueError(
+                f"--num_workers {args.num_workers} x --batch_size {args.batch_size} needs at least "
+                f"{per_round / 2**20:.0f} MB of shared memory (/dev/shm), and {shm_free_bytes / 2**20:.0f} MB are "
+                "free. Lower --num_workers or --batch_size, use --gpu_augment (uint8 batches), or give the container "
+                "more (docker --shm-size 8g).")
+        fits = min(fits, shm_free_bytes // per_round)
+    return int(min(PREFETCH_BATCHES, max(1, fits)))
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes of /dev/shm, where DataLoader workers put their batches; None where there is no /dev/shm."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def build_loader(args, dataset, info: dist_lib.DistInfo, device: torch.device):
     repeats = 3 if args.repeated_aug else 1
     sampler = ResumableSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=args.seed, repeats=repeats)
@@ -100,7 +141,7 @@ def build_loader(args, dataset, info: dist_lib.DistInfo, device: torch.device):
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
-        persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers > 0 else None,
+        persistent_workers=args.num_workers > 0, prefetch_factor=prefetch_batches(args, shm_free_bytes()),
         # its own generator, so creating an iterator never consumes the global RNG (exact resume)
         generator=torch.Generator().manual_seed(args.seed),
     )

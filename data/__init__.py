@@ -291,6 +291,7 @@ class IndexPool:
 
     indexes: list[SourceIndex]
     origin: str  # how this start got it: built and checked, or read from the cache
+    store: PreparedStore | None = None  # the opened --prepared_dir, so the dataset does not open it again
 
     def encode(self) -> bytes:
         """The payload rank 0 sends the other ranks (index_cache format, key omitted: they trust their rank 0)."""
@@ -310,7 +311,7 @@ def build_index_pool(args, cache_dir: str | None = None) -> IndexPool:
     args = data_config(args)
     store = open_prepared(args)
     if cache_dir is None or store is not None:
-        return IndexPool(build_indexes(args, store=store), "built and checked")
+        return IndexPool(build_indexes(args, store=store), "built and checked", store)
     path = os.path.join(cache_dir, index_cache.CACHE_NAME)
     key = index_cache.cache_key(args, {name: SOURCES[name].inputs(args) for name in args.datasets_names})
     cached = None if args.rebuild_index else index_cache.load(path, key)
@@ -357,8 +358,11 @@ def _datasets(args, transform, norm_stats: dict, pool: IndexPool | None = None) 
     problems = check_data_args(args)
     if problems:
         raise ValueError("; ".join(problems))
-    store = open_prepared(args)
-    pool = pool if pool is not None else IndexPool(build_indexes(args, store=store), "built and checked")
+    if pool is None:
+        store = open_prepared(args)
+        pool = IndexPool(build_indexes(args, store=store), "built and checked", store)
+    # rank 0 opened the store while indexing; ranks that received its index open their own
+    store = pool.store if pool.store is not None else open_prepared(args)
     indexes = pool.indexes
     datasets = []
     for source_id, idx in enumerate(indexes):

@@ -208,11 +208,12 @@ def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = Fa
     if ckpt is not None:
         out = run.args.output_dir
         try:
-            ckpt_lib.atomic_save(ckpt, os.path.join(out, ckpt_lib.LAST_NAME))
-            if periodic:
-                ckpt_lib.atomic_copy(os.path.join(out, ckpt_lib.LAST_NAME),
-                                     os.path.join(out, f"checkpoint-{epoch}.pth"))
-                ckpt_lib.prune_periodic(out, run.args.keep_last)
+            with dist_lib.Heartbeat.writing:  # a dead peer's verdict waits for the file to be complete
+                ckpt_lib.atomic_save(ckpt, os.path.join(out, ckpt_lib.LAST_NAME))
+                if periodic:
+                    ckpt_lib.atomic_copy(os.path.join(out, ckpt_lib.LAST_NAME),
+                                         os.path.join(out, f"checkpoint-{epoch}.pth"))
+                    ckpt_lib.prune_periodic(out, run.args.keep_last)
         except (RuntimeError, OSError) as e:
             error = e
     if run.info.distributed:  # the barrier carries rank 0's outcome, so a failed write stops every rank at once
@@ -443,6 +444,7 @@ def run_pretraining(args, build_model, check_model_args=None) -> int:
     """Entry point shared by both scripts; returns the process exit code."""
     info, device = dist_lib.init_distributed(args)
     setup_logging(None, info.rank)  # console only until output_dir has passed its write probe
+    logger.info("%s", dist_lib.describe(info))
     try:
         return _run(args, info, device, build_model, check_model_args)
     except Preempted as e:
@@ -505,7 +507,8 @@ def _run(args, info, device, build_model, check_model_args) -> int:
     optimizer = build_optimizer(model_without_ddp, args.weight_decay, args.lr, device, args.decay_tokens)
     if info.distributed:  # every rank then loads the same --resume/--init_from weights into model_without_ddp
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        dist_lib.Heartbeat(info, args.dist_timeout)  # registers itself; dist_lib.cleanup() stops it
+        # registers itself; dist_lib.cleanup() stops it
+        dist_lib.Heartbeat(info, args.dist_timeout, args.heartbeat_timeout, ExitCode.FAILED)
     run = Run(args=args, info=info, device=device, precision=precision, model=model,
               model_without_ddp=model_without_ddp, optimizer=optimizer, scaler=LossScaler(precision, device),
               loader=loader, sampler=sampler, steps_per_epoch=steps, data=pretrain_data,

@@ -129,6 +129,12 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--dist_url", default="env://", help="url used to set up distributed training (default: env://)")
     dist.add_argument("--dist_timeout", default=600, type=int,
                       help="seconds a collective may wait for a dead or stuck rank before failing (default: 600)")
+    dist.add_argument("--heartbeat_timeout", default=60, type=float,
+                      help="seconds without a heartbeat after which a rank counts as dead (killed, crashed or "
+                           "SIGSTOPped) and every rank stops, on any backend (default: 60)")
+    dist.add_argument("--force_process_group", action="store_true",
+                      help="join a process group and wrap the model in DDP even as a single process, to exercise "
+                           "the NCCL/gloo code paths on one device (default: off)")
 
 
 def validate_args(args, extra_problems=()) -> None:
@@ -149,6 +155,8 @@ def validate_args(args, extra_problems=()) -> None:
         problems.append("--save_every_steps and --keep_last must be >= 0, --save_freq >= 1")
     if args.max_bad_steps < 1:
         problems.append(f"--max_bad_steps must be >= 1, got {args.max_bad_steps}")
+    if args.heartbeat_timeout < 3 * 1.0:
+        problems.append(f"--heartbeat_timeout must be at least 3 s (3 heartbeats), got {args.heartbeat_timeout:g}")
     if args.resume and args.start_epoch:
         problems.append("--resume and --start_epoch conflict: the checkpoint sets the epoch")
     if problems:

@@ -4,6 +4,7 @@ Order: torchrun / torch.distributed.launch --use_env (RANK, WORLD_SIZE, LOCAL_RA
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), then OpenMPI with --dist_on_itp, else one process with
 no process group. The backend follows the device: nccl on CUDA, gloo on CPU.
 """
+import dataclasses
 import datetime
 import logging
 import os
@@ -28,10 +29,12 @@ class DistInfo:
     source: str = "single"  # torchrun | slurm | openmpi | single
     master_addr: str = ""
     master_port: int = 0
+    forced: bool = False  # --force_process_group: a process group even at world size 1
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """There is a process group (and a DDP-wrapped model)."""
+        return self.world_size > 1 or self.forced
 
     @property
     def is_main(self) -> bool:
@@ -130,6 +133,9 @@ def init_distributed(args) -> tuple[DistInfo, torch.device]:
         if given not in (actual, {"--world_size": 1, "--local_rank": -1}[flag]):
             logger.warning("%s %d ignored: the launcher's environment says %d", flag, given, actual)
     device = resolve_device(args.device, info.local_rank)
+    if args.force_process_group:
+        info = dataclasses.replace(info, forced=True, master_addr=info.master_addr or "127.0.0.1",
+                                   master_port=info.master_port or DEFAULT_MASTER_PORT)
     if info.distributed:
         os.environ.setdefault("MASTER_ADDR", info.master_addr)
         os.environ.setdefault("MASTER_PORT", str(info.master_port))
@@ -141,24 +147,32 @@ def init_distributed(args) -> tuple[DistInfo, torch.device]:
             rank=info.rank,
             timeout=datetime.timedelta(seconds=args.dist_timeout),
         )
-        logger.info("rank %d/%d (local %d) via %s, backend %s, master %s:%s",
-                    info.rank, info.world_size, info.local_rank, info.source, backend,
-                    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
     return info, device
 
 
 class Heartbeat:
-    """Liveness counters in a small TCPStore hosted by rank 0, bumped every second by a daemon thread.
+    """Liveness counters in a small TCPStore hosted by rank 0, bumped every second by a daemon thread per rank.
 
-    When a collective fails, a survivor reads every counter twice, a few seconds apart: a rank whose
-    counter stopped is dead. No clocks are compared, so skew between nodes does not matter.
+    The same thread watches the next rank's counter (rank r watches r + 1, so the store sees 3 requests per rank per
+    second at any world size). A counter that has not moved for --heartbeat_timeout seconds means that process died,
+    was killed or is stopped (SIGSTOP): the watcher posts a verdict in the store, every rank's thread reads it within
+    a second, logs it and ends its process. This does not depend on the backend: with NCCL a collective blocked on a
+    dead peer raises nothing in Python until the NCCL watchdog aborts it after --dist_timeout. A rank that is alive
+    but slow (a long checkpoint write, a stuck filesystem) keeps beating and is left to --dist_timeout.
+
+    When a collective fails (gloo raises at once on a closed socket), report() reads every counter twice, a few
+    seconds apart, to name the dead ranks. No clocks are compared, so skew between nodes does not matter.
     """
 
     current: "Heartbeat | None" = None
     interval_s = 1.0
+    # a checkpoint being written finishes before a watcher ends the process (save() holds this lock meanwhile)
+    writing = threading.Lock()
 
-    def __init__(self, info: DistInfo, timeout_s: int):
+    def __init__(self, info: DistInfo, timeout_s: int, dead_after_s: float, exit_code: int):
         self.info = info
+        self.dead_after_s = dead_after_s
+        self._exit_code = exit_code
         self._timeout = datetime.timedelta(seconds=min(timeout_s, 30))
         self._host = os.environ.get("MASTER_ADDR", info.master_addr)
         port = [0]
@@ -169,20 +183,48 @@ class Heartbeat:
         self._port = port[0]
         self.store = self._client()
         self._stop = threading.Event()
-        threading.Thread(target=self._beat_forever, name="heartbeat", daemon=True).start()
+        threading.Thread(target=self._beat_and_watch, name="heartbeat", daemon=True).start()
         Heartbeat.current = self
 
     def _client(self):
         return dist.TCPStore(self._host, self._port, self.info.world_size, False, self._timeout)
 
-    def _beat_forever(self) -> None:
+    def _beat_and_watch(self) -> None:
         store = self._client()  # its own connection: TCPStore clients are not shared across threads
-        while not self._stop.is_set():
+        rank, watched = self.info.rank, (self.info.rank + 1) % self.info.world_size
+        last_count, last_change, unreachable_since = -1, time.monotonic(), None
+        while not self._stop.wait(self.interval_s):
+            now = time.monotonic()
             try:
-                store.add(f"alive/{self.info.rank}", 1)
+                store.add(f"alive/{rank}", 1)
+                count = store.add(f"alive/{watched}", 0)
+                finished = store.check([f"done/{watched}"])
+                verdict = store.get("dead").decode() if store.check(["dead"]) else None
             except (RuntimeError, dist.DistError):
-                return  # the store host (rank 0) is gone; report() says so
-            self._stop.wait(self.interval_s)
+                # rank 0 exits last on a clean finish, so a store gone for this long means rank 0 died
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since >= self.dead_after_s and not self._stop.is_set():
+                    self._abort(f"rank 0 has been unreachable for {now - unreachable_since:.0f} s (it hosts the "
+                                "heartbeat store): it died or was killed")
+                continue
+            unreachable_since = None
+            if verdict and not self._stop.is_set():
+                self._abort(verdict)
+            if count != last_count:
+                last_count, last_change = count, now
+            elif not finished and now - last_change >= self.dead_after_s and not self._stop.is_set():
+                verdict = (f"rank {watched} sent no heartbeat for {now - last_change:.0f} s (--heartbeat_timeout "
+                           f"{self.dead_after_s:g}): that process died, was killed or is stopped")
+                store.set("dead", verdict)  # the other ranks read it at their next beat
+                self._abort(verdict)
+
+    def _abort(self, verdict: str) -> None:
+        logger.error("rank %d: %s. Ending this process (exit %d): checkpoint-last.pth from before the fault is "
+                     "intact; rerun the same command to resume.", self.info.rank, verdict, self._exit_code)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        with Heartbeat.writing:  # never cut a checkpoint write short
+            os._exit(self._exit_code)
 
     def _counts(self) -> dict[int, int]:
         return {r: self.store.add(f"alive/{r}", 0) for r in range(self.info.world_size)}
@@ -200,7 +242,12 @@ class Heartbeat:
         return f"rank(s) {', '.join(map(str, dead))} stopped sending heartbeats: that process died or was killed"
 
     def close(self) -> None:
+        """A clean end: the watcher of this rank must not take its silence for a death."""
         self._stop.set()
+        try:
+            self.store.set(f"done/{self.info.rank}", "1")
+        except (RuntimeError, dist.DistError):
+            logger.debug("rank %d: heartbeat store already closed; rank 0 has finished", self.info.rank)
 
 
 def is_communication_failure(error: BaseException) -> bool:
@@ -215,13 +262,9 @@ def peer_report() -> str:
     return Heartbeat.current.report() if Heartbeat.current else "no heartbeat information"
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     """In-place all-reduce (sum by default); a no-op without a process group."""
-    if world_size() > 1:
+    if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
     return tensor
 
@@ -256,6 +299,15 @@ def share_from_main(info: DistInfo, device: torch.device, produce) -> bytes:
     if failed:
         raise MainRankError(f"rank 0 failed: {received.decode(errors='replace')}")
     return received
+
+
+def describe(info: DistInfo) -> str:
+    """One log line on the process group, once logging is set up."""
+    if not info.distributed:
+        return "single process, no process group"
+    return (f"rank {info.rank}/{info.world_size} (local {info.local_rank}) via {info.source}, backend "
+            f"{dist.get_backend()}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+            + (" (--force_process_group)" if info.forced and info.world_size == 1 else ""))
 
 
 def cleanup() -> None:

@@ -1,0 +1,114 @@
+"""Faults across processes: a dead rank, a stopped (SIGSTOP) rank, rank 0's death, a process group at world size 1.
+
+Ranks are started as srun starts them (one process per rank, no torchrun agent to clean up), so what ends the
+survivors is this project's own code: the collective's error on a closed socket, or the heartbeat watcher.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
+from util import checkpoint as ckpt_lib
+from util.args import ExitCode
+
+
+def start_ranks(args: list[str], port: int, world_size: int = 2) -> list[subprocess.Popen]:
+    procs = []
+    for rank in range(world_size):
+        env = child_env(RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, VIT_SCRIPT, *args], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_for_line(proc, pattern: str, timeout: float = 120) -> str:
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"pattern {pattern!r} never appeared:\n{''.join(seen)[-4000:]}")
+
+
+def kill_all(procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()  # SIGKILL also ends a stopped process
+            proc.communicate(timeout=30)
+
+
+def resume_and_finish(out: str, data_path: str, port: int, **flags) -> str:
+    """Rerun at the same world size up to the end of the checkpoint's epoch; returns rank 0's output."""
+    epoch, step = ckpt_lib.progress_of(ckpt_lib.load_checkpoint(os.path.join(out, ckpt_lib.LAST_NAME)))
+    procs = start_ranks(tiny_run_args(data_path, out, **{**flags, "epochs": epoch + 1}), port)
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-4000:] + outputs[1][-4000:]
+    assert re.search(rf"resumed from .*checkpoint-last.pth: epoch {epoch}, step {step}\b", outputs[0]), outputs[0]
+    return outputs[0]
+
+
+FAULT_FLAGS = {"input_size": 64, "batch_size": 2, "epochs": 500, "save_every_steps": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dead", [1, 0])
+def test_dead_rank_makes_the_other_exit_naming_it(tiny_data, tmp_path, free_port, dead):
+    """kill -9 of one rank: the survivor's collective fails on the closed socket, it names the dead rank (rank 0 hosts
+    the heartbeat store, so its death shows as an unreachable store) and exits; checkpoint-last is intact."""
+    out, survivor = str(tmp_path), 1 - dead
+    procs = start_ranks(tiny_run_args(tiny_data[0], out, dist_timeout=20, **FAULT_FLAGS), free_port)
+    try:
+        wait_for_line(procs[0], r"Epoch: \[0\]\s+\[\s*3/")
+        procs[dead].kill()
+        start = time.time()
+        rest, _ = procs[survivor].communicate(timeout=90)
+        assert procs[survivor].returncode == ExitCode.FAILED and time.time() - start < 30, rest
+    finally:
+        kill_all(procs)
+    expected = "rank(s) 1 stopped sending heartbeats" if dead == 1 else "rank 0 is unreachable"
+    assert "a collective failed" in rest and expected in rest, rest
+    resume_and_finish(out, tiny_data[0], free_port, dist_timeout=20, **FAULT_FLAGS)
+
+
+@pytest.mark.slow
+def test_stopped_rank_is_named_by_the_heartbeat_watcher_long_before_dist_timeout(tiny_data, tmp_path, free_port):
+    """SIGSTOP leaves rank 1's sockets open, so the collective just waits (as NCCL's would, raising nothing in Python
+    until --dist_timeout): only the heartbeat watcher can end rank 0, after --heartbeat_timeout."""
+    out = str(tmp_path)
+    flags = {**FAULT_FLAGS, "dist_timeout": 300, "heartbeat_timeout": 4}
+    procs = start_ranks(tiny_run_args(tiny_data[0], out, **flags), free_port)
+    try:
+        wait_for_line(procs[0], r"Epoch: \[0\]\s+\[\s*3/")
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        start = time.time()
+        rest, _ = procs[0].communicate(timeout=120)
+        elapsed = time.time() - start
+    finally:
+        kill_all(procs)
+    assert procs[0].returncode == ExitCode.FAILED and elapsed < 30, (elapsed, rest)
+    assert re.search(r"rank 0: rank 1 sent no heartbeat for \d+ s \(--heartbeat_timeout 4\)", rest), rest
+    assert "checkpoint-last.pth from before the fault is intact" in rest
+    resume_and_finish(out, tiny_data[0], free_port, **flags)
+
+
+@pytest.mark.slow
+def test_forced_process_group_at_world_size_1_trains_like_a_plain_run(tiny_data, tmp_path, free_port):
+    """--force_process_group: DDP over a one-process gloo group (NCCL on a GPU) gives the plain run's weights."""
+    plain, forced = str(tmp_path / "plain"), str(tmp_path / "forced")
+    run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], plain, epochs=2)])
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], forced, epochs=2,
+                                                               force_process_group=True)],
+                   env=child_env(MASTER_PORT=free_port))
+    assert "rank 0/1 (local 0) via single, backend gloo" in proc.stdout, proc.output
+    a, b = (torch.load(os.path.join(d, ckpt_lib.LAST_NAME), weights_only=True)["model"] for d in (plain, forced))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,8 @@
 # Two commands set up and run everything on a fresh machine (Python 3.11 with pip):
 #   make demo   install, build demo data, pre-train ViT-S on CPU (< 5 min), write checkpoints + PNGs
 #   make test   install, run the test suite
+# make gpu-check: the CUDA acceptance command (tests + throughput, JSON + markdown in gpu_check/); on a machine
+# without CUDA it runs the same checks at toy sizes on CPU.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO_DIR ?= demo_run
@@ -8,7 +10,7 @@ DEMO_EPOCHS ?= 20
 BENCH_LOADER_ARGS ?= --seconds 3 --repeats 3
 BENCH_STEP_ARGS ?= --steps 5 --rounds 2 --compile
 
-.PHONY: install install-test demo test bench lint
+.PHONY: install install-test demo test gpu-check bench lint
 
 install:
 	$(PIP) install -q -r requirements.txt
@@ -30,6 +32,9 @@ demo: install
 test: install-test
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest
+
+gpu-check: install-test
+	$(PYTHON) -m benchmarks.gpu_check --out gpu_check
 
 # input pipeline (3 file kinds) then train step (ViT-S, DenseNet-121 U-Net), each printing same-run ratios
 bench: install

@@ -333,6 +333,9 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
                  scaler_skips=state.scaler_skips_total, replaced_files=state.replaced_files)
     if run.scaler.enabled:  # read once an epoch: get_scale() waits for the device
         stats["loss_scale"] = run.scaler.scale()
+    if run.device.type == "cuda":
+        stats["max_memory_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+        torch.cuda.reset_peak_memory_stats(run.device)  # each epoch reports its own peak
     if stats["data_wait_fraction"] > INPUT_BOUND_WARNING:
         logger.warning("input-bound: %.0f%% of step time waited for data. Raise --num_workers, or train from "
                        "tools/prepare_data.py output.", 100 * stats["data_wait_fraction"])
@@ -491,7 +494,7 @@ def _run(args, info, device, build_model, check_model_args) -> int:
         logger.info("%s", data_lib.format_count_tree(pretrain_data.counts))
         write_json(os.path.join(args.output_dir, "data_counts.json"), pretrain_data.counts)
     precision = resolve_precision(args.precision, device)
-    configure_backends(device)
+    configure_backends(device, args.deterministic)
     if args.keep_freed_memory and device.type == "cpu" and keep_freed_memory():
         logger.info("CPU run: freed memory stays in the process for reuse (--no_keep_freed_memory to give it back)")
     eff_batch_size = resolve_lr(args, info.world_size)

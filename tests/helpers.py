@@ -4,9 +4,13 @@ Fixtures live in conftest.py; these are plain functions, imported as `from tests
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 import data
 import engine_pretrain
@@ -84,3 +88,27 @@ def train_in_process(script, data_path: str, out: str, **overrides) -> str:
         tiny_run_args(data_path, out, **overrides))
     assert engine_pretrain.run_pretraining(args, script.build_model, script.check_model_args) == 0
     return os.path.join(out, "checkpoint-0.pth")
+
+
+def spawn(cmd: list[str], env=None) -> subprocess.Popen:
+    """Start a command in the background, stdout and stderr merged, for tests that signal it mid-run."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> str:
+    """Read proc's output until a line matches; returns what was read. Kills proc and fails if it never comes."""
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"pattern {pattern!r} never appeared:\n{''.join(seen)[-4000:]}")
+
+
+def last_checkpoint(out: str) -> dict:
+    return torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=True)

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
+from tests.helpers import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args, wait_for_line
 from util import checkpoint as ckpt_lib
 from util.args import ExitCode
 
@@ -25,19 +25,6 @@ def start_ranks(args: list[str], port: int, world_size: int = 2) -> list[subproc
         procs.append(subprocess.Popen([sys.executable, VIT_SCRIPT, *args], cwd=ROOT, env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     return procs
-
-
-def wait_for_line(proc, pattern: str, timeout: float = 120) -> str:
-    deadline, seen = time.time() + timeout, []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-    proc.kill()
-    raise AssertionError(f"pattern {pattern!r} never appeared:\n{''.join(seen)[-4000:]}")
 
 
 def kill_all(procs) -> None:

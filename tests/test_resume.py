@@ -5,9 +5,7 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,33 +13,12 @@ import torch
 import engine_pretrain
 import main_pretrain_multi_datasets_xray as vit_main
 import models_mae
-from tests.helpers import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
+from tests.helpers import VIT_SCRIPT, last_checkpoint, run_cli, spawn, tiny_run_args, wait_for_line
 from tests.reference_impl import reference_param_groups
 from util import checkpoint as ckpt_lib
 from util.args import ExitCode
 
 KILL_ARGS = {"input_size": 64, "batch_size": 2, "epochs": 5, "warmup_epochs": 1, "save_every_steps": 1}
-
-
-def _spawn(cmd):
-    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_line(proc, pattern: str, timeout: float = 120) -> str:
-    deadline, seen = time.time() + timeout, []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-    proc.kill()
-    raise AssertionError(f"pattern {pattern!r} never appeared:\n{''.join(seen)[-4000:]}")
-
-
-def _weights(out):
-    return torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
 
 
 @pytest.mark.slow
@@ -50,14 +27,14 @@ def test_kill9_mid_epoch_then_same_command_matches_uninterrupted(tiny_data, tmp_
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(data_path, straight, **KILL_ARGS)])
     cmd = [sys.executable, VIT_SCRIPT, *tiny_run_args(data_path, interrupted, **KILL_ARGS)]
-    proc = _spawn(cmd)
-    _wait_for_line(proc, r"Epoch: \[1\]\s+\[\s*5/")
+    proc = spawn(cmd)
+    wait_for_line(proc, r"Epoch: \[1\]\s+\[\s*5/")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     resumed = run_cli(cmd)
     match = re.search(r"resumed from .*checkpoint-last.pth: epoch (\d+), step (\d+)", resumed.stdout)
     assert match and (int(match.group(1)), int(match.group(2))) >= (1, 5), resumed.output
-    a, b = _weights(straight), _weights(interrupted)
+    a, b = last_checkpoint(straight), last_checkpoint(interrupted)
     assert a["epoch"] == b["epoch"] == KILL_ARGS["epochs"] - 1
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key  # bit-identical (fp32, num_workers 0)
@@ -68,14 +45,14 @@ def test_kill9_mid_epoch_then_same_command_matches_uninterrupted(tiny_data, tmp_
 @pytest.mark.slow
 def test_sigterm_writes_checkpoint_and_exits_with_requeue_code(tiny_data, tmp_path):
     out = str(tmp_path)
-    proc = _spawn([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], out, input_size=64, batch_size=2,
+    proc = spawn([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], out, input_size=64, batch_size=2,
                                                              epochs=200)])
-    _wait_for_line(proc, r"Epoch: \[0\]\s+\[\s*2/")
+    wait_for_line(proc, r"Epoch: \[0\]\s+\[\s*2/")
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == ExitCode.PREEMPTED, rest
     assert "received SIGTERM" in rest and "pre-empted" in rest
-    ckpt = _weights(out)
+    ckpt = last_checkpoint(out)
     assert ckpt["epoch"] < 199 and ckpt_lib.progress_of(ckpt) > (0, 2)
     resumed = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], out, input_size=64, batch_size=2,
                                                                   epochs=1)], expect_rc=0)
@@ -92,7 +69,7 @@ def test_truncated_checkpoint_last_falls_back_to_previous(tiny_data, tmp_path):
     proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], out, epochs=3, save_freq=1)])
     assert "checkpoint-last.pth is damaged" in proc.stdout
     assert re.search(r"resumed from .*checkpoint-1.pth: epoch 2, step 0", proc.stdout), proc.output
-    assert _weights(out)["epoch"] == 2
+    assert last_checkpoint(out)["epoch"] == 2
 
 
 class NaNInjectingMAE(models_mae.MaskedAutoencoderViT):
@@ -144,15 +121,19 @@ def test_nan_batch_is_skipped_and_counted(tiny_data, tmp_path):
 
 
 def test_fp16_overflow_is_a_scaler_skip_not_a_step(tiny_data, tmp_path):
-    """fp16 with the GradScaler and fused AdamW on CPU: an overflowing gradient leaves the weights and the optimizer
-    state alone, counts one scaler skip (not a bad step, not an optimizer step), halves the scale, and keeps inf out
-    of the logged gradient norm."""
-    args = _in_process_args(tiny_data[0], str(tmp_path), precision="fp16")
+    """fp16 with the GradScaler and fused AdamW on CPU (tests/test_gpu.py runs it on CUDA)."""
+    check_fp16_overflow_is_a_scaler_skip(tiny_data[0], tmp_path, "cpu")
+
+
+def check_fp16_overflow_is_a_scaler_skip(data_path: str, tmp_path, device: str) -> None:
+    """An overflowing gradient leaves the weights and the optimizer state alone, counts one scaler skip (not a bad
+    step, not an optimizer step), halves the scale, and keeps inf out of the logged gradient norm."""
+    args = _in_process_args(data_path, str(tmp_path), precision="fp16", device=device)
     model = InfGradMAE({3}, img_size=args.input_size)
     assert engine_pretrain.run_pretraining(args, lambda a: model) == 0
     assert torch.equal(model.snapshots[2], model.snapshots[3]) and not torch.equal(model.snapshots[3],
                                                                                     model.snapshots[4])
-    ckpt = _weights(str(tmp_path))
+    ckpt = last_checkpoint(str(tmp_path))
     steps = model.calls - 1  # training steps: the last forward is the end-of-run reconstruction monitor
     assert ckpt["optimizer_steps"] == steps - 1 and ckpt["scaler_skips_total"] == 1 and ckpt["bad_steps_total"] == 0
     assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {steps - 1}  # AdamW did not step
@@ -167,7 +148,7 @@ def test_nan_k_in_a_row_stops_after_checkpoint(tiny_data, tmp_path, caplog):
     model = NaNInjectingMAE({2, 3, 4, 5}, img_size=args.input_size)
     assert engine_pretrain.run_pretraining(args, lambda a: model) == 2
     assert "--precision bf16" in caplog.text and "--clip_grad" in caplog.text and "lower --blr" in caplog.text
-    ckpt = _weights(str(tmp_path))
+    ckpt = last_checkpoint(str(tmp_path))
     assert ckpt["bad_steps_total"] == 3 and ckpt["step"] == 4
     assert torch.equal(ckpt["model"]["blocks.0.attn.qkv.weight"], model.snapshots[1])  # last good weights
 
@@ -205,7 +186,7 @@ def test_reference_format_checkpoint_resumes_with_its_optimizer_state(tiny_data,
     proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], out, epochs=2, resume=str(ref_path),
                                                                max_steps_per_epoch=3)])
     assert re.search(r"resumed from .*reference-checkpoint-0.pth: epoch 1, step 0", proc.stdout), proc.output
-    ckpt = _weights(out)
+    ckpt = last_checkpoint(out)
     saved = ref_optimizer.state_dict()
     assert ckpt["epoch"] == 1 and len(ckpt["optimizer"]["param_groups"]) == 2
     assert [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]] == \

@@ -86,6 +86,9 @@ def _add_optimiser_args(parser: argparse.ArgumentParser) -> None:
                       help="auto: bf16 on GPUs with native bf16 (compute capability >= 8), fp16 on older GPUs, fp32 on "
                            "CPU (default: auto)")
     prec.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    prec.add_argument("--deterministic", action="store_true",
+                      help="deterministic kernels only (cuDNN without autotuning, math attention on CUDA): slower, "
+                           "but a rerun or a resume reproduces the weights bit for bit (default: off)")
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,7 @@
 """--precision: pick the autocast dtype and a loss scaler that is on only for fp16."""
 import contextlib
 import logging
+import os
 
 import torch
 
@@ -27,14 +28,26 @@ def has_native_bf16(capability: tuple[int, int]) -> bool:
     return capability[0] >= 8
 
 
-def configure_backends(device: torch.device) -> None:
+def configure_backends(device: torch.device, deterministic: bool = False) -> None:
     """CUDA runs: cuDNN autotunes its convolutions (every batch has one shape; the U-Net gains most), and TF32 stays
-    off, so --precision fp32 means fp32 (bf16/fp16 autocast is the fast path)."""
+    off, so --precision fp32 means fp32 (bf16/fp16 autocast is the fast path).
+
+    --deterministic (any device): PyTorch's deterministic algorithms, raising on an op that has none; on CUDA cuDNN
+    without autotuning, cuBLAS with a fixed workspace, and the math attention kernel (the fused kernels' backward
+    passes accumulate in a varying order). Slower; for exact reruns and resume checks."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, before any matmul
+        torch.use_deterministic_algorithms(True)
     if device.type != "cuda":
         return
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    if deterministic:
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def autocast(precision: str, device: torch.device):

@@ -1,4 +1,6 @@
 """util/precision.py: the --precision auto rule, autocast, and the fp16 loss scaler on CPU."""
+import os
+
 import pytest
 import torch
 
@@ -47,3 +49,23 @@ def test_cuda_backends_autotune_and_keep_fp32_exact():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_deterministic_mode_sets_every_switch():
+    cuda_flags = ("benchmark", "deterministic")
+    saved = ([getattr(torch.backends.cudnn, f) for f in cuda_flags], torch.backends.cuda.flash_sdp_enabled(),
+             torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled(),
+             torch.are_deterministic_algorithms_enabled())
+    try:
+        configure_backends(torch.device("cuda"), deterministic=True)  # only sets flags: runs without a GPU
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+                    or torch.backends.cuda.cudnn_sdp_enabled())
+    finally:
+        for flag, value in zip(cuda_flags, saved[0], strict=True):
+            setattr(torch.backends.cudnn, flag, value)
+        torch.backends.cuda.enable_flash_sdp(saved[1])
+        torch.backends.cuda.enable_mem_efficient_sdp(saved[2])
+        torch.backends.cuda.enable_cudnn_sdp(saved[3])
+        torch.use_deterministic_algorithms(saved[4])

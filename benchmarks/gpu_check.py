@@ -1,0 +1,260 @@
+"""make gpu-check: prove the CUDA paths on one GPU, then measure the training step's throughput.
+
+    python -m benchmarks.gpu_check [--out gpu_check] [--smoke] [--skip_tests] [--skip_throughput]
+
+1. The CUDA-marked tests (pytest -m gpu, tests/test_gpu.py): bf16 and fp16 steps of the ViT and the U-Net, an fp16
+   overflow on the device, --gpu_augment against CPU, the CUDA RNG round trip, channels_last, pinned batches, NCCL at
+   world size 1, SIGTERM then resume, kill -9 then resume with identical weights under --deterministic.
+2. Throughput at batch 256 for ViT-S dec512d2b and ViT-B dec512d8b (mask 0.9) and the DenseNet-121 U-Net (mask
+   0.75), 224 px, of the engine's real step (benchmarks/engine_step.py):
+   - model only: the batch already on the device; bf16 and fp16, eager and torch.compile;
+   - end to end: the entry script training from a --prepared_dir with 8 workers and pinned memory, with and without
+     --gpu_augment (bf16, eager).
+   Each row: images/s, the share of step time spent waiting for data, peak memory, and model FLOP utilisation (MFU:
+   counted forward + backward FLOPs per second over the card's dense bf16 peak).
+
+Writes OUT/gpu_check.json and OUT/gpu_check.md, and exits non-zero if a test or a measurement failed. Without CUDA
+(or with --smoke) the same script runs everything at toy sizes on CPU in a few minutes, so CI keeps it working; the
+smoke numbers mean nothing.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Dense (no sparsity) bf16 tensor-core peak from NVIDIA's data sheets, in FLOP/s; matched in this order.
+DENSE_BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+                   ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12)]
+
+# name: (entry script kind, --model, --mask_ratio)
+FULL_MODELS = {"vit_s_dec512d2b": ("vit", "mae_vit_small_patch16_dec512d2b", 0.9),
+               "vit_b_dec512d8b": ("vit", "mae_vit_base_patch16_dec512d8b", 0.9),
+               "unet_densenet121": ("cnn", "densenet121", 0.75)}
+SMOKE_MODELS = {"vit_debug": ("vit", "mae_vit_debug_patch16", 0.75), "unet_resnet18": ("cnn", "resnet18", 0.75)}
+
+
+def peak_flops(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return platform.processor() or "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((peak for key, peak in DENSE_BF16_PEAK if key in name), None)
+
+
+def plan(smoke: bool) -> dict:
+    """What to measure, most important first: the full matrix on a GPU, toy sizes for the CPU smoke mode.
+    model_only lists (model, precision, compiled)."""
+    if smoke:  # fp16 convolutions are very slow on CPU: the U-Net smoke row is bf16 only
+        return {"models": SMOKE_MODELS, "batch": 4, "input_size": 64, "steps": 3, "workers": 1,
+                "model_only": [("vit_debug", "bf16", False), ("vit_debug", "fp16", False),
+                               ("unet_resnet18", "bf16", False), ("vit_debug", "bf16", True)],
+                "end_to_end": ["vit_debug"], "e2e_precision": "fp32", "data_scale": 1, "image_size": 96,
+                "prepare_size": 80, "canvas": 96}
+    eager = [(m, p, False) for m in FULL_MODELS for p in ("bf16", "fp16")]
+    return {"models": FULL_MODELS, "batch": 256, "input_size": 224, "steps": 20, "workers": 8,
+            "model_only": eager + [(m, "bf16", True) for m in FULL_MODELS] + [(m, "fp16", True) for m in FULL_MODELS],
+            "end_to_end": list(FULL_MODELS), "e2e_precision": "bf16", "data_scale": 40, "image_size": 384,
+            "prepare_size": 320, "canvas": 416}
+
+
+def run_tests(device: torch.device, out: Path) -> list[dict]:
+    """pytest -m gpu in a child process; one row per test from its JUnit XML."""
+    xml = out / "gpu_tests.xml"
+    env = {**os.environ, "GPU_CHECK_DEVICE": device.type, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", f"--junitxml={xml}",
+           "tests/test_gpu.py"]
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if not xml.exists():
+        return [{"name": "pytest -m gpu", "outcome": "failed", "seconds": 0.0,
+                 "detail": f"pytest exited with {proc.returncode} and wrote no report"}]
+    rows = []
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        problem = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+        outcome = "passed" if problem is None else {"failure": "failed", "error": "failed"}.get(problem.tag,
+                                                                                               "skipped")
+        rows.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)),
+                     "detail": "" if problem is None else (problem.get("message") or "")[:300]})
+    return rows
+
+
+def _model_only_child(conn, kind, model, device, precision, batch, steps, compiled, input_size, mask_ratio):
+    from benchmarks.engine_step import model_only
+
+    try:
+        conn.send(model_only(kind, model, device, precision, batch, steps, compiled, input_size, mask_ratio))
+    except Exception as e:  # sent to the parent, which records it as this row's failure
+        conn.send({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+
+
+def measure_model_only(name, spec, device, precision, compiled, cfg) -> dict:
+    """One configuration in a fresh process, so an out-of-memory or compile failure stays in its row."""
+    kind, model, mask_ratio = spec
+    ctx = multiprocessing.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    start = time.time()
+    proc = ctx.Process(target=_model_only_child, args=(child_conn, kind, model, device, precision, cfg["batch"],
+                                                       cfg["steps"], compiled, cfg["input_size"], mask_ratio))
+    proc.start()
+    child_conn.close()
+    try:
+        result = conn.recv()
+    except EOFError:
+        result = {"error": f"the measuring process died (exit code {proc.exitcode})"}
+    proc.join()
+    return {"model": name, "mode": "model only", "precision": precision, "compiled": compiled,
+            "wall_s": time.time() - start, **result}
+
+
+def make_prepared_data(work: Path, cfg) -> Path:
+    """Generated images in the three reference layouts, prepared once as training reads them at scale."""
+    from data.synthetic import make_reference_layout
+
+    data_path, prepared = work / "data", work / f"prepared_{cfg['prepare_size']}"
+    if not (prepared / "manifest.json").exists():
+        make_reference_layout(str(data_path), scale=cfg["data_scale"], size=(cfg["image_size"], cfg["image_size"]))
+        subprocess.run([sys.executable, "-m", "tools.prepare_data", "--data_path", str(data_path),
+                        "--datasets_names", "chexpert", "chestxray_nih", "mimic_cxr", "--train_list",
+                        str(data_path / "nih_chestxray" / "train_official_subset.txt"), "--out", str(prepared),
+                        "--prepare_size", str(cfg["prepare_size"])], cwd=ROOT, check=True)
+    return data_path
+
+
+def measure_end_to_end(name, spec, device, gpu_augment, data_path: Path, work: Path, cfg) -> dict:
+    """The entry script for 2 epochs from --prepared_dir; the second epoch's log.txt line is the measurement."""
+    kind, model, mask_ratio = spec
+    script = "main_pretrain_multi_datasets_xray.py" if kind == "vit" else "main_pretrain_multi_datasets_xray_cnn.py"
+    out = work / f"e2e_{name}_{'gpu_augment' if gpu_augment else 'workers'}"
+    subset = data_path / "nih_chestxray" / "train_official_subset.txt"
+    weights = [f"{source}=8" for source in ("chexpert", "chestxray_nih", "mimic_cxr")]  # enough steps per epoch
+    cmd = [sys.executable, script, "--model", model, "--mask_ratio", str(mask_ratio), "--batch_size",
+           str(cfg["batch"]), "--input_size", str(cfg["input_size"]), "--epochs", "2", "--warmup_epochs", "1",
+           "--max_steps_per_epoch", str(cfg["steps"]), "--num_workers", str(cfg["workers"]), "--pin_mem",
+           "--precision", cfg["e2e_precision"], "--device", device.type, "--data_path", str(data_path),
+           "--train_list", str(subset), "--datasets_names", "chexpert", "chestxray_nih", "mimic_cxr",
+           "--prepared_dir", str(work / f"prepared_{cfg['prepare_size']}"), "--random_resize_range", "0.5", "1.0",
+           "--output_dir", str(out), "--log_dir", str(out), "--print_freq", "1000",
+           "--gpu_augment_canvas", str(cfg["canvas"])] + [f"--source_weight={w}" for w in weights] \
+        + (["--gpu_augment"] if gpu_augment else [])
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    row = {"model": name, "mode": "end to end" + (", --gpu_augment" if gpu_augment else ", CPU augment"),
+           "precision": cfg["e2e_precision"], "compiled": False, "wall_s": time.time() - start}
+    lines = (out / "log.txt").read_text().splitlines() if (out / "log.txt").exists() else []
+    if proc.returncode != 0 or len(lines) < 2:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        return {**row, "error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+    stats = json.loads(lines[-1])
+    return {**row, "images_per_s": stats["train_images_per_s"], "data_wait_fraction":
+            stats["train_data_wait_fraction"], "max_memory_mb": stats.get("train_max_memory_mb")}
+
+
+def add_mfu(rows: list[dict], peak: float | None) -> None:
+    """End-to-end rows take the FLOPs per image of the same model's model-only bf16 row."""
+    flops = {r["model"]: r["flops_per_image"] for r in rows if r.get("flops_per_image")}
+    for r in rows:
+        per_image = r.get("flops_per_image") or flops.get(r["model"])
+        r["mfu"] = per_image * r["images_per_s"] / peak if peak and per_image and "images_per_s" in r else None
+
+
+def markdown(summary: dict) -> str:
+    head = summary["environment"]
+    lines = [f"# gpu-check: {head['device_name']} ({head['mode']})", "",
+             f"torch {head['torch']}, CUDA {head['cuda']}, batch {summary['plan']['batch']}, "
+             f"{summary['plan']['input_size']} px, {summary['plan']['steps']} timed steps; dense bf16 peak "
+             f"{head['peak_tflops'] or 'n/a'} TFLOP/s; {summary['seconds']:.0f} s in all", "",
+             "| test | outcome | s |", "|---|---|---|"]
+    lines += [f"| {t['name']} | {t['outcome']} | {t['seconds']:.1f} |" for t in summary["tests"]]
+    lines += ["", "| model | mode | precision | compiled | images/s | data wait | peak memory | MFU |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in summary["throughput"]:
+        if "error" in r or "skipped" in r:
+            what = f"failed: {r['error'][:120]}" if "error" in r else r["skipped"]
+            lines.append(f"| {r['model']} | {r['mode']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+                         f"{what} | | | |")
+            continue
+        memory = f"{r['max_memory_mb'] / 1024:.1f} GiB" if r.get("max_memory_mb") else "n/a"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+        lines.append(f"| {r['model']} | {r['mode']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+                     f"{r['images_per_s']:.1f} | {r['data_wait_fraction']:.0%} | {memory} | {mfu} |")
+    if head["mode"] == "CPU smoke mode":
+        lines += ["", "Smoke mode: toy sizes on CPU, to keep this script working. These numbers mean nothing."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="gpu_check", help="folder for gpu_check.json/.md (default: gpu_check)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes even on a GPU (default: only without CUDA)")
+    parser.add_argument("--skip_tests", action="store_true", help="throughput only")
+    parser.add_argument("--skip_throughput", action="store_true", help="tests only")
+    parser.add_argument("--budget_minutes", type=float, default=8,
+                        help="start no measurement after this many minutes; the rest is listed as not measured "
+                             "(default: 8)")
+    args = parser.parse_args()
+    start = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = args.smoke or device.type != "cuda"
+    cfg = plan(smoke)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    name, peak = peak_flops(device)
+    environment = {"device_name": name, "mode": "CPU smoke mode" if smoke and device.type == "cpu" else
+                   ("GPU smoke mode" if smoke else "full"), "torch": torch.__version__, "cuda": torch.version.cuda,
+                   "peak_tflops": peak / 1e12 if peak else None, "python": platform.python_version()}
+    print(f"gpu-check on {name} ({environment['mode']}), torch {torch.__version__}", flush=True)
+    tests = [] if args.skip_tests else run_tests(device, out)
+    rows = []
+    if not args.skip_throughput:
+        budget_s = args.budget_minutes * 60
+
+        def within_budget(row: dict) -> bool:
+            if time.time() - start < budget_s:
+                return True
+            rows.append({**row, "skipped": f"not measured: the {args.budget_minutes:g}-minute budget was spent"})
+            return False
+
+        def model_only_rows(compiled_rows: bool) -> None:
+            for model, precision, compiled in cfg["model_only"]:
+                if compiled == compiled_rows and within_budget(
+                        {"model": model, "mode": "model only", "precision": precision, "compiled": compiled}):
+                    rows.append(measure_model_only(model, cfg["models"][model], device, precision, compiled, cfg))
+                    print(f"  {json.dumps(rows[-1])}", flush=True)
+
+        model_only_rows(compiled_rows=False)
+        data_path = make_prepared_data(out / "work", cfg)
+        for model in cfg["end_to_end"]:
+            for gpu_augment in (False, True):
+                mode = "end to end" + (", --gpu_augment" if gpu_augment else ", CPU augment")
+                if within_budget({"model": model, "mode": mode, "precision": cfg["e2e_precision"],
+                                  "compiled": False}):
+                    rows.append(measure_end_to_end(model, cfg["models"][model], device, gpu_augment, data_path,
+                                                   out / "work", cfg))
+                    print(f"  {json.dumps(rows[-1])}", flush=True)
+        model_only_rows(compiled_rows=True)  # compiling is the slowest part: last
+        add_mfu(rows, peak)
+    summary = {"environment": environment, "plan": {k: cfg[k] for k in ("batch", "input_size", "steps", "workers")},
+               "tests": tests, "throughput": rows, "seconds": time.time() - start}
+    (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
+    (out / "gpu_check.md").write_text(markdown(summary))
+    print(markdown(summary))
+    failed = [t["name"] for t in tests if t["outcome"] != "passed"] + \
+        [f"{r['model']} {r['mode']} {r['precision']}" for r in rows if "error" in r]
+    if not tests and not args.skip_tests:
+        failed.append("no test ran")
+    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {time.time() - start:.0f} s; "
+          + (f"FAILED: {', '.join(failed)}" if failed else "every check passed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The CUDA paths, run by `make gpu-check` (pytest -m gpu) on the device it names.
+
+On a GPU machine the device is CUDA. make gpu-check's smoke mode sets GPU_CHECK_DEVICE=cpu on a machine without one,
+so CI runs every check on CPU and keeps it from rotting; a plain `pytest` deselects them (pyproject.toml).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import data as data_lib
+import engine_pretrain
+import main_pretrain_multi_datasets_xray as vit_main
+import main_pretrain_multi_datasets_xray_cnn as cnn_main
+import models_mae_cnn
+from data.gpu_augment import BatchAugment, CanvasTransform
+from data.synthetic import chest_image
+from tests.helpers import (
+    VIT_SCRIPT,
+    child_env,
+    last_checkpoint,
+    run_cli,
+    spawn,
+    tiny_run_args,
+    wait_for_line,
+)
+from tests.test_resume import check_fp16_overflow_is_a_scaler_skip
+from util import checkpoint as ckpt_lib
+from util import dist as dist_lib
+from util.args import ExitCode
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def device() -> torch.device:
+    name = os.environ.get("GPU_CHECK_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
+    if not name:
+        pytest.skip("needs CUDA; on a machine without it, make gpu-check runs these on CPU (GPU_CHECK_DEVICE=cpu)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"GPU_CHECK_DEVICE={name} but torch.cuda.is_available() is False (torch {torch.__version__})")
+    return torch.device(name)
+
+
+def in_process_args(script, data_path: str, out: str, **flags) -> argparse.Namespace:
+    return argparse.ArgumentParser(parents=[script.get_args_parser()]).parse_args(tiny_run_args(data_path, out,
+                                                                                                **flags))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["vit", "unet"])
+def test_mixed_precision_steps_train(tiny_data, tmp_path, device, kind, precision):
+    script, model = (vit_main, "mae_vit_debug_patch16") if kind == "vit" else (cnn_main, "densenet121")
+    args = in_process_args(script, tiny_data[0], str(tmp_path), model=model, device=str(device), precision=precision,
+                           input_size=32 if kind == "vit" else 64, max_steps_per_epoch=3)
+    assert engine_pretrain.run_pretraining(args, script.build_model, script.check_model_args) == ExitCode.OK
+    line = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])
+    assert math.isfinite(line["train_loss"]) and math.isfinite(line["train_grad_norm"]), line
+    ckpt = last_checkpoint(str(tmp_path))
+    assert ckpt["optimizer_steps"] + ckpt["scaler_skips_total"] == 3 and ckpt["optimizer_steps"] >= 1
+    assert ("loss_scale" in json.dumps(line)) == (precision == "fp16")
+    if device.type == "cuda":
+        assert line["train_max_memory_mb"] > 0
+
+
+def test_fp16_overflow_is_a_scaler_skip_on_the_device(tiny_data, tmp_path, device):
+    check_fp16_overflow_is_a_scaler_skip(tiny_data[0], tmp_path, str(device))
+
+
+def test_gpu_augment_on_the_device_agrees_with_cpu(device):
+    canvases, hws = [], []
+    for i, (h, w) in enumerate([(60, 50), (64, 64), (40, 63), (33, 47)]):
+        canvas, hw, _ = CanvasTransform(64, 0)(Image.fromarray(chest_image(h, w, seed=i)))
+        canvases.append(canvas)
+        hws.append(hw)
+    canvas, hw, source = torch.stack(canvases), torch.stack(hws), torch.zeros(4, dtype=torch.long)
+    augment = BatchAugment(32, (0.3, 1.0), [([0.5], [0.25])], in_chans=3)
+    on_cpu = augment(canvas, hw, source, seed=11)
+    on_device = augment(canvas.to(device), hw, source, seed=11)
+    assert on_device.device.type == device.type and on_device.shape == on_cpu.shape and on_cpu.shape[-2:] == (32, 32)
+    torch.testing.assert_close(on_device.cpu(), on_cpu, rtol=0, atol=2e-3)  # bicubic kernels differ in rounding
+
+
+def test_rng_state_round_trip_on_the_device(device):
+    state = ckpt_lib.rng_state(device)
+    first = torch.rand(8, device=device), torch.randint(0, 1000, (8,))
+    ckpt_lib.set_rng_state(state, device, local_rank=device.index or 0)
+    again = torch.rand(8, device=device), torch.randint(0, 1000, (8,))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert ("cuda" in state) == (device.type == "cuda")
+
+
+def test_unet_stays_channels_last_through_a_step(device):
+    model = models_mae_cnn.create_model("densenet121", img_size=64, mask_ratio=0.75).to(device)
+    loss, _, _ = model(torch.randn(2, 3, 64, 64, device=device))
+    loss.backward()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert all(m.weight.grad.is_contiguous(memory_format=torch.channels_last) for m in convs)
+
+
+def test_loader_batches_are_pinned_for_cuda(tiny_data, tmp_path, device):
+    args = in_process_args(vit_main, tiny_data[0], str(tmp_path), device=str(device), num_workers=1, pin_mem=True)
+    pool = data_lib.build_index_pool(data_lib.data_config(args), str(tmp_path))
+    dataset = data_lib.build_pretrain_data(data_lib.data_config(args), monitor=False, probe_images=0,
+                                           pool=pool).dataset
+    loader, _, _ = engine_pretrain.build_loader(args, dataset, dist_lib.DistInfo(), device)
+    images, _ = next(iter(loader))
+    assert images.is_pinned() == (device.type == "cuda")
+
+
+def test_process_group_at_world_size_1_uses_the_device_backend(tiny_data, tmp_path, device, free_port):
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(tmp_path), device=str(device),
+                                                               force_process_group=True)],
+                   env=child_env(MASTER_PORT=free_port))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    assert f"rank 0/1 (local 0) via single, backend {backend}" in proc.stdout, proc.output
+    assert os.path.exists(tmp_path / "checkpoint-0.pth")
+
+
+def test_sigterm_then_resume_on_the_device(tiny_data, tmp_path, device):
+    def command(epochs: int) -> list[str]:
+        return [sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(tmp_path), device=str(device),
+                                                           input_size=64, batch_size=2, epochs=epochs)]
+
+    proc = spawn(command(200))
+    wait_for_line(proc, r"Epoch: \[0\]\s+\[\s*2/")
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == ExitCode.PREEMPTED and "received SIGTERM" in rest, rest
+    epoch, step = ckpt_lib.progress_of(last_checkpoint(str(tmp_path)))
+    resumed = run_cli(command(epoch + 1))  # finish the interrupted epoch
+    assert f"resumed from {tmp_path}/checkpoint-last.pth: epoch {epoch}, step {step}" in resumed.stdout, resumed.output
+
+
+def test_kill9_then_resume_in_deterministic_mode_gives_identical_weights(tiny_data, tmp_path, device):
+    flags = {"device": str(device), "deterministic": True, "input_size": 64, "batch_size": 2, "epochs": 3,
+             "warmup_epochs": 1, "save_every_steps": 1}
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], straight, **flags)])
+    cmd = [sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], interrupted, **flags)]
+    proc = spawn(cmd)
+    wait_for_line(proc, r"Epoch: \[1\]\s+\[\s*3/")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    resumed = run_cli(cmd)
+    assert re.search(r"resumed from .*checkpoint-last.pth: epoch 1, step [3-9]", resumed.stdout), resumed.output
+    a, b = last_checkpoint(straight), last_checkpoint(interrupted)
+    assert a["epoch"] == b["epoch"] == flags["epochs"] - 1
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ after the resume"

@@ -187,15 +187,26 @@ def prepare_outputs(args, info) -> None:
 def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int) -> dict | None:
     """The checkpoint dict (reference keys first) on rank 0; None elsewhere. All ranks must call it."""
     rng = [ckpt_lib.rng_state(run.device)]
-    if run.info.distributed:
-        rng = [None] * run.info.world_size
-        torch.distributed.all_gather_object(rng, ckpt_lib.rng_state(run.device))
+    if run.info.distributed:  # each rank's RNG, and a checksum of its weights: DDP must have kept them identical
+        gathered = [None] * run.info.world_size
+        torch.distributed.all_gather_object(gathered, (ckpt_lib.rng_state(run.device),
+                                                       weights_checksum(run.model_without_ddp)))
+        rng, sums = [g[0] for g in gathered], [g[1] for g in gathered]
+        if run.info.is_main and len(set(sums)) > 1:
+            logger.error("ranks hold different weights at epoch %d step %d (checksums %s): gradients were not "
+                         "all-reduced on some step; the checkpoint holds rank 0's", epoch, step, sums)
     if not run.info.is_main:
         return None
     return ckpt_lib.assemble(run.model_without_ddp, run.optimizer, run.scaler.state_dict(), run.args, epoch, step,
                              rng=rng, world_size=run.info.world_size, norm_stats=run.data.norm_stats,
                              optimizer_steps=state.optimizer_steps, bad_steps_total=state.bad_steps_total,
                              scaler_skips_total=state.scaler_skips_total)
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """Sum of every parameter in float64: equal across ranks exactly when DDP kept the replicas identical."""
+    with torch.no_grad():
+        return torch.stack([p.double().sum() for p in model.parameters()]).sum().item()
 
 
 def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = False) -> None:

@@ -126,6 +126,18 @@ def test_cli_compile_flag_trains(tiny_data, tmp_path):
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"]), proc.output
 
 
+@pytest.mark.slow
+def test_cli_compile_under_ddp_keeps_ranks_in_sync(tiny_data, tmp_path, free_port):
+    """torchrun, 2 processes, gloo, --compile: DDP's bucketed all-reduce runs inside the compiled graph, so at every
+    checkpoint both ranks hold the same weights (the engine compares their checksums and logs an error if not)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}"]
+    proc = run_cli([*torchrun, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(tmp_path), epochs=2, compile=True,
+                                                          save_every_steps=2)], timeout=600)
+    assert "hold different weights" not in proc.stdout + proc.stderr, proc.output
+    ckpt = _check_run_outputs(str(tmp_path), epochs=2)
+    assert ckpt["world_size"] == 2 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
 @pytest.mark.parametrize("tool", sorted(p.stem for p in (ROOT / "tools").glob("*.py")
                                         if p.stem not in ("__init__", "checkpoint_model")))
 def test_tools_run_as_modules_from_the_repository_root(tool):

@@ -99,3 +99,48 @@ def test_forced_process_group_at_world_size_1_trains_like_a_plain_run(tiny_data,
     assert "rank 0/1 (local 0) via single, backend gloo" in proc.stdout, proc.output
     a, b = (torch.load(os.path.join(d, ckpt_lib.LAST_NAME), weights_only=True)["model"] for d in (plain, forced))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SLOW_SAVE = """
+import os, time
+from util import checkpoint
+
+_atomic_save = checkpoint.atomic_save
+
+
+def slow_atomic_save(obj, path):  # a checkpoint on a slow network filesystem: rank 0 takes 6 s to write
+    time.sleep(6)
+    _atomic_save(obj, path)
+
+
+checkpoint.atomic_save = slow_atomic_save
+"""
+
+
+@pytest.mark.slow
+def test_preempted_ranks_wait_for_rank_0s_checkpoint_before_exiting(tiny_data, tmp_path, free_port):
+    """SIGTERM reaches rank 1 only; both agree on the stop step. Rank 1 must not exit before rank 0's (slow) write is
+    complete: torchrun or srun --kill-on-bad-exit would kill rank 0 mid-write as soon as rank 1 is gone."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_SAVE)
+    out = tmp_path / "out"
+    args = tiny_run_args(tiny_data[0], str(out), input_size=64, batch_size=2, epochs=500)
+    procs = []
+    for rank in range(2):
+        env = child_env(RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port,
+                        PYTHONPATH=f"{site}:{ROOT}")
+        procs.append(subprocess.Popen([sys.executable, VIT_SCRIPT, *args], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        wait_for_line(procs[0], r"Epoch: \[0\]\s+\[\s*2/")
+        procs[1].send_signal(signal.SIGTERM)
+        rest1, _ = procs[1].communicate(timeout=120)
+        written_when_rank_1_exited = (out / ckpt_lib.LAST_NAME).exists()
+        rest0, _ = procs[0].communicate(timeout=120)
+    finally:
+        kill_all(procs)
+    assert procs[1].returncode == ExitCode.PREEMPTED and procs[0].returncode == ExitCode.PREEMPTED, rest0 + rest1
+    assert written_when_rank_1_exited, "rank 1 exited while rank 0 was still writing checkpoint-last.pth"
+    ckpt = ckpt_lib.load_checkpoint(str(out / ckpt_lib.LAST_NAME))
+    assert ckpt_lib.progress_of(ckpt) >= (0, 2) and "pre-empted (signal on another rank)" in rest0, rest0

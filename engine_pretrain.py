@@ -231,7 +231,8 @@ def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = Fa
         failed = torch.tensor([0.0 if error is None else 1.0], device=run.device)
         dist_lib.all_reduce(failed)
         if failed.item() and error is None:
-            raise RuntimeError("rank 0 could not write the checkpoint (its log says why); the previous one is intact")
+            raise ckpt_lib.CheckpointWriteError("rank 0 could not write the checkpoint (its log says why); the previous "
+                                                "one is intact")
     if error is not None:
         raise error
 
@@ -470,6 +471,9 @@ def run_pretraining(args, build_model, check_model_args=None) -> int:
         return ExitCode.TOO_MANY_BAD_STEPS
     except SetupError as e:
         logger.error("error: %s", e.__cause__ or e)
+        return ExitCode.FAILED
+    except ckpt_lib.CheckpointWriteError as e:
+        logger.error("error: %s", e)
         return ExitCode.FAILED
     except data_lib.BadImageError as e:
         logger.error("error: %s (checkpoint-last.pth, if any, is intact; rerun to resume)", e)

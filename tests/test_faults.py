@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args, wait_for_line
+from tests.helpers import ROOT, VIT_SCRIPT, child_env, run_cli, spawn, tiny_run_args, wait_for_line
 from util import checkpoint as ckpt_lib
 from util.args import ExitCode
 
@@ -144,3 +144,84 @@ def test_preempted_ranks_wait_for_rank_0s_checkpoint_before_exiting(tiny_data, t
     assert written_when_rank_1_exited, "rank 1 exited while rank 0 was still writing checkpoint-last.pth"
     ckpt = ckpt_lib.load_checkpoint(str(out / ckpt_lib.LAST_NAME))
     assert ckpt_lib.progress_of(ckpt) >= (0, 2) and "pre-empted (signal on another rank)" in rest0, rest0
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_after_a_kill9_with_identical_weights(tiny_data, tmp_path, free_port):
+    """torchrun --max-restarts 1: one worker is killed mid-epoch, the agent restarts both, and the new group resumes
+    from checkpoint-last (saved every step, so the step in flight is all that is repeated) and ends with the weights
+    of an uninterrupted run."""
+    flags = {"input_size": 64, "batch_size": 2, "epochs": 4, "warmup_epochs": 1, "save_every_steps": 1}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}"]
+    straight, elastic = str(tmp_path / "straight"), str(tmp_path / "elastic")
+    run_cli([*torchrun, VIT_SCRIPT, *tiny_run_args(tiny_data[0], straight, **flags)])
+    agent = spawn([*torchrun, "--max-restarts=1", VIT_SCRIPT, *tiny_run_args(tiny_data[0], elastic, **flags)])
+    try:
+        seen = wait_for_line(agent, r"Epoch: \[2\]\s+\[\s*2/")
+        workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[1]), signal.SIGKILL)
+        rest, _ = agent.communicate(timeout=180)
+    finally:
+        kill_all([agent])
+    assert agent.returncode == 0, seen + rest
+    match = re.search(r"resumed from .*checkpoint-last.pth: epoch 2, step (\d+)", rest)
+    assert match and int(match.group(1)) >= 2, rest
+    a, b = (torch.load(os.path.join(d, ckpt_lib.LAST_NAME), weights_only=True) for d in (straight, elastic))
+    assert a["epoch"] == b["epoch"] == flags["epochs"] - 1
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ after the restart"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs mount point (root only); the test sets its size with remount_size()."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: mounting a small tmpfs must work here")
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def remount_size(mount, size_bytes: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_full_disk_save_fails_clearly_and_keeps_the_previous_checkpoint(tiny_data, tmp_path, small_disk):
+    """--output_dir on a disk with room for one checkpoint-last but not for the temp file of the next: the save
+    that does not fit stops the run naming the folder and the bytes, the previous checkpoint loads and resumes, and
+    no temp file is left."""
+    flags = {"input_size": 64, "batch_size": 2, "epochs": 3, "save_every_steps": 2, "print_freq": 100,
+             "log_dir": str(tmp_path / "tensorboard")}
+    probe = tmp_path / "probe"
+    run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(probe), max_steps_per_epoch=2, epochs=1,
+                                                        **{k: v for k, v in flags.items() if k != "epochs"})])
+    size = (probe / ckpt_lib.LAST_NAME).stat().st_size
+    remount_size(small_disk, int(1.5 * size) + 2**20)
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(small_disk), **flags)], expect_rc=1)
+    text = proc.stdout + proc.stderr
+    assert re.search(rf"could not write checkpoint {small_disk}/checkpoint-last.pth: not enough free space\. It needs "
+                     rf"about [\d,]+ bytes \([\d.]+ MiB\) and {small_disk} has [\d,]+ bytes", text), proc.output
+    assert "Traceback" not in text, proc.output
+    assert not [f for f in os.listdir(small_disk) if ".tmp." in f]
+    ckpt = ckpt_lib.load_checkpoint(str(small_disk / ckpt_lib.LAST_NAME))
+    assert ckpt_lib.progress_of(ckpt) == (0, 2)
+    remount_size(small_disk, 64 * 2**20)  # space freed: the same command resumes from that checkpoint
+    resumed = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(small_disk), **flags)])
+    assert f"resumed from {small_disk}/checkpoint-last.pth: epoch 0, step 2" in resumed.stdout, resumed.output
+
+
+def test_write_failure_on_a_full_disk_is_named_and_leaves_no_temp_file(small_disk):
+    """The free-space check passes (the blob is not a tensor, so it is not counted) and torch.save itself hits
+    ENOSPC: its zip-writer error becomes the same clear message, and the temp file is removed."""
+    remount_size(small_disk, 4 * 2**20)
+    path = str(small_disk / ckpt_lib.LAST_NAME)
+    ckpt_lib.atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(ckpt_lib.CheckpointWriteError, match=rf"could not write checkpoint {path}: .* has [\d,]+ "):
+        ckpt_lib.atomic_save({"epoch": 2, "blob": b"\1" * (6 * 2**20)}, path)
+    assert os.listdir(small_disk) == [ckpt_lib.LAST_NAME]
+    assert ckpt_lib.load_checkpoint(path)["epoch"] == 1

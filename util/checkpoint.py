@@ -27,9 +27,49 @@ class UnsafeCheckpointError(RuntimeError):
     """The file asks the unpickler to build something other than tensors and plain data."""
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file, fsync it, rename over `path`, fsync the folder."""
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, quota, I/O error); the previous file is intact."""
+
+
+def payload_bytes(obj) -> int:
+    """Bytes torch.save will write for obj, near enough: every distinct tensor storage, plus 1 MiB for the pickle,
+    the zip records and the small values."""
+    storages = {}
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[(storage.data_ptr(), value.device)] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(obj)
+    return sum(storages.values()) + 2**20
+
+
+def _write_error(path: str, needed: int, cause: str) -> CheckpointWriteError:
     folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    return CheckpointWriteError(
+        f"could not write checkpoint {path}: {cause}. It needs about {needed:,} bytes ({needed / 2**20:.1f} MiB) and "
+        f"{folder} has {free:,} bytes ({free / 2**20:.1f} MiB) free. The previous checkpoint, if any, is intact. Free "
+        "disk space (--keep_last N prunes old periodic checkpoints) or point --output_dir at a larger disk, then rerun "
+        "the same command to resume.")
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temp file, fsync it, rename over `path`, fsync the folder.
+
+    The free space is checked first: torch.save on a full disk fails with an unhelpful zip-writer error, and the
+    temp file must fit beside the previous checkpoint, which stays until the rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    needed = payload_bytes(obj)
+    if shutil.disk_usage(folder).free < needed:
+        raise _write_error(path, needed, "not enough free space")
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -40,12 +80,9 @@ def atomic_save(obj, path: str) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if not isinstance(e, OSError):
+        if not isinstance(e, (OSError, RuntimeError)):
             raise
-        raise RuntimeError(
-            f"could not write checkpoint {path}: {e.strerror or e}. The previous checkpoint, if any, is intact. "
-            "Free disk space or point --output_dir at a writable disk, then rerun the same command to resume."
-        ) from e
+        raise _write_error(path, needed, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}") from e
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -56,16 +93,21 @@ def atomic_save(obj, path: str) -> None:
 def atomic_copy(src: str, dst: str) -> None:
     """Snapshot src as dst without serialising again. A copy, not a hard link: damage to one file
     must never reach the other."""
+    needed = os.path.getsize(src)
+    if shutil.disk_usage(os.path.dirname(os.path.abspath(dst))).free < needed:
+        raise _write_error(dst, needed, "not enough free space")
     tmp = f"{dst}.tmp.{os.getpid()}"
     try:
         shutil.copyfile(src, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        if not isinstance(e, OSError):
+            raise
+        raise _write_error(dst, needed, e.strerror or str(e)) from e
 
 
 FORMAT = "medical_mae/1"

@@ -231,8 +231,8 @@ def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = Fa
         failed = torch.tensor([0.0 if error is None else 1.0], device=run.device)
         dist_lib.all_reduce(failed)
         if failed.item() and error is None:
-            raise ckpt_lib.CheckpointWriteError("rank 0 could not write the checkpoint (its log says why); the previous "
-                                                "one is intact")
+            raise ckpt_lib.CheckpointWriteError(
+                "rank 0 could not write the checkpoint (its log says why); the previous one is intact")
     if error is not None:
         raise error
 
@@ -460,6 +460,8 @@ def run_pretraining(args, build_model, check_model_args=None) -> int:
     info, device = dist_lib.init_distributed(args)
     setup_logging(None, info.rank)  # console only until output_dir has passed its write probe
     logger.info("%s", dist_lib.describe(info))
+    if info.distributed:
+        logger.info("%d process(es) on %s", info.world_size, dist_lib.host_layout(info))
     try:
         return _run(args, info, device, build_model, check_model_args)
     except Preempted as e:

@@ -9,6 +9,7 @@ import datetime
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -305,9 +306,20 @@ def describe(info: DistInfo) -> str:
     """One log line on the process group, once logging is set up."""
     if not info.distributed:
         return "single process, no process group"
-    return (f"rank {info.rank}/{info.world_size} (local {info.local_rank}) via {info.source}, backend "
-            f"{dist.get_backend()}, master {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    return (f"rank {info.rank}/{info.world_size} (local {info.local_rank}) on {socket.gethostname()} via "
+            f"{info.source}, backend {dist.get_backend()}, master "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             + (" (--force_process_group)" if info.forced and info.world_size == 1 else ""))
+
+
+def host_layout(info: DistInfo) -> str:
+    """Which ranks run on which host (a collective: every rank must call it), e.g. 'node0: 0 1; node1: 2 3'."""
+    names = [None] * info.world_size
+    dist.all_gather_object(names, socket.gethostname())
+    hosts: dict[str, list[int]] = {}
+    for rank, name in enumerate(names):
+        hosts.setdefault(name, []).append(rank)
+    return "; ".join(f"{name}: ranks {' '.join(map(str, ranks))}" for name, ranks in hosts.items())
 
 
 def cleanup() -> None:

@@ -1,0 +1,144 @@
+"""Two emulated nodes: each is a network namespace with its own UTS namespace (host name node0 / node1) and its own
+/etc/hosts (a private mount namespace), joined by a veth pair on 10.77.0.1 and 10.77.0.2. Nothing crosses between the
+nodes except through those addresses, as between two machines; the file system is shared, as a cluster's is.
+
+Needs root (CI runs as root): elsewhere the tests skip with the reason, and with CI set they fail instead.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args, wait_for_line
+from util import checkpoint as ckpt_lib
+
+pytestmark = pytest.mark.slow
+RDZV_PORT = 29700  # inside the namespaces, so it cannot collide with anything on the host
+
+
+class Nodes:
+    """Two network namespaces joined by a veth pair; command(i, argv) runs argv on node i."""
+
+    def __init__(self, workdir: Path):
+        tag = f"mm{os.getpid() % 100000}"
+        self.namespaces = [f"{tag}n0", f"{tag}n1"]
+        self.hosts_names = ["node0", "node1"]
+        self.addresses = ["10.77.0.1", "10.77.0.2"]
+        self.hosts_file = workdir / "hosts"
+        self.hosts_file.write_text("127.0.0.1 localhost\n" + "".join(
+            f"{a} {h}\n" for a, h in zip(self.addresses, self.hosts_names, strict=True)))
+        ends = [f"{tag}v0", f"{tag}v1"]
+        steps = [["ip", "netns", "add", ns] for ns in self.namespaces]
+        steps.append(["ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1]])
+        for ns, end, address in zip(self.namespaces, ends, self.addresses, strict=True):
+            steps += [["ip", "link", "set", end, "netns", ns],
+                      ["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", end],
+                      ["ip", "-n", ns, "link", "set", end, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True, text=True)
+
+    def command(self, i: int, argv: list[str]) -> list[str]:
+        setup = f'hostname {self.hosts_names[i]} && mount --bind {self.hosts_file} /etc/hosts && exec "$@"'
+        return ["ip", "netns", "exec", self.namespaces[i], "unshare", "--uts", "--mount", "sh", "-c", setup, "sh",
+                *argv]
+
+    def remove(self) -> None:
+        for ns in self.namespaces:  # deleting a namespace deletes its end of the veth pair, and so the pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    reason = None
+    if os.geteuid() != 0:
+        reason = "network namespaces need root"
+    elif not (shutil.which("ip") and shutil.which("unshare")):
+        reason = "needs ip (iproute2) and unshare (util-linux)"
+    if reason is None:
+        try:
+            made = Nodes(tmp_path_factory.mktemp("nodes"))
+        except subprocess.CalledProcessError as e:
+            reason = f"could not build the namespaces: {' '.join(e.cmd)}: {e.stderr.strip()}"
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"multi-node tests must run on CI: {reason}")
+        pytest.skip(reason)
+    yield made
+    made.remove()
+
+
+def torchrun_on_node(nodes: Nodes, i: int, train_args: list[str], job: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=node0:{RDZV_PORT}", f"--rdzv_id={job}", VIT_SCRIPT, *train_args]
+    return subprocess.Popen(nodes.command(i, argv), cwd=ROOT, env=child_env(), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def finish(procs, timeout: float = 300) -> list[str]:
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    return outputs
+
+
+def test_two_nodes_train_exactly_like_one_node_with_four_processes(tiny_data, tmp_path, nodes, free_port):
+    flags = {"epochs": 2, "batch_size": 2, "input_size": 32}
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port}",
+             VIT_SCRIPT, *tiny_run_args(tiny_data[0], one, **flags)])
+    procs = [torchrun_on_node(nodes, i, tiny_run_args(tiny_data[0], two, **flags), "two-nodes") for i in range(2)]
+    outputs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    text = "".join(outputs)
+    assert re.search(r"rank 0/4 \(local 0\) on node0 via torchrun, backend gloo, master node0:", text), text[-4000:]
+    assert "4 process(es) on node0: ranks 0 1; node1: ranks 2 3" in text, text[-4000:]
+    assert sorted(os.listdir(os.path.join(two, "logs"))) == ["rank0.log"]  # rank 0 alone writes
+    assert len([f for f in os.listdir(two) if f.startswith("events.out.tfevents")]) == 1
+    assert len(Path(two, "log.txt").read_text().splitlines()) == 2
+    a, b = (torch.load(os.path.join(d, ckpt_lib.LAST_NAME), weights_only=True) for d in (one, two))
+    assert a["world_size"] == b["world_size"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "2 x 2 and 1 x 4 weights differ"
+
+
+def test_killed_node_ends_the_other_and_the_rerun_resumes(tiny_data, tmp_path, nodes):
+    """kill -9 of node 1's workers mid-epoch: node 0 exits naming the dead ranks, checkpoint-last from before is
+    intact, and the same two commands resume."""
+    out = str(tmp_path)
+    flags = {"epochs": 500, "batch_size": 2, "input_size": 64, "save_every_steps": 1, "dist_timeout": 60}
+    procs = [torchrun_on_node(nodes, i, tiny_run_args(tiny_data[0], out, **flags), "kill") for i in range(2)]
+    try:
+        wait_for_line(procs[0], r"Epoch: \[1\]\s+\[\s*1/")
+        workers = subprocess.run(["pgrep", "-P", str(_agent_pid(procs[1]))], capture_output=True,
+                                 text=True).stdout.split()
+        assert len(workers) == 2, workers
+        for pid in workers:
+            os.kill(int(pid), 9)
+        outputs = finish(procs, timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0 and procs[1].returncode != 0
+    assert re.search(r"rank\(s\) [23](, [23])? stopped sending heartbeats|rank [23] sent no heartbeat", outputs[0]), \
+        outputs[0][-4000:]
+    epoch, step = ckpt_lib.progress_of(ckpt_lib.load_checkpoint(os.path.join(out, ckpt_lib.LAST_NAME)))
+    procs = [torchrun_on_node(nodes, i, tiny_run_args(tiny_data[0], out, **{**flags, "epochs": epoch + 1}),
+                              "kill-rerun") for i in range(2)]
+    outputs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+    assert f"resumed from {out}/checkpoint-last.pth: epoch {epoch}, step {step}" in outputs[0], outputs[0][-3000:]
+
+
+def _agent_pid(proc: subprocess.Popen) -> int:
+    """The torchrun agent under `ip netns exec ... unshare ... sh -c exec`: the execs keep one pid, except that
+    unshare forks nothing either (no --fork), so the Popen pid is the agent's."""
+    return proc.pid

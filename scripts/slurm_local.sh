@@ -6,12 +6,22 @@
 #   scripts/slurm_local.sh stop     # stops the daemons it started
 #   export SLURM_CONF=/tmp/medmae-slurm/slurm.conf   # then sbatch/srun/scontrol talk to it
 #
-# Settings: MEDMAE_SLURM_DIR (state, default /tmp/medmae-slurm), MEDMAE_SLURM_CPUS (CPUs advertised, default 4).
+# Several nodes (tests/test_multinode.py runs each in its own network namespace): MEDMAE_SLURM_NODES="node0=ADDR
+# node1=ADDR" (the first hosts slurmctld), then the steps one at a time, each where its node lives:
+#   slurm_local.sh conf; slurm_local.sh ctld; slurm_local.sh slurmd node0; slurm_local.sh slurmd node1; ... wait
+#
+# Settings: MEDMAE_SLURM_DIR (state, default /tmp/medmae-slurm), MEDMAE_SLURM_CPUS (CPUs advertised per node,
+# default 4), MEDMAE_SLURM_GPUS (GPUs advertised per node as a count-only GRES, so GPU batch scripts are accepted
+# unchanged; default 0), MEDMAE_SLURM_NODES (default: this host at 127.0.0.1).
 set -euo pipefail
 DIR="${MEDMAE_SLURM_DIR:-/tmp/medmae-slurm}"
 CONF="$DIR/slurm.conf"
 CPUS="${MEDMAE_SLURM_CPUS:-4}"
 HOST="$(hostname -s)"
+NODES="${MEDMAE_SLURM_NODES:-$HOST=127.0.0.1}"
+GPUS="${MEDMAE_SLURM_GPUS:-0}"
+read -r -a NODE_LIST <<< "$NODES"
+NAMES=("${NODE_LIST[@]%%=*}")
 export SLURM_CONF="$CONF"
 
 die() { echo "slurm_local: $*" >&2; exit 1; }
@@ -28,14 +38,23 @@ install_packages() {
     apt-get install -y -q --no-install-recommends "${missing[@]}" >"$DIR/apt.log" 2>&1 || {
         apt-get update -q >>"$DIR/apt.log" 2>&1 && \
         apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$DIR/apt.log" 2>&1
-    } || { tail -20 "$DIR/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+    } || { tail -n 20 "$DIR/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
 }
 
 write_conf() {
-    local mem_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
+    local mem_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 / ${#NODE_LIST[@]} ))
+    local first="${NODE_LIST[0]}" gres="" names
+    names="$(IFS=,; echo "${NAMES[*]}")"
+    if (( GPUS > 0 )); then
+        gres=" Gres=gpu:$GPUS"
+        # slurmd counts a GPU per device file; plain files stand in for /dev/nvidia0..N-1 (nothing opens them)
+        mkdir -p "$DIR/gpus"
+        for i in $(seq 0 $((GPUS - 1))); do : >"$DIR/gpus/nvidia$i"; done
+        echo "NodeName=$names Name=gpu File=$DIR/gpus/nvidia[0-$((GPUS - 1))]" >"$DIR/gres.conf"
+    fi
     cat >"$CONF" <<CONF
 ClusterName=medmae
-SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldHost=${first%%=*}(${first#*=})
 SlurmUser=root
 SlurmctldPort=${MEDMAE_SLURM_CTLD_PORT:-6817}
 SlurmdPort=${MEDMAE_SLURM_SLURMD_PORT:-6818}
@@ -61,29 +80,54 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 MinJobAge=300
 KillWait=10
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+$( ((GPUS > 0)) && echo "GresTypes=gpu" )
+$(for node in "${NODE_LIST[@]}"; do
+    echo "NodeName=${node%%=*} NodeAddr=${node#*=} CPUs=$CPUS RealMemory=$mem_mb$gres State=UNKNOWN"
+done)
+PartitionName=debug Nodes=$names Default=YES MaxTime=INFINITE State=UP
 CONF
 }
 
 alive() { [[ -r "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-start() {
+start_ctld() {
+    alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF" 9>&- || { tail -n 20 "$DIR/slurmctld.log" >&2; die "slurmctld failed"; }
+}
+
+start_slurmd() {
+    local name="$1"
+    alive "$DIR/slurmd.$name.pid" || slurmd -f "$CONF" -N "$name" 9>&- || {
+        tail -n 20 "$DIR/slurmd.$name.log" >&2; die "slurmd $name failed"; }
+}
+
+wait_idle() {
+    local name state
+    for name in "${NAMES[@]}"; do
+        for _ in $(seq 1 120); do
+            state="$(sinfo -h -n "$name" -o %t 2>/dev/null || true)"
+            [[ "$state" == idle* || "$state" == mix* || "$state" == alloc* ]] && { echo "slurm_local: $name $state"; continue 2; }
+            [[ "$state" == drain* || "$state" == down* ]] && scontrol update nodename="$name" state=resume 2>/dev/null || true
+            sleep 0.5
+        done
+        tail -n 20 "$DIR/slurmctld.log" "$DIR/slurmd.$name.log" >&2
+        die "node $name did not become idle"
+    done
+}
+
+prepare() {
     [[ "$(id -u)" == 0 ]] || die "must run as root (slurmd runs as root)"
     mkdir -p "$DIR/state"
+    for name in "${NAMES[@]}"; do mkdir -p "$DIR/spool.$name"; done
     install_packages
-    getent hosts "$HOST" >/dev/null || die "host name $HOST does not resolve; add it to /etc/hosts"
     write_conf
-    alive "$DIR/slurmctld.pid" || slurmctld -f "$CONF" 9>&- || { tail -20 "$DIR/slurmctld.log" >&2; die "slurmctld failed"; }
-    alive "$DIR/slurmd.$HOST.pid" || slurmd -f "$CONF" -N "$HOST" 9>&- || { tail -20 "$DIR/slurmd.$HOST.log" >&2; die "slurmd failed"; }
-    for _ in $(seq 1 120); do
-        state="$(sinfo -h -n "$HOST" -o %t 2>/dev/null || true)"
-        [[ "$state" == idle* || "$state" == mix* || "$state" == alloc* ]] && { echo "slurm_local: $HOST $state"; return 0; }
-        [[ "$state" == drain* || "$state" == down* ]] && scontrol update nodename="$HOST" state=resume 2>/dev/null || true
-        sleep 0.5
-    done
-    tail -20 "$DIR/slurmctld.log" "$DIR/slurmd.$HOST.log" >&2
-    die "node $HOST did not become idle"
+}
+
+start() {
+    prepare
+    getent hosts "$HOST" >/dev/null || die "host name $HOST does not resolve; add it to /etc/hosts"
+    start_ctld
+    for name in "${NAMES[@]}"; do start_slurmd "$name"; done
+    wait_idle
 }
 
 stop() {
@@ -98,5 +142,9 @@ stop() {
 case "${1:-}" in
     start) start ;;
     stop) stop ;;
-    *) die "usage: $0 start|stop" ;;
+    conf) prepare ;;
+    ctld) start_ctld ;;
+    slurmd) start_slurmd "${2:?usage: $0 slurmd NODE_NAME}" ;;
+    wait) wait_idle ;;
+    *) die "usage: $0 start|stop|conf|ctld|slurmd NAME|wait" ;;
 esac

@@ -7,7 +7,7 @@
 #   slurm_pretrain.sh srun        one task per GPU; ranks come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
 #
 # Environment: RECIPE (vit_s | vit_b | densenet121), SAVE_DIR, DATA_PATH, BATCH_SIZE, ACCUM_ITER, GPUS_PER_NODE,
-# PYTHON, EXTRA_ARGS (appended last, so they override the recipe).
+# MAX_RESTARTS (torchrun shape, default 1), PYTHON, EXTRA_ARGS (appended last, so they override the recipe).
 set -euo pipefail
 SHAPE="${1:?usage: slurm_pretrain.sh torchrun|srun}"
 REPO="${REPO:-${SLURM_SUBMIT_DIR:-$(pwd)}}"
@@ -30,8 +30,10 @@ case "$SHAPE" in
             rendezvous=(--nnodes="$SLURM_NNODES" --rdzv_backend=c10d --rdzv_id="$SLURM_JOB_ID"
                         --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT")
         fi
+        # --max-restarts: a crashed worker makes torchrun restart the whole group (every node), which resumes from
+        # checkpoint-last in seconds, instead of failing the job and waiting for a requeue
         cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run "${rendezvous[@]}"
-             --nproc_per_node="$GPUS_PER_NODE" "$SCRIPT") ;;
+             --max-restarts="${MAX_RESTARTS:-1}" --nproc_per_node="$GPUS_PER_NODE" "$SCRIPT") ;;
     srun)
         cmd=(srun --kill-on-bad-exit=1 "$PYTHON" "$SCRIPT") ;;
     *) echo "slurm_pretrain.sh: unknown shape '$SHAPE'" >&2; exit 2 ;;

@@ -267,3 +267,26 @@ def test_preemption_across_two_nodes_checkpoints_requeues_and_completes(slurm_no
     resumed = re.search(r"resumed from .*checkpoint-last.pth: epoch (\d+), step (\d+)", text)
     assert stop and resumed and resumed.start() > stop.start(), text[-4000:]
     assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.txt"))] == list(range(epochs))
+
+
+def test_crashed_worker_is_restarted_in_place_across_both_nodes(slurm_nodes, tiny_data, tmp_path):
+    """kill -9 of one worker in a running pretrain_multinode.sbatch job: torchrun's --max-restarts (set by
+    slurm_pretrain.sh) restarts the group on both nodes, which resumes from checkpoint-last; the job completes
+    without a requeue."""
+    out = str(tmp_path / "run")
+    job_id, log = submit_shipped(slurm_nodes, tmp_path, "pretrain_multinode.sbatch", tiny_data[0], out,
+                                 input_size=64, batch_size=2, epochs=6, save_every_steps=1)
+    deadline = time.time() + 240
+    while not (log.exists() and re.search(r"Epoch: \[2\]\s+\[\s*1/", log.read_text())):
+        assert time.time() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.2)
+    pattern = f"main_pretrain_multi_datasets_xray.py.*--output_dir {out}"
+    workers = [pid for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+               if "torch.distributed.run" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert len(workers) == 4, workers
+    os.kill(int(workers[-1]), 9)
+    state, info = slurm_nodes.wait(job_id)
+    text = log.read_text()
+    assert state == "COMPLETED" and "Restarts=0" in info, text[-4000:] + info
+    assert re.search(r"resumed from .*checkpoint-last.pth: epoch [2-5], step \d+", text), text[-4000:]
+    assert [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.txt"))] == list(range(6))

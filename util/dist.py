@@ -141,13 +141,13 @@ def init_distributed(args) -> tuple[DistInfo, torch.device]:
         os.environ.setdefault("MASTER_ADDR", info.master_addr)
         os.environ.setdefault("MASTER_PORT", str(info.master_port))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend=backend,
-            init_method=args.dist_url,
-            world_size=info.world_size,
-            rank=info.rank,
-            timeout=datetime.timedelta(seconds=args.dist_timeout),
-        )
+        timeout = datetime.timedelta(seconds=args.dist_timeout)
+        store, _, _ = next(dist.rendezvous(args.dist_url, info.rank, info.world_size, timeout=timeout))
+        # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix, the restarted ranks
+        # can read the dead ranks' gloo/NCCL addresses from the first attempt and fail (or hang) connecting to them
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"medmae/attempt_{attempt}", store),
+                                world_size=info.world_size, rank=info.rank, timeout=timeout)
     return info, device
 
 

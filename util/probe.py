@@ -1,25 +1,16 @@
 """--probe_freq: a quick linear probe on frozen features, scored by the mean AUROC over findings."""
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """Area under the ROC curve (Mann-Whitney U, ties averaged); None if only one class is present."""
-    positive = labels > 0.5
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve (scikit-learn's roc_auc_score, ties counted half); None if only one class is
+    present, where AUROC is undefined."""
+    positive = np.asarray(labels) > 0.5
+    if positive.all() or not positive.any():
         return None
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    start = 0
-    while start < len(scores):
-        end = start
-        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, scores))
 
 
 def linear_probe_auroc(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

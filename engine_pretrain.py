@@ -184,8 +184,9 @@ def prepare_outputs(args, info) -> None:
     ckpt_lib.remove_stale_temp_files(args.output_dir)
 
 
-def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int) -> dict | None:
-    """The checkpoint dict (reference keys first) on rank 0; None elsewhere. All ranks must call it."""
+def gather_rng(run, epoch: int, step: int) -> list:
+    """Every rank's RNG state (for rank 0's checkpoint), with a check that DDP kept the weights identical.
+    All ranks must call it."""
     rng = [ckpt_lib.rng_state(run.device)]
     if run.info.distributed:  # each rank's RNG, and a checksum of its weights: DDP must have kept them identical
         gathered = [None] * run.info.world_size
@@ -195,6 +196,12 @@ def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int) -> dict
         if run.info.is_main and len(set(sums)) > 1:
             logger.error("ranks hold different weights at epoch %d step %d (checksums %s): gradients were not "
                          "all-reduced on some step; the checkpoint holds rank 0's", epoch, step, sums)
+    return rng
+
+
+def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int) -> dict | None:
+    """The checkpoint dict (reference keys first) on rank 0; None elsewhere. All ranks must call it."""
+    rng = gather_rng(run, epoch, step)
     if not run.info.is_main:
         return None
     return ckpt_lib.assemble(run.model_without_ddp, run.optimizer, run.scaler.state_dict(), run.args, epoch, step,
@@ -210,21 +217,25 @@ def weights_checksum(model: torch.nn.Module) -> float:
 
 
 def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = False) -> None:
-    """checkpoint-last (always) and checkpoint-{epoch} (periodic); rank 0 writes, every rank joins.
+    """checkpoint-last (always) and checkpoint-{epoch} (periodic); rank 0 writes, every rank joins."""
+    copy_to = f"checkpoint-{epoch}.pth" if periodic else None
+    write_checkpoint(run, checkpoint_state(run, state, epoch, step), copy_to, run.args.keep_last)
+
+
+def write_checkpoint(run, ckpt: dict | None, copy_to: str | None = None, keep_last: int = 0) -> None:
+    """Rank 0 writes `ckpt` as checkpoint-last.pth (and copies it to `copy_to`); every rank joins.
 
     No rank returns before rank 0's files are complete: a pre-empted rank that exited early would have torchrun or
     srun --kill-on-bad-exit kill rank 0 in the middle of a large write to a network filesystem."""
-    ckpt = checkpoint_state(run, state, epoch, step)
     error = None
     if ckpt is not None:
         out = run.args.output_dir
         try:
             with dist_lib.Heartbeat.writing:  # a dead peer's verdict waits for the file to be complete
                 ckpt_lib.atomic_save(ckpt, os.path.join(out, ckpt_lib.LAST_NAME))
-                if periodic:
-                    ckpt_lib.atomic_copy(os.path.join(out, ckpt_lib.LAST_NAME),
-                                         os.path.join(out, f"checkpoint-{epoch}.pth"))
-                    ckpt_lib.prune_periodic(out, run.args.keep_last)
+                if copy_to:
+                    ckpt_lib.atomic_copy(os.path.join(out, ckpt_lib.LAST_NAME), os.path.join(out, copy_to))
+                    ckpt_lib.prune_periodic(out, keep_last)
         except (RuntimeError, OSError) as e:
             error = e
     if run.info.distributed:  # the barrier carries rank 0's outcome, so a failed write stops every rank at once
@@ -457,13 +468,19 @@ def run_epochs(run: Run, state: TrainState) -> None:
 
 def run_pretraining(args, build_model, check_model_args=None) -> int:
     """Entry point shared by both scripts; returns the process exit code."""
+    return run_reporting_failures(args, lambda info, device: _run(args, info, device, build_model, check_model_args))
+
+
+def run_reporting_failures(args, body) -> int:
+    """Distributed set-up, then body(info, device) -> exit code. Pre-emption, bad input, a failed write, a bad image
+    and a dead peer each end in a one-line report and their exit code (PRETRAIN.md section 6), on every rank."""
     info, device = dist_lib.init_distributed(args)
     setup_logging(None, info.rank)  # console only until output_dir has passed its write probe
     logger.info("%s", dist_lib.describe(info))
-    if info.distributed:
-        logger.info("%d process(es) on %s", info.world_size, dist_lib.host_layout(info))
     try:
-        return _run(args, info, device, build_model, check_model_args)
+        if info.distributed:
+            logger.info("%d process(es) on %s", info.world_size, dist_lib.host_layout(info))
+        return body(info, device)
     except Preempted as e:
         logger.warning("pre-empted (%s): checkpoint-last written; exiting with %d so the job can be requeued",
                        e, ExitCode.PREEMPTED)

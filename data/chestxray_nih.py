@@ -68,6 +68,15 @@ def image_locations(root: str) -> dict[str, str]:
     return found
 
 
+def find_list(given: str, root: str, flag: str) -> str:
+    """A list file named on the command line, looked up in the working directory, the NIH folder and the project."""
+    for candidate in (given, os.path.join(root, given), os.path.join(PROJECT_DIR, given)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"{flag} {given} not found (looked in the working directory, in {root} and in "
+                            f"{PROJECT_DIR})")
+
+
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
             "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
 
@@ -112,11 +121,7 @@ class ChestXrayNIH(Source):
         given = args.train_list
         if not given:
             return require_file(DEFAULT_TRAIN_LIST, self.name, "the shipped data_splits/chestxray/train_official.txt")
-        for candidate in (given, os.path.join(root, given), os.path.join(PROJECT_DIR, given)):
-            if os.path.isfile(candidate):
-                return candidate
-        raise FileNotFoundError(f"--train_list {given} not found (looked in the working directory, in {root} and in "
-                                f"{PROJECT_DIR})")
+        return find_list(given, root, "--train_list")
 
     def inputs(self, args) -> list[str]:
         root = self.resolve_root(args)

@@ -21,7 +21,7 @@ from data.base import MONITOR_IMAGES, Source, SourceIndex, as_bytes, require_col
 _KEY = re.compile(r"(patient\d+/study\d+/view\d+_\w+\.jpg)$")
 
 
-def _find_csv(root: str, name: str) -> str | None:
+def find_csv(root: str, name: str) -> str | None:
     direct = os.path.join(root, name)
     if os.path.isfile(direct):
         return direct
@@ -41,7 +41,7 @@ def _batch_index(root: str) -> dict[str, str]:
     return index
 
 
-def _patients(rel: np.ndarray) -> np.ndarray:
+def patients_of(rel: np.ndarray) -> np.ndarray:
     """patientNNNNN of every path (bytes), b"" where there is none."""
     if not len(rel):
         return rel
@@ -53,6 +53,26 @@ def _joined(folder: str, rel: np.ndarray) -> np.ndarray:
     return np.strings.add(os.path.join(folder, "").encode(), rel)
 
 
+def relative_paths(df: pd.DataFrame) -> np.ndarray:
+    """The Path column without its CheXpert-v1.0[-small]/ prefix (bytes): train/patientN/studyN/viewN_x.jpg."""
+    return np.strings.partition(as_bytes(df["Path"].to_numpy()), b"/")[2]
+
+
+def image_paths(root: str, csv: str, rel: np.ndarray) -> np.ndarray:
+    """Where the files of a CSV's rows are: beside the CSV, under root, or (AIMI batches) found by file key."""
+    paths = _joined(os.path.dirname(csv), rel)
+    if len(paths) and not os.path.isfile(paths[0]) and not os.path.isfile(_joined(root, rel[:1])[0]):
+        index = _batch_index(root)
+        out = []
+        for r in (r.decode() for r in rel):
+            match = _KEY.search(r)
+            out.append(index.get(match.group(1), os.path.join(root, r)) if match else os.path.join(root, r))
+        return as_bytes(out)
+    if len(paths) and not os.path.isfile(paths[0]):
+        return _joined(root, rel)
+    return paths
+
+
 class CheXpert(Source):
     name = "chexpert"
     default_dir = "CheXpert-v1.0-small"
@@ -60,42 +80,28 @@ class CheXpert(Source):
 
     def index(self, args) -> SourceIndex:
         root = self.resolve_root(args)
-        csv = _find_csv(root, "train.csv")
+        csv = find_csv(root, "train.csv")
         if csv is None:
             raise FileNotFoundError(f"chexpert: train.csv not found in {root} or one folder below it")
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
         require_columns(df, ["Path", "Frontal/Lateral", "AP/PA"], csv)
-        rel = np.strings.partition(as_bytes(df["Path"].to_numpy()), b"/")[2]  # drop CheXpert-v1.0[-small]/
-        csv_dir = os.path.dirname(csv)
-        paths = _joined(csv_dir, rel)
-        if len(paths) and not os.path.isfile(paths[0]) and not os.path.isfile(_joined(root, rel[:1])[0]):
-            paths = self._aimi_paths(root, rel)
-        elif len(paths) and not os.path.isfile(paths[0]):
-            paths = _joined(root, rel)
+        rel = relative_paths(df)
+        paths = image_paths(root, csv, rel)
         frontal = df["Frontal/Lateral"].to_numpy() == "Frontal"
         views = np.where(frontal, df["AP/PA"].to_numpy(), "Lateral")
         findings = [c for c in df.columns[5:] if c != "No Finding"]
-        idx = SourceIndex(self.name, root, paths, _patients(rel), views, filters=[("train.csv", len(paths))],
+        idx = SourceIndex(self.name, root, paths, patients_of(rel), views, filters=[("train.csv", len(paths))],
                           labels=(df[findings].to_numpy() == "1.0").astype(np.float32))
-        valid = _find_csv(root, "valid.csv")
+        valid = find_csv(root, "valid.csv")
         if valid:
             held = pd.read_csv(valid, dtype=str, keep_default_na=False, usecols=["Path", "Frontal/Lateral"])
-            idx.held_out_patients = {p.decode() for p in _patients(as_bytes(held["Path"].to_numpy()))}
+            idx.held_out_patients = {p.decode() for p in patients_of(as_bytes(held["Path"].to_numpy()))}
             idx.held_out_name = "valid.csv"
             frontal_rel = held.loc[held["Frontal/Lateral"] == "Frontal", "Path"].str.split("/", n=1).str[1]
             idx.monitor_paths = [p for r in frontal_rel[:MONITOR_IMAGES]
                                  if os.path.isfile(p := os.path.join(os.path.dirname(valid), r))]
         return idx
 
-    @staticmethod
-    def _aimi_paths(root: str, rel: np.ndarray) -> np.ndarray:
-        index = _batch_index(root)
-        out = []
-        for r in (r.decode() for r in rel):
-            match = _KEY.search(r)
-            out.append(index.get(match.group(1), os.path.join(root, r)) if match else os.path.join(root, r))
-        return as_bytes(out)
-
     def inputs(self, args) -> list[str]:
         root = self.resolve_root(args)
-        return [root, *filter(None, (_find_csv(root, "train.csv"), _find_csv(root, "valid.csv")))]
+        return [root, *filter(None, (find_csv(root, "train.csv"), find_csv(root, "valid.csv")))]

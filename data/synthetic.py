@@ -173,6 +173,43 @@ def make_nih(root: str, n_patients: int = 6, layout: str = "flat", data_entry: s
     return len(train)
 
 
+LABELLED_LISTS = {"train": "train_labelled.txt", "val": "val_labelled.txt", "test": "test_labelled.txt"}
+
+
+def make_nih_labelled(root: str, patients=(8, 3, 3), images_per_patient: int = 2, size=(64, 64), seed: int = 0,
+                      first_patient: int = 100000) -> dict[str, str]:
+    """NIH-style labelled lists for fine-tuning: root/images/<8-digit patient>_<nnn>.png and root/<role>_labelled.txt
+    ("name label x14"), with patients[0], [1], [2] patients in train, val and test (disjoint). Three findings are
+    drawn into the image (Atelectasis: a bright upper-left patch, Cardiomegaly: a wider heart, Effusion: a bright
+    band at the base), so a classifier can learn them; the rest are random. Every split starts with an image of no
+    finding and one of all findings, so each finding has both classes. Returns role -> list path."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    y, x = y / h, x / w
+    lists, patient = {}, first_patient
+    for role, count in zip(("train", "val", "test"), patients):
+        lines = []
+        for _ in range(count):
+            for i in range(images_per_patient):
+                name = f"{patient:08d}_{i:03d}.png"
+                n = len(lines)
+                labels = np.ones(14, int) if n == 1 else np.zeros(14, int) if n == 0 else (rng.random(14) < 0.3)
+                img = chest_image(h, w, seed=int(rng.integers(1 << 30))).astype(np.float32)
+                if labels[0]:
+                    img[((x - 0.33) / 0.08) ** 2 + ((y - 0.35) / 0.08) ** 2 < 1] += 90
+                if labels[1]:
+                    img[((x - 0.45) / 0.2) ** 2 + ((y - 0.62) / 0.14) ** 2 < 1] = 200
+                if labels[2]:
+                    img[y > 0.82] += 70
+                save_image(os.path.join(root, "images", name), np.clip(img, 0, 255).astype(np.uint8))
+                lines.append(name + " " + " ".join(str(int(v)) for v in labels))
+            patient += 1
+        lists[role] = os.path.join(root, LABELLED_LISTS[role])
+        _write_lines(lists[role], lines)
+    return lists
+
+
 def _write_lines(path: str, lines: list[str]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write("".join(f"{line}\n" for line in lines))

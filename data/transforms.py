@@ -91,3 +91,33 @@ def build_train_transform(input_size: int, random_resize_range, mean, std, in_ch
 def build_eval_transform(input_size: int, mean, std, in_chans: int = 3):
     """Deterministic resize + normalise, for held-out reconstructions and the probe: the plain training resize."""
     return transforms.Compose([plain_resize(input_size), GrayToNormalizedTensor(mean, std, in_chans)])
+
+
+def build_finetune_transform(is_train: bool, input_size: int, mean, std, in_chans: int, timm_transform: bool,
+                             aa: str | None = None, reprob: float = 0.0, remode: str = "pixel", recount: int = 1):
+    """Fine-tuning pipeline on the gray image. --build_timm_transform: timm's create_transform (RandomResizedCrop,
+    flip, RandAugment --aa, random erasing --reprob; eval: resize to input/0.875 and centre crop) on the image as
+    RGB, the first channel kept for in_chans 1. Otherwise the reference pre-training resize + flip (train) and the
+    plain resize (eval)."""
+    if not timm_transform:
+        build = build_train_transform(input_size, None, mean, std, in_chans) if is_train else None
+        return build or build_eval_transform(input_size, mean, std, in_chans)
+    from timm.data import create_transform
+
+    if in_chans == 1:  # timm's RandAugment and erasing work on RGB: the gray value stands in all three channels
+        mean, std = list(mean) * 3, list(std) * 3
+    timm_tf = create_transform(input_size, is_training=is_train, auto_augment=aa if is_train else None,
+                               interpolation="bicubic", re_prob=reprob if is_train else 0.0, re_mode=remode,
+                               re_count=recount, mean=tuple(mean), std=tuple(std))
+    steps = [transforms.Lambda(_to_rgb), timm_tf]
+    if in_chans == 1:
+        steps.append(transforms.Lambda(_first_channel))
+    return transforms.Compose(steps)
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def _first_channel(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[:1]

@@ -3,8 +3,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = {"util", "data", "models_mae", "models_mae_cnn", "engine_pretrain", "main_pretrain_multi_datasets_xray",
-           "main_pretrain_multi_datasets_xray_cnn", "tools", "scripts", "benchmarks", "tests"}
+PROJECT = {"util", "data", "models_mae", "models_mae_cnn", "models_vit", "models_cnn", "engine_pretrain",
+           "engine_finetune", "main_pretrain_multi_datasets_xray", "main_pretrain_multi_datasets_xray_cnn",
+           "main_finetune_chestxray", "main_linprobe_chestxray", "tools", "scripts", "benchmarks", "tests"}
 ALLOWED = {
     "util": {"util"},
     "data": {"data", "util"},
@@ -13,6 +14,12 @@ ALLOWED = {
     "engine_pretrain": {"data", "util"},
     "main_pretrain_multi_datasets_xray": {"data", "util", "models_mae", "engine_pretrain"},
     "main_pretrain_multi_datasets_xray_cnn": {"data", "util", "models_mae_cnn", "engine_pretrain"},
+    "models_vit": {"util"},
+    "models_cnn": {"util"},
+    # fine-tuning reuses pre-training's step, checkpoint writer and failure handling
+    "engine_finetune": {"data", "util", "engine_pretrain"},
+    "main_finetune_chestxray": {"data", "util", "models_vit", "models_cnn", "engine_finetune"},
+    "main_linprobe_chestxray": {"engine_finetune", "main_finetune_chestxray"},
 }
 
 

@@ -1,11 +1,12 @@
-"""Write a small synthetic chest X-ray collection in the three reference layouts (for make demo).
+"""Write a small synthetic chest X-ray collection in the three reference layouts (for make demo), and NIH-style
+labelled lists in <out>/nih_labelled/ (for make finetune-demo).
 
     python -m tools.make_demo_data --out demo_run/data [--scale 8]
 """
 import argparse
 import os
 
-from data.synthetic import NIH_SUBSET_LIST, make_reference_layout
+from data.synthetic import NIH_SUBSET_LIST, make_nih_labelled, make_reference_layout
 
 
 def main() -> None:
@@ -17,11 +18,17 @@ def main() -> None:
     args = parser.parse_args()
     subset = os.path.join(args.out, "nih_chestxray", NIH_SUBSET_LIST)
     if os.path.isfile(subset):
-        print(f"demo data already in {args.out}; delete it to rebuild")
-        return
-    counts = make_reference_layout(args.out, scale=args.scale, size=tuple(args.size))
-    print(f"demo data in {args.out}: " + ", ".join(f"{k} {v} pre-training images" for k, v in counts.items()))
-    print(f"NIH holds a few images of the default train_official.txt: train on them with --train_list {subset}")
+        print(f"pre-training demo data already in {args.out}; delete it to rebuild")
+    else:
+        counts = make_reference_layout(args.out, scale=args.scale, size=tuple(args.size))
+        print(f"demo data in {args.out}: " + ", ".join(f"{k} {v} pre-training images" for k, v in counts.items()))
+        print(f"NIH holds a few images of the default train_official.txt: train on them with --train_list {subset}")
+    labelled_root = os.path.join(args.out, "nih_labelled")
+    if not os.path.isdir(labelled_root):
+        lists = make_nih_labelled(labelled_root, patients=(10 * args.scale, 3 * args.scale, 3 * args.scale),
+                                  size=(128, 128))
+        print(f"fine-tuning demo lists in {labelled_root}: " + ", ".join(
+            f"--{role}_list {path}" for role, path in lists.items()))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import argparse
 import enum
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+HEARTBEAT_INTERVAL_S = 1.0  # util.dist.Heartbeat beats this often; --heartbeat_timeout must cover 3 beats
 
 
 class ExitCode(enum.IntEnum):
@@ -28,7 +29,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     _add_run_args(parser)
     _add_optimiser_args(parser)
     _add_checkpoint_args(parser)
-    _add_distributed_args(parser)
+    add_distributed_args(parser)
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -72,15 +73,24 @@ def _add_optimiser_args(parser: argparse.ArgumentParser) -> None:
                   "decay the cls and mask tokens too, as the reference (timm's add_weight_decay) does; "
                   "--no_decay_tokens exempts them, which changes the parameter groups, so a reference optimizer "
                   "state no longer loads")
+    add_schedule_args(opt, blr=1e-3, min_lr=0.0, warmup_epochs=40)
+    add_precision_args(parser)
+
+
+def add_schedule_args(opt, blr: float, min_lr: float, warmup_epochs: int) -> None:
+    """LR flags of MAE's scripts (pre-training and fine-tuning differ only in their defaults)."""
     opt.add_argument("--lr", type=float, default=None, metavar="LR",
                      help="absolute learning rate (default: derived, blr * effective batch / 256)")
-    opt.add_argument("--blr", type=float, default=1e-3, metavar="LR",
-                     help="base learning rate: lr = blr * effective batch / 256 (default: 1e-3)")
-    opt.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default: 0)")
-    opt.add_argument("--warmup_epochs", type=int, default=40, help="epochs of linear LR warmup (default: 40)")
+    opt.add_argument("--blr", type=float, default=blr, metavar="LR",
+                     help=f"base learning rate: lr = blr * effective batch / 256 (default: {blr:g})")
+    opt.add_argument("--min_lr", type=float, default=min_lr, help=f"floor of the cosine schedule (default: {min_lr:g})")
+    opt.add_argument("--warmup_epochs", type=int, default=warmup_epochs,
+                     help=f"epochs of linear LR warmup (default: {warmup_epochs})")
     opt.add_argument("--fixed_lr", action="store_true", help="constant LR after warmup, no cosine (default: off)")
     opt.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this (default: off)")
 
+
+def add_precision_args(parser: argparse.ArgumentParser) -> None:
     prec = parser.add_argument_group("Precision and speed")
     prec.add_argument("--precision", default="auto", choices=PRECISIONS,
                       help="auto: bf16 on GPUs with native bf16 (compute capability >= 8), fp16 on older GPUs, fp32 on "
@@ -122,7 +132,7 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                       help="size of the fixed labelled subset for --probe_freq, split by patient (default: 512)")
 
 
-def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     dist = parser.add_argument_group("Distributed")
     dist.add_argument("--world_size", default=1, type=int,
                       help="number of processes; the launcher's environment wins (default: 1)")
@@ -158,12 +168,18 @@ def validate_args(args, extra_problems=()) -> None:
         problems.append("--save_every_steps and --keep_last must be >= 0, --save_freq >= 1")
     if args.max_bad_steps < 1:
         problems.append(f"--max_bad_steps must be >= 1, got {args.max_bad_steps}")
-    if args.heartbeat_timeout < 3 * 1.0:
-        problems.append(f"--heartbeat_timeout must be at least 3 s (3 heartbeats), got {args.heartbeat_timeout:g}")
+    problems += distributed_problems(args)
     if args.resume and args.start_epoch:
         problems.append("--resume and --start_epoch conflict: the checkpoint sets the epoch")
     if problems:
         raise SystemExit("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def distributed_problems(args) -> list[str]:
+    if args.heartbeat_timeout < 3 * HEARTBEAT_INTERVAL_S:
+        return [f"--heartbeat_timeout must be at least {3 * HEARTBEAT_INTERVAL_S:g} s (3 heartbeats), got "
+                f"{args.heartbeat_timeout:g}"]
+    return []
 
 
 def argument_warnings(args) -> list[str]:
@@ -183,3 +199,116 @@ def resolve_lr(args, world_size: int) -> int:
     if args.lr is None:
         args.lr = args.blr * eff_batch_size / 256
     return eff_batch_size
+
+
+# ---- fine-tuning and linear probing (main_finetune_chestxray.py, main_linprobe_chestxray.py) --------------------
+
+def add_finetune_args(parser: argparse.ArgumentParser, linear_probe: bool) -> None:
+    """MAE's main_finetune / main_linprobe flags (the reference's names and defaults), plus the protocol flags; the
+    model group is added by the entry script and the data group by data/labelled.py."""
+    run = parser.add_argument_group("Run")
+    run.add_argument("--batch_size", default=512 if linear_probe else 64, type=int,
+                     help="batch size per process; effective batch = batch_size * accum_iter * world size "
+                          f"(default: {512 if linear_probe else 64})")
+    run.add_argument("--epochs", default=90 if linear_probe else 50, type=int,
+                     help=f"number of epochs (default: {90 if linear_probe else 50})")
+    run.add_argument("--accum_iter", default=1, type=int,
+                     help="accumulate gradients over this many iterations before a step (default: 1)")
+    run.add_argument("--device", default=None, type=str,
+                     help="device to train on, e.g. cuda or cpu (default: cuda when available, else cpu)")
+    run.add_argument("--seed", default=0, type=int, help="random seed; each rank adds its rank (default: 0)")
+    run.add_argument("--num_workers", default=10, type=int, help="data-loading worker processes (default: 10)")
+    add_bool_flag(run, "pin_mem", True, "pin CPU memory in the loader")
+    run.add_argument("--max_steps_per_epoch", default=None, type=int,
+                     help="cap the optimizer steps of an epoch, for smoke tests and demos (default: no cap)")
+
+    opt = parser.add_argument_group("Optimiser")
+    opt.add_argument("--weight_decay", type=float, default=0.0 if linear_probe else 0.05,
+                     help="weight decay; biases, norms and position embeddings are not decayed (default: "
+                          f"{0.0 if linear_probe else 0.05})")
+    if not linear_probe:
+        opt.add_argument("--layer_decay", type=float, default=0.75,
+                         help="ViT layer-wise LR decay: block i of L gets lr * layer_decay^(L + 1 - i), timm's "
+                              "param_groups_layer_decay; CNNs ignore it (default: 0.75)")
+    add_schedule_args(opt, blr=0.1 if linear_probe else 1e-3, min_lr=0.0 if linear_probe else 1e-6,
+                      warmup_epochs=10 if linear_probe else 5)
+
+    aug = parser.add_argument_group("Augmentation and loss (timm's implementations)")
+    aug.add_argument("--build_timm_transform", action="store_true",
+                     help="timm's create_transform for training and evaluation (RandomResizedCrop, flip, --aa, "
+                          "--reprob; centre crop for evaluation) instead of the plain resize + flip (default: off)")
+    aug.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                     help="RandAugment policy with --build_timm_transform; 'none' for none "
+                          "(default: rand-m9-mstd0.5-inc1)")
+    aug.add_argument("--reprob", type=float, default=0.0 if linear_probe else 0.25,
+                     help="random erasing probability with --build_timm_transform "
+                          f"(default: {0.0 if linear_probe else 0.25})")
+    aug.add_argument("--remode", type=str, default="pixel", help="random erasing mode (default: pixel)")
+    aug.add_argument("--recount", type=int, default=1, help="random erasing count (default: 1)")
+    aug.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, > 0 enables it (default: 0)")
+    aug.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, > 0 enables it (default: 0)")
+    aug.add_argument("--cutmix_minmax", type=float, nargs=2, default=None,
+                     help="cutmix min/max box ratio, overrides alpha (default: off)")
+    aug.add_argument("--mixup_prob", type=float, default=1.0,
+                     help="probability of mixup or cutmix on a batch (default: 1.0)")
+    aug.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                     help="probability of cutmix instead of mixup when both are on (default: 0.5)")
+    aug.add_argument("--mixup_mode", type=str, default="batch", choices=["batch", "pair", "elem"],
+                     help="mixup parameters per batch, pair or element (default: batch)")
+    aug.add_argument("--smoothing", type=float, default=0.0,
+                     help="label smoothing of the multi-label targets: y * (1 - s) + s / 2 (default: 0)")
+
+    protocol = parser.add_argument_group("Evaluation protocol")
+    protocol.add_argument("--eval_interval", type=int, default=1,
+                          help="score the validation list every N epochs and at the last; the best mean validation "
+                               "AUROC selects the checkpoint (default: 1)")
+    protocol.add_argument("--patience", type=int, default=0,
+                          help="stop after N validation scores without improvement; 0 never stops early "
+                               "(default: 0)")
+    protocol.add_argument("--bootstrap", type=int, default=1000,
+                          help="patient-level bootstrap resamples for the test AUROC's 95%% confidence intervals; "
+                               "0 skips them (default: 1000)")
+    protocol.add_argument("--eval", action="store_true",
+                          help="only score the test list with the --resume checkpoint and write results.json "
+                               "(default: off)")
+
+    ckpt = parser.add_argument_group("Checkpoints and logs")
+    ckpt.add_argument("--output_dir", default="./output_dir",
+                      help="checkpoints, log.txt, results.json and plots (default: ./output_dir)")
+    ckpt.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder (default: ./output_dir)")
+    ckpt.add_argument("--resume", default="", help="resume from this checkpoint (default: none; see --auto_resume)")
+    ckpt.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (default: 0)")
+    add_bool_flag(ckpt, "auto_resume", True, "continue from checkpoint-last.pth in output_dir")
+    ckpt.add_argument("--max_bad_steps", default=20, type=int,
+                      help="stop after this many non-finite steps in a row, after a checkpoint (default: 20)")
+    ckpt.add_argument("--print_freq", default=20, type=int, help="progress line every N iterations (default: 20)")
+    add_precision_args(parser)
+    add_distributed_args(parser)
+
+
+def validate_finetune_args(args, extra_problems=()) -> None:
+    problems = list(extra_problems)
+    for flag in ("batch_size", "epochs", "accum_iter", "eval_interval", "input_size", "nb_classes"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("warmup_epochs", "patience", "bootstrap", "max_bad_steps"):
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.blr <= 0 and args.lr is None:
+        problems.append(f"--blr must be > 0, got {args.blr}")
+    if not 0.0 < args.label_fraction <= 1.0:
+        problems.append(f"--label_fraction is a share of the training list in (0, 1], got {args.label_fraction}")
+    if not 0.0 <= args.drop_path < 1.0:
+        problems.append(f"--drop_path must be in [0, 1), got {args.drop_path}")
+    if not 0.0 <= args.smoothing < 1.0:
+        problems.append(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax) and args.batch_size % 2:
+        problems.append(f"--mixup/--cutmix pair each image with another of its batch: --batch_size must be even, "
+                        f"got {args.batch_size}")
+    if args.eval and not args.resume:
+        problems.append("--eval scores a fine-tuned model: pass --resume with a checkpoint of this script")
+    if args.resume and args.start_epoch:
+        problems.append("--resume and --start_epoch conflict: the checkpoint sets the epoch")
+    problems += distributed_problems(args)
+    if problems:
+        raise SystemExit("invalid arguments:\n  " + "\n  ".join(problems))

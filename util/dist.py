@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from util.args import HEARTBEAT_INTERVAL_S
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MASTER_PORT = 29500
@@ -166,7 +168,7 @@ class Heartbeat:
     """
 
     current: "Heartbeat | None" = None
-    interval_s = 1.0
+    interval_s = HEARTBEAT_INTERVAL_S
     # a checkpoint being written finishes before a watcher ends the process (save() holds this lock meanwhile)
     writing = threading.Lock()
 

@@ -42,3 +42,13 @@ class PretrainModel(Protocol):
 
     def load_pretrained(self, checkpoint: dict) -> dict:
         """--init_from: load what fits; {'loaded', 'adapted', 'missing', 'ignored'} key lists."""
+
+
+@dataclass
+class Classifier:
+    """What a fine-tuning entry script hands engine_finetune: the network and how to fill it from a checkpoint."""
+
+    model: torch.nn.Module  # images [N, C, H, W] -> logits [N, K]
+    head: torch.nn.Module  # the classifier (all that trains in a linear probe)
+    load_pretrained: Callable[[dict], dict]  # checkpoint -> {'loaded', 'adapted', 'missing', 'ignored'} key lists
+    layer_decay: bool  # timm's layer-wise LR decay applies (ViTs)

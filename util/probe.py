@@ -1,16 +1,8 @@
 """--probe_freq: a quick linear probe on frozen features, scored by the mean AUROC over findings."""
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """Area under the ROC curve (scikit-learn's roc_auc_score, ties counted half); None if only one class is
-    present, where AUROC is undefined."""
-    positive = np.asarray(labels) > 0.5
-    if positive.all() or not positive.any():
-        return None
-    return float(roc_auc_score(positive, scores))
+from util.metrics import auroc
 
 
 def linear_probe_auroc(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

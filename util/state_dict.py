@@ -32,7 +32,8 @@ def strip_prefixes(state: dict, keep_model_prefix: bool = False) -> dict:
     return out
 
 
-def load_matching(model: torch.nn.Module, source: dict, resolve_key, adapt, regenerated=()) -> dict:
+def load_matching(model: torch.nn.Module, source: dict, resolve_key, adapt, regenerated=(),
+                  flag: str = "--init_from") -> dict:
     """The --init_from loop shared by both models.
 
     resolve_key(key, target) names the model key a source key fills (None: ignored). adapt(key, value, wanted)
@@ -59,7 +60,7 @@ def load_matching(model: torch.nn.Module, source: dict, resolve_key, adapt, rege
         new_state[match] = value
         report["loaded"].append(match)
     if mismatched:
-        raise ValueError("--init_from: shapes differ for\n  " + "\n  ".join(mismatched[:20]))
+        raise ValueError(f"{flag}: shapes differ for\n  " + "\n  ".join(mismatched[:20]))
     report["missing"] = [k for k in target if k not in new_state and k not in regenerated]
     model.load_state_dict(new_state, strict=False)
     return report

@@ -1,9 +1,12 @@
-"""Reconstruction grids: original | masked | reconstruction | reconstruction + visible patches.
+"""Pictures of a run: reconstruction grids (original | masked | reconstruction | reconstruction + visible patches),
+per-epoch curves from log.txt, and fine-tuning's ROC curves (matplotlib, Agg backend).
 
 Panels are shown in the run's own normalisation, de-normalised to [0, 1]. With norm_pix_loss the
 model predicts per-patch normalised pixels; those panels are mapped back with the ground-truth
 patch mean/variance and labelled as such, since that uses information the model never saw.
 """
+import os
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -76,15 +79,21 @@ def save_reconstruction_png(path: str, model, images, mask_ratio, mask_seed, mea
     return loss, image
 
 
-def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss")) -> None:
-    """Plot per-epoch series from log.txt (matplotlib, Agg backend: no display needed)."""
-    import json
-
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend: files only, no display needed (cluster nodes have none)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    return plt
+
+
+def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss"), ylabel: str = "loss") -> None:
+    """Plot per-epoch series from log.txt (matplotlib, Agg backend: no display needed)."""
+    import json
+
+    plt = _pyplot()
     with open(log_txt, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     series = {k: [(r["epoch"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
@@ -95,9 +104,37 @@ def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss")) ->
     for key, points in series.items():
         ax.plot([e for e, _ in points], [y for _, y in points], marker="o", markersize=3, label=key)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_roc_curves(scores: np.ndarray, labels: np.ndarray, findings: list[str], aurocs: list, out_dir: str,
+                    title: str) -> list[str]:
+    """One ROC-curve PNG per finding (scikit-learn's roc_curve), roc_<finding>.png in out_dir; returns the paths.
+    Findings with a single class in `labels` have no curve and are skipped."""
+    from sklearn.metrics import roc_curve
+
+    plt = _pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for k, name in enumerate(findings):
+        if aurocs[k] is None:
+            continue
+        fpr, tpr, _ = roc_curve(labels[:, k] > 0.5, scores[:, k])
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+        ax.plot(fpr, tpr, label=f"AUROC {aurocs[k]:.3f}")
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(f"{name}\n{title}", fontsize=9)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"roc_{name.replace(' ', '_')}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -19,23 +19,20 @@ def test_cli_probe_and_held_out_monitor(tmp_path):
     data_path = str(tmp_path / "data")
     make_chexpert(data_path, n_patients=40)
     make_nih(os.path.join(data_path, "nih_chestxray"), n_patients=12)
-    logs = []
-    for run in ("a", "b"):
-        out = str(tmp_path / run)
-        args = tiny_run_args(data_path, out, epochs=2, probe_freq=1, vis_freq=1)
-        args = args[: args.index("--datasets_names")] + ["--datasets_names", "chexpert", "chestxray_nih"]
-        proc = run_cli([sys.executable, VIT_SCRIPT, *args])
-        assert "monitoring reconstructions on 4 held-out images of chexpert" in proc.stdout, proc.output
-        assert "linear probe on chexpert" in proc.stdout and "mean AUROC" in proc.stdout, proc.output
-        logs.append([json.loads(line) for line in open(os.path.join(out, "log.txt"))])
-    for epoch_a, epoch_b in zip(*logs, strict=True):
-        assert epoch_a["val_loss"] == epoch_b["val_loss"] and epoch_a["probe_auroc"] == epoch_b["probe_auroc"]
+    out = str(tmp_path / "run")
+    args = tiny_run_args(data_path, out, epochs=2, probe_freq=1, vis_freq=1)
+    args = args[: args.index("--datasets_names")] + ["--datasets_names", "chexpert", "chestxray_nih"]
+    proc = run_cli([sys.executable, VIT_SCRIPT, *args])
+    assert "monitoring reconstructions on 4 held-out images of chexpert" in proc.stdout, proc.output
+    assert "linear probe on chexpert" in proc.stdout and "mean AUROC" in proc.stdout, proc.output
+    log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    assert all(isinstance(row.get("val_loss"), float) for row in log), log
     # the logged value is the probe of the final weights on the fixed, patient-split labelled subset: recompute it
     run_args = argparse.ArgumentParser(parents=[vit_main.get_args_parser()]).parse_args(args)
     subset = data.build_pretrain_data(data.data_config(run_args), monitor=False,
                                       probe_images=run_args.probe_images).probe
     model = vit_main.build_model(run_args)
-    model.load_state_dict(torch.load(os.path.join(str(tmp_path / "b"), "checkpoint-last.pth"),
+    model.load_state_dict(torch.load(os.path.join(out, "checkpoint-last.pth"),
                                      weights_only=True)["model"])
     model.eval()
     threads = torch.get_num_threads()
@@ -47,4 +44,4 @@ def test_cli_probe_and_held_out_monitor(tmp_path):
                                                test_y)
     finally:
         torch.set_num_threads(threads)
-    assert scored > 0 and value == pytest.approx(logs[1][-1]["probe_auroc"], abs=1e-6)
+    assert scored > 0 and value == pytest.approx(log[-1]["probe_auroc"], abs=1e-6)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from util.probe import auroc, linear_probe_auroc
+from util.metrics import auroc
+from util.probe import linear_probe_auroc
 
 
 def test_auroc_known_values():

@@ -1,0 +1,338 @@
+"""Labelled splits for fine-tuning and linear probing, and the dataset that serves them.
+
+NIH ChestX-ray14 (--dataset chestxray, the reference's default): --train_list/--val_list/--test_list in the
+reference format, "name label x14" per line, findings in chestxray_nih.FINDINGS order. Default: the official
+lists shipped in data_splits/chestxray/ (75,312 / 11,212 / 25,596 images, patient-disjoint). Images are found
+under --data_path in any NIH layout (images/, images_*/images/, flat), or under --data_path/nih_chestxray/.
+
+CheXpert (--dataset chexpert): the 5 competition findings, from train.csv (training), a patient-held-out part of
+train.csv (validation, --val_list to give one) and valid.csv (the radiologist-labelled set, scored once as test).
+Uncertain labels (-1.0) follow --chexpert_uncertain per finding; blank cells are negative.
+
+At start-up every file of the three splits is checked to exist and the splits are checked to share no patient.
+Only the test list's names are read then; its labels and images are loaded once, after training (load_labels).
+"""
+import math
+import os
+import random
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from data import chestxray_nih as nih
+from data import chexpert, files_exist
+from data.base import SourceIndex, XrayDataset, require_columns
+from data.transforms import build_finetune_transform, check_norm_policy, norm_stats_for
+
+DATASETS = ("chestxray", "chexpert")
+SOURCE_OF = {"chestxray": "chestxray_nih", "chexpert": "chexpert"}  # per-dataset mean/std (data/transforms.py)
+CHEXPERT_FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+# the CheXpert paper's best policy per finding: U-Ones for Atelectasis and Edema, U-Zeros for the others
+DEFAULT_UNCERTAIN = "Atelectasis=ones,Edema=ones,Cardiomegaly=zeros,Consolidation=zeros,Pleural Effusion=zeros"
+UNCERTAIN_POLICIES = ("ones", "zeros")
+CHEXPERT_VAL_FRACTION = 0.05  # of train.csv's patients, when no --val_list is given
+
+
+def add_data_args(parser) -> None:
+    group = parser.add_argument_group("Data")
+    group.add_argument("--dataset", default="chestxray", choices=DATASETS,
+                       help="chestxray: NIH ChestX-ray14, 14 findings; chexpert: CheXpert, 5 competition findings "
+                            "(default: chestxray)")
+    group.add_argument("--data_path", default="data", type=str,
+                       help="the dataset's folder (NIH: images/ or images_*/images/ inside, or a folder holding "
+                            "nih_chestxray/; CheXpert: the folder of train.csv, or one holding CheXpert-v1.0-small/) "
+                            "(default: data)")
+    group.add_argument("--train_list", default=None, type=str,
+                       help="NIH: 'name label x14' list (default: data_splits/chestxray/train_official.txt); "
+                            "CheXpert: a CSV (default: train.csv)")
+    group.add_argument("--val_list", default=None, type=str,
+                       help="validation list, the only one that selects the checkpoint (default: NIH "
+                            f"val_official.txt; CheXpert {CHEXPERT_VAL_FRACTION * 100:g}%% of train.csv's patients)")
+    group.add_argument("--test_list", default=None, type=str,
+                       help="test list, scored once at the end (default: NIH test_official.txt; CheXpert valid.csv)")
+    group.add_argument("--label_fraction", default=1.0, type=float,
+                       help="train on this share of the training list, whole patients drawn with --fraction_seed; "
+                            "the drawn list is written to output_dir (default: 1.0)")
+    group.add_argument("--fraction_seed", default=0, type=int,
+                       help="seed of the --label_fraction draw and of CheXpert's validation patients (default: 0)")
+    group.add_argument("--chexpert_uncertain", default=DEFAULT_UNCERTAIN, type=str,
+                       help="CheXpert uncertain (-1) labels: 'ones', 'zeros' or per finding 'Edema=ones,...' "
+                            "(default: U-Ones for Atelectasis and Edema, U-Zeros for the rest)")
+    group.add_argument("--norm_stats", default="dataset", type=str,
+                       help="normalisation: dataset (the reference's per-dataset mean/std), imagenet, cxr, "
+                            "'MEAN,STD' or a tools/compute_norm_stats.py JSON (default: dataset)")
+    group.add_argument("--input_size", default=224, type=int, help="image size (default: 224)")
+    group.add_argument("--in_chans", default=3, type=int, choices=[1, 3],
+                       help="input channels: 3 (gray replicated, the reference) or 1 (default: 3)")
+
+
+def check_data_args(args) -> list[str]:
+    problems = []
+    if args.dataset == "chexpert":
+        try:
+            uncertain_policy(args.chexpert_uncertain)
+        except ValueError as e:
+            problems.append(str(e))
+    problem = check_norm_policy(args.norm_stats)
+    if problem:
+        problems.append(problem)
+    expected = len(findings(args.dataset))
+    if args.nb_classes != expected:
+        problems.append(f"--nb_classes {args.nb_classes}: --dataset {args.dataset} has {expected} findings "
+                        f"({', '.join(findings(args.dataset))}); pass --nb_classes {expected}")
+    return problems
+
+
+def build_transform(args, is_train: bool):
+    """The split's transform, normalised with --norm_stats for the dataset's source."""
+    mean, std = norm_stats_for(SOURCE_OF[args.dataset], args.norm_stats, args.in_chans)
+    aa = None if args.aa in ("", "none", "None") else args.aa
+    return build_finetune_transform(is_train, args.input_size, mean, std, args.in_chans, args.build_timm_transform,
+                                    aa, args.reprob, args.remode, args.recount)
+
+
+def findings(dataset: str) -> list[str]:
+    return list(nih.FINDINGS) if dataset == "chestxray" else list(CHEXPERT_FINDINGS)
+
+
+@dataclass
+class Split:
+    """One labelled list: image paths, patients and (once read) labels, plus its rows for writing subsets."""
+
+    role: str  # train | val | test
+    source: str  # the list or CSV it came from (or "<file> minus ...")
+    paths: np.ndarray  # bytes
+    patients: np.ndarray  # bytes
+    rows: list | pd.DataFrame  # NIH: the list's lines; CheXpert: the CSV's rows
+    labels: np.ndarray | None = None  # [N, K] float32; the test split's stay None until load_labels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, keep: np.ndarray, source: str) -> "Split":
+        rows = ([r for r, k in zip(self.rows, keep) if k] if isinstance(self.rows, list)
+                else self.rows[keep].reset_index(drop=True))
+        return replace(self, source=source, paths=self.paths[keep], patients=self.patients[keep], rows=rows,
+                       labels=None if self.labels is None else self.labels[keep])
+
+    def write(self, path: str) -> None:
+        """The split in its own format (NIH list or CheXpert CSV), so it can be passed back as a list flag."""
+        tmp = path + ".tmp"
+        if isinstance(self.rows, list):
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in self.rows)
+        else:
+            self.rows.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+
+
+# ---- NIH ChestX-ray14 --------------------------------------------------------------------------------------------
+
+def _nih_roots(data_path: str) -> list[str]:
+    return [r for r in (data_path, os.path.join(data_path, nih.ChestXrayNIH.default_dir)) if os.path.isdir(r)]
+
+
+def _nih_split(role: str, given: str | None, default: str, data_path: str, located: dict, with_labels: bool) -> Split:
+    flag = f"--{role}_list"
+    path = nih.find_list(given, data_path, flag) if given else default
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    names = [line.split(maxsplit=1)[0] for line in lines]
+    split = Split(role, path, np.array([located.get(n, os.path.join(data_path, n)) for n in names], dtype=np.bytes_),
+                  np.array([nih.patient_of(n) for n in names], dtype=np.bytes_), lines)
+    if with_labels:
+        split.labels = _nih_labels(path, lines, flag)
+    return split
+
+
+def _nih_labels(path: str, lines: list[str], flag: str) -> np.ndarray:
+    fields = [line.split() for line in lines]
+    bad = next((i for i, f in enumerate(fields) if len(f) != 1 + len(nih.FINDINGS)), None)
+    if bad is not None:
+        raise ValueError(f"{flag} {path}, line {bad + 1}: expected an image name and {len(nih.FINDINGS)} 0/1 labels "
+                         f"({', '.join(nih.FINDINGS)}), found {len(fields[bad]) - 1} label(s). Fine-tuning needs "
+                         "the labelled lists, like data_splits/chestxray/*_official.txt")
+    labels = np.array([f[1:] for f in fields], dtype=np.float32)
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError(f"{flag} {path}: labels must be 0 or 1")
+    return labels
+
+
+def _nih_splits(args, test_labels: bool) -> dict[str, Split]:
+    roots = _nih_roots(args.data_path)
+    if not roots:
+        raise FileNotFoundError(f"--data_path {args.data_path} does not exist; point it at the NIH ChestX-ray14 "
+                                "folder (images/ or images_*/images/ inside)")
+    located = {}
+    for root in reversed(roots):  # --data_path itself wins over its nih_chestxray/ folder
+        located.update(nih.image_locations(root))
+    return {"train": _nih_split("train", args.train_list, nih.DEFAULT_TRAIN_LIST, args.data_path, located, True),
+            "val": _nih_split("val", args.val_list, nih.VAL_LIST, args.data_path, located, True),
+            "test": _nih_split("test", args.test_list, nih.TEST_LIST, args.data_path, located, test_labels)}
+
+
+# ---- CheXpert -----------------------------------------------------------------------------------------------------
+
+def uncertain_policy(spec: str) -> dict[str, str]:
+    """--chexpert_uncertain: 'ones', 'zeros', or 'Finding=ones,...' (findings not named take zeros)."""
+    if spec in UNCERTAIN_POLICIES:
+        return dict.fromkeys(CHEXPERT_FINDINGS, spec)
+    policy = dict.fromkeys(CHEXPERT_FINDINGS, "zeros")
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name not in policy or value not in UNCERTAIN_POLICIES:
+            raise ValueError(f"--chexpert_uncertain: '{item}' is not FINDING=ones|zeros with FINDING one of "
+                             f"{CHEXPERT_FINDINGS}")
+        policy[name] = value
+    return policy
+
+
+def chexpert_labels(df: pd.DataFrame, policy: dict[str, str], csv: str) -> np.ndarray:
+    """The 5 findings as 0/1: 1.0 positive, 0.0 and blank negative, -1.0 by the finding's policy."""
+    require_columns(df, CHEXPERT_FINDINGS, csv)
+    out = np.zeros((len(df), len(CHEXPERT_FINDINGS)), dtype=np.float32)
+    for k, name in enumerate(CHEXPERT_FINDINGS):
+        cells = df[name].str.strip().to_numpy()
+        unknown = sorted(set(cells) - {"1.0", "0.0", "-1.0", "", "1", "0", "-1"})
+        if unknown:
+            raise ValueError(f"{csv}, column '{name}': unexpected values {unknown[:5]} (expected 1.0, 0.0, -1.0 or "
+                             "blank)")
+        out[:, k] = np.isin(cells, ("1.0", "1")) | (np.isin(cells, ("-1.0", "-1")) & (policy[name] == "ones"))
+    return out
+
+
+def _chexpert_split(role: str, csv: str, root: str, policy: dict | None) -> Split:
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    require_columns(df, ["Path", "Frontal/Lateral"], csv)
+    df = df[df["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)  # frontal views, as in pre-training
+    rel = chexpert.relative_paths(df)
+    split = Split(role, csv, chexpert.image_paths(root, csv, rel), chexpert.patients_of(rel), df)
+    if policy is not None:
+        split.labels = chexpert_labels(df, policy, csv)
+    return split
+
+
+def _chexpert_csv(given: str | None, root: str, name: str, flag: str) -> str:
+    if given:
+        for candidate in (given, os.path.join(root, given)):
+            if os.path.isfile(candidate):
+                return candidate
+        raise FileNotFoundError(f"{flag} {given} not found (looked in the working directory and in {root})")
+    found = chexpert.find_csv(root, name)
+    if found is None:
+        raise FileNotFoundError(f"CheXpert {name} not found in {root} or one folder below it; pass {flag}")
+    return found
+
+
+def _chexpert_splits(args, test_labels: bool, seed: int) -> dict[str, Split]:
+    root = args.data_path
+    if os.path.isdir(os.path.join(root, chexpert.CheXpert.default_dir)):
+        root = os.path.join(root, chexpert.CheXpert.default_dir)
+    policy = uncertain_policy(args.chexpert_uncertain)
+    train = _chexpert_split("train", _chexpert_csv(args.train_list, root, "train.csv", "--train_list"), root, policy)
+    if args.val_list:
+        val = _chexpert_split("val", _chexpert_csv(args.val_list, root, "", "--val_list"), root, policy)
+    else:  # valid.csv is the test set: hold out part of train.csv's patients for model selection
+        held = draw_by_patient(train.patients, CHEXPERT_VAL_FRACTION, seed)
+        val = replace(train.subset(held, f"{train.source}, {CHEXPERT_VAL_FRACTION:.0%} of patients (seed {seed})"),
+                      role="val")
+        train = train.subset(~held, f"{train.source} minus the validation patients")
+    test = _chexpert_split("test", _chexpert_csv(args.test_list, root, "valid.csv", "--test_list"), root,
+                           policy if test_labels else None)
+    return {"train": train, "val": val, "test": test}
+
+
+# ---- both ---------------------------------------------------------------------------------------------------------
+
+def draw_by_patient(patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Mask of whole patients, drawn in a seeded random order until they hold ceil(fraction * N) images."""
+    unique, inverse, counts = np.unique(patients, return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    wanted = math.ceil(fraction * len(patients))
+    taken = order[: int(np.searchsorted(np.cumsum(counts[order]), wanted)) + 1]
+    chosen = np.zeros(len(unique), dtype=bool)
+    chosen[taken] = True
+    return chosen[inverse]
+
+
+def build_splits(args, test_labels: bool = False) -> dict[str, Split]:
+    """train/val/test for --dataset, checked: every file present, no patient in two splits. Test labels are read
+    only with test_labels=True (after training)."""
+    seed = args.fraction_seed
+    if args.dataset == "chestxray":
+        splits = _nih_splits(args, test_labels)
+    else:
+        splits = _chexpert_splits(args, test_labels, seed)
+    for split in splits.values():
+        if not len(split):
+            raise ValueError(f"--{split.role}_list {split.source} lists no image")
+        exists = files_exist(split.paths)
+        if not exists.all():
+            missing = [p.decode() for p in split.paths[~exists]]
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(split)} images of the {split.role} list {split.source} are missing:\n  "
+                + "\n  ".join(missing[:10]) + ("\n  ..." if len(missing) > 10 else "")
+                + "\nCheck --data_path and the list.")
+    check_disjoint(splits)
+    return splits
+
+
+def check_disjoint(splits: dict[str, Split]) -> None:
+    """No patient may be in two splits: a shared patient lets a model score its own training images."""
+    roles = list(splits)
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            shared = np.intersect1d(splits[a].patients, splits[b].patients)
+            if len(shared):
+                raise ValueError(f"the {a} list ({splits[a].source}) and the {b} list ({splits[b].source}) share "
+                                 f"{len(shared)} patient(s), e.g. {', '.join(p.decode() for p in shared[:5])}; "
+                                 "the splits must be patient-disjoint")
+
+
+def label_fraction(train: Split, fraction: float, seed: int, out_dir: str, write: bool = True) -> Split:
+    """--label_fraction: whole patients drawn with --fraction_seed (the same draw on every rank), written to out_dir
+    so the run can be repeated with --train_list, and shared."""
+    if fraction >= 1.0:
+        return train
+    keep = draw_by_patient(train.patients, fraction, seed)
+    ext = ".txt" if isinstance(train.rows, list) else ".csv"
+    path = os.path.join(out_dir, f"train_{fraction * 100:g}pct_seed{seed}{ext}")
+    drawn = train.subset(keep, path)
+    if write:
+        drawn.write(path)
+    return drawn
+
+
+def load_labels(args, test: Split) -> Split:
+    """The test labels, read now (once, after training) from the list whose names were checked at start-up."""
+    labelled = build_splits(args, test_labels=True)["test"]
+    if not np.array_equal(labelled.paths, test.paths):
+        raise RuntimeError(f"the test list {test.source} changed during the run")
+    return labelled
+
+
+class LabelledDataset(XrayDataset):
+    """(image tensor, [K] labels, position) per item; a file that fails to decode stops the run, naming it."""
+
+    def __init__(self, split: Split, transform, dataset: str):
+        index = SourceIndex(f"{dataset} {split.role}", "", split.paths, split.patients, [""] * len(split))
+        super().__init__(index, transform, bad_files="error")
+        self.labels = torch.from_numpy(split.labels)
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)  # the training sampler sends a seed
+        image, _ = self.decode(i)
+        if seed is None:
+            return self.transform(image), self.labels[i], i
+        # seeded per sample (timm's RandAugment draws from `random`, torchvision from torch), so a resumed epoch
+        # augments as the interrupted one did
+        state = random.getstate()
+        try:
+            random.seed(seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(image), self.labels[i], i
+        finally:
+            random.setstate(state)

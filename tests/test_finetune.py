@@ -1,0 +1,347 @@
+"""Fine-tuning and linear probing: splits and label fractions, checkpoint loading, the honest protocol (selection by
+validation, the test list read and scored once), gathered predictions across ranks, the reference's FINETUNE.md
+commands, pre-emption and resume."""
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import main_finetune_chestxray as ft_main
+import models_cnn
+import models_mae
+import models_mae_cnn
+import models_vit
+from data import labelled
+from data.synthetic import make_chexpert, make_nih_labelled
+from tests.helpers import ROOT, child_env, run_cli, spawn, wait_for_line
+from util.checkpoint import load_checkpoint
+
+FT_SCRIPT = str(ROOT / "main_finetune_chestxray.py")
+LP_SCRIPT = str(ROOT / "main_linprobe_chestxray.py")
+REFERENCE_DOC = ROOT.parent / "shared" / "reference" / "FINETUNE.reference.md"
+COPY = ROOT / "tests" / "reference_finetune_commands.md"
+REFERENCE_COMMANDS = dict(re.findall(r"^```([a-z0-9_]+)\n(.*?)^```", COPY.read_text(), re.S | re.M))
+
+
+def parse(flags: list[str], linear_probe: bool = False) -> argparse.Namespace:
+    return argparse.ArgumentParser(parents=[ft_main.get_args_parser(linear_probe)]).parse_args(flags)
+
+
+def nih_flags(lists: dict, root: str, out: str, **extra) -> list[str]:
+    flags = {"data_path": root, "train_list": lists["train"], "val_list": lists["val"], "test_list": lists["test"],
+             "model": "vit_debug_patch16", "input_size": 32, "batch_size": 4, "warmup_epochs": 0, "num_workers": 0,
+             "device": "cpu", "output_dir": out, "log_dir": out, "print_freq": 50, "bootstrap": 20, **extra}
+    return [t for k, v in flags.items() for t in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+
+
+@pytest.fixture(scope="module")
+def nih(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("nih_labelled"))
+    return root, make_nih_labelled(root, patients=(8, 3, 3), size=(32, 32))
+
+
+# ---- splits ---------------------------------------------------------------------------------------------------
+
+def test_label_fractions_are_whole_patients_reproducible_and_disjoint(nih, tmp_path):
+    root, lists = nih
+    args = parse(nih_flags(lists, root, str(tmp_path)))
+    splits = labelled.build_splits(args)
+    assert splits["test"].labels is None  # only the test names are read before training
+    drawn = [labelled.label_fraction(splits["train"], 0.3, 7, str(tmp_path)) for _ in range(2)]
+    assert np.array_equal(drawn[0].paths, drawn[1].paths)  # the same seed draws the same patients
+    train_patients = set(splits["train"].patients)
+    kept = set(drawn[0].patients)
+    assert 0 < len(kept) < len(train_patients)
+    for p in kept:  # whole patients: every image of a drawn patient, none of the others
+        assert (drawn[0].patients == p).sum() == (splits["train"].patients == p).sum()
+    assert not kept & (set(splits["val"].patients) | set(splits["test"].patients))
+    assert len(drawn[0]) >= 0.3 * len(splits["train"])
+    other = labelled.label_fraction(splits["train"], 0.3, 8, str(tmp_path))
+    assert not np.array_equal(other.paths, drawn[0].paths) or len(train_patients) < 3
+    # the written list reproduces the split when passed back as --train_list
+    again = labelled.build_splits(parse(nih_flags({**lists, "train": drawn[0].source}, root, str(tmp_path))))
+    assert np.array_equal(again["train"].paths, drawn[0].paths)
+    np.testing.assert_array_equal(again["train"].labels, drawn[0].labels)
+
+
+def test_bad_lists_fail_before_training_naming_the_file(nih, tmp_path):
+    root, lists = nih
+    leaky = tmp_path / "val_leaky.txt"
+    leaky.write_text(open(lists["val"]).read() + open(lists["train"]).readline())
+    with pytest.raises(ValueError, match=r"share 1 patient"):
+        labelled.build_splits(parse(nih_flags({**lists, "val": str(leaky)}, root, str(tmp_path))))
+    unlabelled = tmp_path / "names_only.txt"
+    unlabelled.write_text("".join(line.split()[0] + "\n" for line in open(lists["train"])))
+    with pytest.raises(ValueError, match=r"names_only.txt, line 1: expected an image name and 14"):
+        labelled.build_splits(parse(nih_flags({**lists, "train": str(unlabelled)}, root, str(tmp_path))))
+    missing = tmp_path / "missing.txt"
+    missing.write_text("00999999_000.png" + " 0" * 14 + "\n")
+    with pytest.raises(FileNotFoundError, match=r"1 of 1 images of the test list .*missing.txt are missing"):
+        labelled.build_splits(parse(nih_flags({**lists, "test": str(missing)}, root, str(tmp_path))))
+
+
+def test_chexpert_findings_uncertainty_policy_and_held_out_validation(tmp_path):
+    make_chexpert(str(tmp_path), n_patients=24)
+    args = parse(["--dataset", "chexpert", "--nb_classes", "5", "--data_path", str(tmp_path),
+                  "--chexpert_uncertain", "Edema=ones"])
+    splits = labelled.build_splits(args)
+    train_csv = pd.read_csv(tmp_path / "CheXpert-v1.0-small" / "train.csv", dtype=str, keep_default_na=False)
+    frontal = train_csv[train_csv["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)
+    train, val = splits["train"], splits["val"]
+    assert len(train) + len(val) == len(frontal) and len(val) > 0
+    assert not set(train.patients) & set(val.patients) and not set(val.patients) & set(splits["test"].patients)
+    rows = {p: k for k, p in enumerate(labelled.chexpert.image_paths(
+        str(tmp_path / "CheXpert-v1.0-small"), str(tmp_path / "CheXpert-v1.0-small" / "train.csv"),
+        labelled.chexpert.relative_paths(frontal)))}
+    seen_uncertain = set()
+    for path, got in zip(train.paths, train.labels):
+        row = frontal.iloc[rows[path]]
+        for name, value in zip(labelled.CHEXPERT_FINDINGS, got):
+            cell = row[name]
+            expected = 1.0 if cell == "1.0" or (cell == "-1.0" and name == "Edema") else 0.0
+            seen_uncertain |= {name} if cell == "-1.0" else set()
+            assert value == expected, (path, name, cell)
+    assert {"Edema", "Atelectasis"} <= seen_uncertain  # both policies were exercised
+    assert labelled.uncertain_policy(labelled.DEFAULT_UNCERTAIN) == {
+        "Atelectasis": "ones", "Cardiomegaly": "zeros", "Consolidation": "zeros", "Edema": "ones",
+        "Pleural Effusion": "zeros"}
+    with pytest.raises(ValueError, match="--chexpert_uncertain: 'Edema=maybe'"):
+        labelled.uncertain_policy("Edema=maybe")
+
+
+# ---- checkpoint loading ---------------------------------------------------------------------------------------
+
+def test_vit_loads_every_format_with_a_report(runs, tmp_path):
+    mae = load_checkpoint(runs["vit"])  # this project's pre-training checkpoint (mae_vit_debug_patch16, 64 px)
+    encoder = models_mae.to_timm_state_dict(mae["model"])  # what tools/export_encoder.py writes
+    timm_like = {**encoder, "head.weight": torch.zeros(1000, 64), "head.bias": torch.zeros(1000)}  # ImageNet-style
+    for source in (mae, encoder, {"state_dict": timm_like}):
+        model = models_vit.create_model("vit_debug_patch16", 14, img_size=32, in_chans=1)
+        report = models_vit.load_pretrained(model, source)
+        assert sorted(report["missing"]) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+        assert "norm.weight" in report["ignored"]  # global pooling replaces the final norm with fc_norm
+        assert any("pos_embed (resampled" in a for a in report["adapted"])
+        assert any("patch_embed.proj.weight (channels 3 -> 1)" == a for a in report["adapted"])
+        torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, mae["model"]["blocks.1.mlp.fc2.weight"])
+    assert any(k.startswith("decoder_") for k in models_vit.load_pretrained(
+        models_vit.create_model("vit_debug_patch16", 14, img_size=64), mae)["ignored"])
+    with pytest.raises(ValueError, match=r"shapes differ"):
+        models_vit.load_pretrained(models_vit.create_model("vit_small_patch16", 14, img_size=32), mae)
+    partial = {k: v for k, v in encoder.items() if not k.startswith("blocks.1.")}  # e.g. a shallower encoder
+    with pytest.raises(ValueError, match=r"lacks 12 encoder tensor\(s\) of this model, e.g. blocks.1.norm1.weight"):
+        models_vit.load_pretrained(models_vit.create_model("vit_debug_patch16", 14, img_size=64), partial)
+
+
+def test_cnn_loads_smp_encoder_unet_checkpoint_export_and_torchvision_strictly(runs):
+    unet = load_checkpoint(runs["cnn"])  # densenet121 U-Net pre-training checkpoint
+    smp_encoder = {k.removeprefix("model.encoder."): v for k, v in unet["model"].items()
+                   if k.startswith("model.encoder.")}  # the reference's --checkpoint_type smp_encoder format
+    _, export = models_mae_cnn.to_torchvision_state_dict(smp_encoder, "densenet121")
+    torchvision_full = {**smp_encoder, "classifier.weight": torch.zeros(1000, 1024),
+                        "classifier.bias": torch.zeros(1000)}
+    for source in (unet, smp_encoder, export, torchvision_full):
+        model = models_cnn.create_model("densenet121", 14)
+        report = models_cnn.load_pretrained(model, source)
+        assert sorted(report["missing"]) == ["classifier.bias", "classifier.weight"], report["missing"]
+        torch.testing.assert_close(model.features.denseblock4.denselayer16.conv2.weight,
+                                   smp_encoder["features.denseblock4.denselayer16.conv2.weight"])
+    one = models_cnn.create_model("densenet121", 14, in_chans=1)
+    report = models_cnn.load_pretrained(one, smp_encoder)
+    assert report["adapted"] == ["features.conv0.weight (channels 3 -> 1)"]
+    with pytest.raises(ValueError, match=r"lacks \d+ backbone tensor\(s\) of resnet50, e.g. conv1.weight"):
+        models_cnn.load_pretrained(models_cnn.create_model("resnet50", 14), smp_encoder)  # a DenseNet file
+    partial = {k: v for k, v in smp_encoder.items() if "denseblock4" not in k}
+    with pytest.raises(ValueError, match=r"lacks \d+ backbone tensor\(s\) of densenet121, e.g. features.denseblock4"):
+        models_cnn.load_pretrained(models_cnn.create_model("densenet121", 14), partial)
+
+
+# ---- the protocol, end to end ---------------------------------------------------------------------------------
+
+AUDIT = r"""
+import os, sys
+_names = set(open(os.environ["AUDIT_TEST_NAMES"]).read().split())
+_log, _run_log = os.environ["AUDIT_LOG"], os.environ["AUDIT_RUN_LOG"]
+
+def _hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes)):
+        path = os.fsdecode(args[0])
+        if os.path.basename(path) in _names:
+            epochs = sum(1 for _ in open(_run_log)) if os.path.exists(_run_log) else 0
+            with open(_log, "a") as f:
+                f.write(f"{os.path.basename(path)} {epochs}\n")
+
+sys.addaudithook(_hook)
+"""
+
+
+def _mirrored_validation(root: str, lists: dict, tmp_path) -> str:
+    """A validation list of copies of the test images (new names, new patients) with every label inverted: its
+    AUROC is 1 - the test AUROC at every epoch, so the epoch validation picks is the one the test set likes least."""
+    lines = []
+    for k, line in enumerate(open(lists["test"])):
+        name, *values = line.split()
+        copy = f"{200000 + k:08d}_000.png"
+        shutil.copyfile(os.path.join(root, "images", name), os.path.join(root, "images", copy))
+        lines.append(" ".join([copy, *(str(1 - int(v)) for v in values)]))
+    path = tmp_path / "val_mirror.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_validation_selects_and_the_test_list_is_read_once_at_the_end(nih, tmp_path):
+    root, lists = nih
+    out = tmp_path / "out"
+    names = tmp_path / "test_names.txt"
+    names.write_text("".join(line.split()[0] + "\n" for line in open(lists["test"])))
+    (tmp_path / "audit").mkdir()
+    (tmp_path / "audit" / "sitecustomize.py").write_text(AUDIT)
+    flags = nih_flags({**lists, "val": _mirrored_validation(root, lists, tmp_path)}, root, str(out), epochs=4,
+                      blr=0.05, eval_interval=1, drop_path=0.0)
+    env = child_env(PYTHONPATH=f"{tmp_path / 'audit'}{os.pathsep}{ROOT}", AUDIT_TEST_NAMES=names,
+                    AUDIT_LOG=tmp_path / "opens.txt", AUDIT_RUN_LOG=out / "log.txt")
+    proc = run_cli([sys.executable, FT_SCRIPT, *flags], env=env, timeout=300)
+    results = json.loads((out / "results.json").read_text())
+    history = results["val_history"]
+    assert [e for e, _ in history] == [0, 1, 2, 3] and len({v for _, v in history}) > 1, proc.output
+    best_epoch, best_val = max(history, key=lambda h: h[1])
+    assert results["selected_epoch"] == best_epoch and results["val_mean_auroc"] == pytest.approx(best_val)
+    assert load_checkpoint(str(out / "checkpoint-best.pth"))["epoch"] == best_epoch
+    # the test set disagrees: it is scored on the validation-selected epoch, not on its own best one
+    assert results["test"]["mean_auroc"] == pytest.approx(1 - best_val, abs=1e-6), proc.output
+    assert results["test"]["mean_auroc"] < max(1 - v for _, v in history)
+    # every test image was decoded exactly once (one decode opens the file twice: image_io's DICOM sniff, then
+    # PIL), and only after the last epoch's line was in log.txt
+    opens = [line.split() for line in (tmp_path / "opens.txt").read_text().splitlines()]
+    assert Counter(n for n, _ in opens) == dict.fromkeys(names.read_text().split(), 2), opens
+    assert all(int(epochs) == 4 for _, epochs in opens), opens
+    assert "test AUROC on" in proc.stdout and "95% CI from 20 patient resamples" in proc.stdout
+    assert len(list((out / "roc").glob("roc_*.png"))) == 14 and (out / "val_auroc.png").is_file()
+    predictions = pd.read_csv(out / "test_predictions.csv")
+    assert len(predictions) == results["test"]["images"] == 6
+    # a second run of the same command finds the run complete and does not score the test set again
+    again = run_cli([sys.executable, FT_SCRIPT, *flags], env=env, timeout=300)
+    assert "this run is complete" in again.stdout and len((tmp_path / "opens.txt").read_text().splitlines()) == 12
+
+
+@pytest.mark.slow
+def test_linear_probe_on_chexpert_trains_only_the_head_and_resumes_after_preemption(runs, tmp_path):
+    make_chexpert(str(tmp_path / "data"), n_patients=24, size=(64, 64))
+    out = tmp_path / "out"
+    flags = ["--dataset", "chexpert", "--nb_classes", "5", "--data_path", str(tmp_path / "data"),
+             "--model", "vit_debug_patch16", "--finetune", runs["vit"], "--in_chans", "1", "--input_size", "32",
+             "--batch_size", "2", "--epochs", "3", "--warmup_epochs", "1", "--num_workers", "0", "--device", "cpu",
+             "--output_dir", str(out), "--log_dir", str(out), "--print_freq", "1", "--bootstrap", "10",
+             "--label_fraction", "0.5"]
+    proc = spawn([sys.executable, LP_SCRIPT, *flags])
+    wait_for_line(proc, r"Epoch: \[1\]\s+\[\s*1/")
+    proc.send_signal(signal.SIGTERM)
+    first = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, first
+    resumed = run_cli([sys.executable, LP_SCRIPT, *flags], timeout=300)
+    assert re.search(r"resumed from .*checkpoint-last.pth: epoch 1, step [1-9]", resumed.stdout), resumed.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "linprobe" and list(results["test"]["per_finding"]) == labelled.CHEXPERT_FINDINGS
+    fraction_list = out / "train_50pct_seed0.csv"
+    assert results["train_list"] == str(fraction_list) and fraction_list.is_file()
+    best = load_checkpoint(str(out / "checkpoint-best.pth"))["model"]
+    pretrained = models_mae.to_timm_state_dict(load_checkpoint(runs["vit"])["model"], 32, 1)
+    for key, value in pretrained.items():  # the frozen encoder is exactly the pre-trained one
+        if key in best:
+            torch.testing.assert_close(best[key], value, rtol=0, atol=0, msg=key)
+    assert not torch.equal(best["head.1.weight"], torch.zeros_like(best["head.1.weight"]))
+
+
+# ---- the reference's FINETUNE.md -------------------------------------------------------------------------------
+
+def test_reference_copy_is_the_published_document():
+    assert sorted(REFERENCE_COMMANDS) == ["densenet121", "vit_s"]
+    if not REFERENCE_DOC.is_file():
+        assert not os.environ.get("CI"), f"{REFERENCE_DOC} must be beside the checkout on CI"
+        pytest.skip(f"{REFERENCE_DOC} is not beside this checkout; {COPY.name} stands in")
+    blocks = re.findall(r"^```[a-z0-9_]*\n(.*?)^```", REFERENCE_DOC.read_text(), re.S | re.M)
+    assert sorted(blocks) == sorted(REFERENCE_COMMANDS.values())
+
+
+def _reference_args(name: str) -> argparse.Namespace:
+    tokens = shlex.split(REFERENCE_COMMANDS[name].replace("\\\n", " "))
+    script = next(t for t in tokens if t.endswith(".py"))
+    return parse(tokens[tokens.index(script) + 1:])
+
+
+def test_finetune_md_and_slurm_recipes_are_the_reference_commands():
+    ours = (ROOT / "FINETUNE.md").read_text()
+    for name, command in REFERENCE_COMMANDS.items():
+        assert command in ours, f"FINETUNE.md lacks the reference {name} command exactly as published"
+    where = {"output_dir", "log_dir", "data_path", "finetune", "train_list", "val_list", "test_list", "device",
+             "num_workers"}
+    for recipe, name in (("finetune_vit_s", "vit_s"), ("finetune_densenet121", "densenet121")):
+        show = 'source scripts/recipes.sh && printf "%s\\n" "$SCRIPT" "${RECIPE_ARGS[@]}"'
+        env = {**os.environ, "RECIPE": recipe, "PRETRAINED": "w.pth"}
+        out = subprocess.run(["bash", "-c", show], cwd=ROOT, env=env, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        assert out[0] == "main_finetune_chestxray.py"
+        ours_args, ref = parse(out[1:]), _reference_args(name)
+        differ = {k for k in vars(ref) if getattr(ours_args, k) != getattr(ref, k)} - where
+        assert not differ, {k: (getattr(ours_args, k), getattr(ref, k)) for k in differ}
+
+
+SHRUNK = {"--nproc_per_node=8": "--nproc_per_node=2", "--batch_size 128": "--batch_size 2",
+          "--epochs 75": "--epochs 2", "--num_workers 4": "--num_workers 0"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["densenet121", "vit_s"])
+def test_reference_finetune_command_runs_with_sizes_shrunk(nih, runs, tmp_path, free_port, recipe):
+    """The published command on two gloo ranks, sizes shrunk; for the ViT, --eval in one process then scores the
+    selected checkpoint again: the same AUROC, so the two ranks' predictions were gathered, none twice."""
+    root, lists = nih
+    test_list = tmp_path / "test_odd.txt"  # 5 images: the ranks score 3 and 2
+    test_list.write_text("".join(open(lists["test"]).readlines()[:5]))
+    if recipe == "densenet121":  # the reference's CNN checkpoints are SMP encoder state dicts
+        unet = load_checkpoint(runs["cnn"])["model"]
+        torch.save({k.removeprefix("model.encoder."): v for k, v in unet.items() if k.startswith("model.encoder.")},
+                   tmp_path / "densenet121_CXR_0.3M_mae.pth")
+    else:  # its ViT checkpoints are MAE checkpoints, args pickled as a Namespace
+        mae = models_mae.create_model("mae_vit_small_patch16_dec512d2b")
+        torch.save({"model": mae.state_dict(), "epoch": 799, "args": argparse.Namespace(model="mae_vit_small")},
+                   tmp_path / "vit-s_CXR_0.3M_mae.pth")
+    command = REFERENCE_COMMANDS[recipe]
+    for full, small in SHRUNK.items():
+        assert full in command
+        command = command.replace(full, small)
+    command = command.replace("python -m", f"{shlex.quote(sys.executable)} -m").rstrip("\n")
+    command += " \\\n --input_size 64 --bootstrap 20 --print_freq 50"
+    save = tmp_path / "save"
+    env = child_env(SAVE_DIR=save, DATASET_DIR=root, TRAIN_LIST=lists["train"], VAL_LIST=lists["val"],
+                    TEST_LIST=test_list, PET_MASTER_PORT=free_port, PYTHONPATH=ROOT)
+    os.symlink(FT_SCRIPT, tmp_path / "main_finetune_chestxray.py")  # the command runs it from the working directory
+    proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = f"$ {command}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, output
+    results = json.loads((save / "results.json").read_text())
+    assert results["world_size"] == 2 and results["test"]["images"] == 5, output
+    assert results["pretrained_keys"]["missing"] == (
+        ["classifier.weight", "classifier.bias"] if recipe == "densenet121"
+        else ["fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"]), output
+    assert results["selected_epoch"] in (0, 1) and "test AUROC on" in proc.stdout
+    if recipe == "vit_s":
+        flags = shlex.split(command.split("main_finetune_chestxray.py", 1)[1].replace("\\\n", " "))
+        flags = [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], f) for f in flags]
+        alone = run_cli([sys.executable, FT_SCRIPT, *flags, "--eval", "--resume", str(save / "checkpoint-best.pth"),
+                         "--output_dir", str(tmp_path / "eval"), "--log_dir", str(tmp_path / "eval")],
+                        cwd=tmp_path, env=env, timeout=300)
+        single = json.loads((tmp_path / "eval" / "results.json").read_text())
+        assert single["world_size"] == 1
+        assert single["test"]["per_finding"] == results["test"]["per_finding"], alone.output

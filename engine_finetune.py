@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import logging
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
@@ -103,6 +104,20 @@ def build_mixup(args, num_classes: int) -> Mixup | None:
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                  label_smoothing=args.smoothing, num_classes=num_classes, multi_label=True)
+
+
+def shared_splits(args, info, device) -> dict:
+    """Rank 0 reads the lists and checks every file; the other ranks receive its splits and touch no file (8 ranks x
+    N nodes would otherwise stat the whole dataset at every start and requeue)."""
+    built = None
+
+    def build() -> bytes:
+        nonlocal built
+        built = labelled.build_splits(args)
+        return pickle.dumps(built) if info.distributed else b""
+
+    payload = dist_lib.share_from_main(info, device, build)
+    return built if info.is_main else pickle.loads(payload)
 
 
 def build_train_loader(args, dataset, info, device):
@@ -418,13 +433,13 @@ def _run(args, info, device, build_classifier, task, check_model_args) -> int:
             ckpt_lib.check_writable(args.output_dir)
             ckpt_lib.remove_stale_temp_files(args.output_dir)
         setup_logging(args.output_dir if info.is_main else None, info.rank)
-        splits = labelled.build_splits(args)
+        splits = shared_splits(args, info, device)
         splits["train"] = labelled.label_fraction(splits["train"], args.label_fraction, args.fraction_seed,
                                                   args.output_dir, write=info.is_main)
         train_set = labelled.LabelledDataset(splits["train"], labelled.build_transform(args, is_train=True),
                                              args.dataset)
         loader, sampler, steps = build_train_loader(args, train_set, info, device)
-    except (OSError, ValueError) as e:  # missing data, bad lists, shared patients, unwritable output
+    except (OSError, ValueError, dist_lib.MainRankError) as e:  # missing data, bad lists, shared patients, ...
         raise SetupError(str(e)) from e
     for split in splits.values():
         logger.info("%s list %s: %d images, %d patients", split.role, split.source, len(split),

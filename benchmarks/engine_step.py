@@ -66,7 +66,8 @@ def model_only(kind: str, model: str, device: torch.device, precision: str, batc
         data=SimpleNamespace(augment=None), run_log=RunLog(None, None, enabled=False), preemption=PreemptionFlag())
     state = engine_pretrain.TrainState()
     quiet = logging.getLogger("util.log")
-    level, quiet.level = quiet.level, logging.WARNING  # the per-epoch "Total time" lines
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the per-epoch "Total time" lines
     try:
         engine_pretrain.train_one_epoch(run, state)  # warm-up
         if device.type == "cuda":
@@ -75,7 +76,7 @@ def model_only(kind: str, model: str, device: torch.device, precision: str, batc
         state.epoch, state.step = 1, 0
         stats = engine_pretrain.train_one_epoch(run, state)
     finally:
-        quiet.level = level
+        quiet.setLevel(level)
     return {"images_per_s": stats["images_per_s"], "data_wait_fraction": stats["data_wait_fraction"],
             "max_memory_mb": stats.get("max_memory_mb"), "loss": stats.get("loss"),
             "flops_per_image": flops_per_step(net, images, precision, device) / batch}

@@ -53,10 +53,11 @@ def peak_flops(device: torch.device) -> tuple[str, float | None]:
 def plan(smoke: bool) -> dict:
     """What to measure, most important first: the full matrix on a GPU, toy sizes for the CPU smoke mode.
     model_only lists (model, precision, compiled)."""
-    if smoke:  # fp16 convolutions are very slow on CPU: the U-Net smoke row is bf16 only
+    # fp16 convolutions are very slow on CPU: the U-Net smoke row is bf16 only. No compiled row: inductor takes 40 s
+    # on CPU for a toy model, and tests/test_cli.py already trains with --compile under DDP
+    if smoke:
         return {"models": SMOKE_MODELS, "batch": 4, "input_size": 64, "steps": 3, "workers": 1,
-                "model_only": [("vit_debug", "fp16", False), ("unet_resnet18", "bf16", False),
-                               ("vit_debug", "bf16", True)],
+                "model_only": [("vit_debug", "fp16", False), ("unet_resnet18", "bf16", False)],
                 "end_to_end": ["vit_debug"], "e2e_precision": "fp32", "data_scale": 1, "image_size": 96,
                 "prepare_size": 80, "canvas": 96}
     eager = [(m, p, False) for m in FULL_MODELS for p in ("bf16", "fp16")]

@@ -134,14 +134,18 @@ def _nih_roots(data_path: str) -> list[str]:
     return [r for r in (data_path, os.path.join(data_path, nih.ChestXrayNIH.default_dir)) if os.path.isdir(r)]
 
 
+def _nih_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def _nih_split(role: str, given: str | None, default: str, data_path: str, located: dict, with_labels: bool) -> Split:
     flag = f"--{role}_list"
     path = nih.find_list(given, data_path, flag) if given else default
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
+    lines = _nih_lines(path)
     names = [line.split(maxsplit=1)[0] for line in lines]
     split = Split(role, path, np.array([located.get(n, os.path.join(data_path, n)) for n in names], dtype=np.bytes_),
-                  np.array([nih.patient_of(n) for n in names], dtype=np.bytes_), lines)
+                  np.array([nih.patient_of(n) for n in names], dtype=np.bytes_), lines if with_labels else names)
     if with_labels:
         split.labels = _nih_labels(path, lines, flag)
     return split
@@ -208,7 +212,8 @@ def _chexpert_split(role: str, csv: str, root: str, policy: dict | None) -> Spli
     require_columns(df, ["Path", "Frontal/Lateral"], csv)
     df = df[df["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)  # frontal views, as in pre-training
     rel = chexpert.relative_paths(df)
-    split = Split(role, csv, chexpert.image_paths(root, csv, rel), chexpert.patients_of(rel), df)
+    split = Split(role, csv, chexpert.image_paths(root, csv, rel), chexpert.patients_of(rel),
+                  df if policy is not None else df[["Path"]])
     if policy is not None:
         split.labels = chexpert_labels(df, policy, csv)
     return split
@@ -306,11 +311,20 @@ def label_fraction(train: Split, fraction: float, seed: int, out_dir: str, write
 
 
 def load_labels(args, test: Split) -> Split:
-    """The test labels, read now (once, after training) from the list whose names were checked at start-up."""
-    labelled = build_splits(args, test_labels=True)["test"]
-    if not np.array_equal(labelled.paths, test.paths):
-        raise RuntimeError(f"the test list {test.source} changed during the run")
-    return labelled
+    """The test split with its labels, read now (once, after training) from the list whose names were checked at
+    start-up. No image is looked up again."""
+    if args.dataset == "chestxray":
+        lines = _nih_lines(test.source)
+        names, labels = [line.split(maxsplit=1)[0] for line in lines], _nih_labels(test.source, lines, "--test_list")
+        unchanged = names == list(test.rows)
+    else:
+        df = pd.read_csv(test.source, dtype=str, keep_default_na=False)
+        df = df[df["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)
+        labels = chexpert_labels(df, uncertain_policy(args.chexpert_uncertain), test.source)
+        unchanged = df["Path"].tolist() == test.rows["Path"].tolist()
+    if not unchanged:
+        raise RuntimeError(f"the test list {test.source} changed during the run; its names no longer match")
+    return replace(test, labels=labels)
 
 
 class LabelledDataset(XrayDataset):

@@ -208,7 +208,7 @@ def test_validation_selects_and_the_test_list_is_read_once_at_the_end(nih, tmp_p
     (tmp_path / "audit").mkdir()
     (tmp_path / "audit" / "sitecustomize.py").write_text(AUDIT)
     flags = nih_flags({**lists, "val": _mirrored_validation(root, lists, tmp_path)}, root, str(out), epochs=4,
-                      blr=0.05, eval_interval=1, drop_path=0.0)
+                      blr=0.05, eval_interval=1, drop_path=0.0, mixup=0.8, cutmix=1.0, smoothing=0.1)
     env = child_env(PYTHONPATH=f"{tmp_path / 'audit'}{os.pathsep}{ROOT}", AUDIT_TEST_NAMES=names,
                     AUDIT_LOG=tmp_path / "opens.txt", AUDIT_RUN_LOG=out / "log.txt")
     proc = run_cli([sys.executable, FT_SCRIPT, *flags], env=env, timeout=300)
@@ -228,6 +228,7 @@ def test_validation_selects_and_the_test_list_is_read_once_at_the_end(nih, tmp_p
     assert all(int(epochs) == 4 for _, epochs in opens), opens
     assert "test AUROC on" in proc.stdout and "95% CI from 20 patient resamples" in proc.stdout
     assert len(list((out / "roc").glob("roc_*.png"))) == 14 and (out / "val_auroc.png").is_file()
+    assert list(out.glob("events.out.tfevents.*"))  # TensorBoard
     predictions = pd.read_csv(out / "test_predictions.csv")
     assert len(predictions) == results["test"]["images"] == 6
     # a second run of the same command finds the run complete and does not score the test set again
@@ -345,3 +346,7 @@ def test_reference_finetune_command_runs_with_sizes_shrunk(nih, runs, tmp_path, 
         single = json.loads((tmp_path / "eval" / "results.json").read_text())
         assert single["world_size"] == 1
         assert single["test"]["per_finding"] == results["test"]["per_finding"], alone.output
+        # scoring again into the fine-tuning folder would overwrite its results: refused before any compute
+        refused = run_cli([sys.executable, FT_SCRIPT, *flags, "--eval", "--resume", str(save / "checkpoint-best.pth")],
+                          cwd=tmp_path, env=env, expect_rc=1)
+        assert "already holds results.json" in refused.stdout + refused.stderr, refused.output

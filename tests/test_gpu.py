@@ -15,15 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-import data as data_lib
 import engine_pretrain
 import main_pretrain_multi_datasets_xray as vit_main
 import main_pretrain_multi_datasets_xray_cnn as cnn_main
 import models_mae_cnn
 from data.gpu_augment import BatchAugment, CanvasTransform
-from data.synthetic import chest_image
+from data.synthetic import chest_image, make_nih_labelled
 from tests.helpers import (
+    ROOT,
     VIT_SCRIPT,
+    build_dataset,
     child_env,
     last_checkpoint,
     run_cli,
@@ -110,9 +111,7 @@ def test_unet_stays_channels_last_through_a_step(device):
 
 def test_loader_batches_are_pinned_for_cuda(tiny_data, tmp_path, device):
     args = in_process_args(vit_main, tiny_data[0], str(tmp_path), device=str(device), num_workers=1, pin_mem=True)
-    pool = data_lib.build_index_pool(data_lib.data_config(args), str(tmp_path))
-    dataset = data_lib.build_pretrain_data(data_lib.data_config(args), monitor=False, probe_images=0,
-                                           pool=pool).dataset
+    dataset, _ = build_dataset(["chexpert", "chestxray_nih", "mimic_cxr"], tiny_data[0])
     loader, _, _ = engine_pretrain.build_loader(args, dataset, dist_lib.DistInfo(), device)
     images, _ = next(iter(loader))
     assert images.is_pinned() == (device.type == "cuda")
@@ -157,3 +156,20 @@ def test_kill9_then_resume_in_deterministic_mode_gives_identical_weights(tiny_da
     a, b = last_checkpoint(straight), last_checkpoint(interrupted)
     assert a["epoch"] == b["epoch"] == flags["epochs"] - 1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ after the resume"
+
+
+def test_finetune_in_bf16_with_a_process_group_gathers_and_scores_on_the_device(tmp_path, device, free_port):
+    """Fine-tuning's device paths: bf16 autocast in training and scoring, and the prediction gather over the
+    device's backend (NCCL on CUDA, through --force_process_group at world size 1)."""
+    lists = make_nih_labelled(str(tmp_path / "nih"), patients=(4, 2, 2), size=(32, 32))
+    out = tmp_path / "out"
+    flags = ["--model", "vit_debug_patch16", "--data_path", str(tmp_path / "nih"), "--train_list", lists["train"],
+             "--val_list", lists["val"], "--test_list", lists["test"], "--input_size", "32", "--batch_size", "4",
+             "--epochs", "2", "--warmup_epochs", "0", "--num_workers", "1", "--device", str(device), "--precision",
+             "bf16", "--force_process_group", "--bootstrap", "10", "--output_dir", str(out), "--log_dir", str(out)]
+    proc = run_cli([sys.executable, str(ROOT / "main_finetune_chestxray.py"), *flags],
+                   env=child_env(MASTER_PORT=free_port))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    assert f"backend {backend}" in proc.stdout and "precision bf16" in proc.stdout, proc.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"]["images"] == 4 and results["test"]["mean_auroc"] is not None, proc.output

@@ -33,8 +33,10 @@ from engine_pretrain import (
     TrainState,
     gather_rng,
     optimizer_step,
+    resume_source,
     run_reporting_failures,
     seed_everything,
+    train_loader,
     write_checkpoint,
 )
 from util import checkpoint as ckpt_lib
@@ -118,21 +120,6 @@ def shared_splits(args, info, device) -> dict:
 
     payload = dist_lib.share_from_main(info, device, build)
     return built if info.is_main else pickle.loads(payload)
-
-
-def build_train_loader(args, dataset, info, device):
-    sampler = ResumableSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=args.seed)
-    steps = sampler.num_samples // args.batch_size
-    if steps == 0:
-        raise ValueError(f"--batch_size {args.batch_size} is larger than this rank's share of the training list "
-                         f"({sampler.num_samples} images over {info.world_size} process(es)); lower --batch_size")
-    if args.max_steps_per_epoch:
-        steps = min(steps, args.max_steps_per_epoch * args.accum_iter)
-    loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))
-    return loader, sampler, steps
 
 
 def load_pretrained(args, classifier: Classifier) -> dict | None:
@@ -277,15 +264,10 @@ def save(run: FinetuneRun, state: FinetuneState, epoch: int, step: int, best: bo
 def resume(run: FinetuneRun, state: FinetuneState) -> dict | None:
     """--resume, or with --auto_resume checkpoint-last.pth of output_dir; returns the checkpoint."""
     args = run.args
-    if args.resume:
-        path, ckpt = args.resume, ckpt_lib.load_checkpoint(args.resume)
-    elif args.auto_resume and os.path.isdir(args.output_dir):
-        found = ckpt_lib.find_resumable(args.output_dir)
-        if found is None:
-            return None
-        path, ckpt = found
-    else:
+    found = resume_source(args)
+    if found is None:
         return None
+    path, ckpt = found
     if ckpt.get("task") != run.task:
         raise ValueError(f"{path} is not a checkpoint of this script (task {ckpt.get('task', 'pre-training')!r}, "
                          f"expected {run.task!r}); give this run its own --output_dir")
@@ -438,7 +420,7 @@ def _run(args, info, device, build_classifier, task, check_model_args) -> int:
                                                   args.output_dir, write=info.is_main)
         train_set = labelled.LabelledDataset(splits["train"], labelled.build_transform(args, is_train=True),
                                              args.dataset)
-        loader, sampler, steps = build_train_loader(args, train_set, info, device)
+        loader, sampler, steps = train_loader(args, train_set, info, device, what="the training list")
     except (OSError, ValueError, dist_lib.MainRankError) as e:  # missing data, bad lists, shared patients, ...
         raise SetupError(str(e)) from e
     for split in splits.values():

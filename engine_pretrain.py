@@ -130,18 +130,24 @@ def shm_free_bytes() -> int | None:
 
 
 def build_loader(args, dataset, info: dist_lib.DistInfo, device: torch.device):
-    repeats = 3 if args.repeated_aug else 1
+    return train_loader(args, dataset, info, device, repeats=3 if args.repeated_aug else 1,
+                        prefetch_factor=prefetch_batches(args, shm_free_bytes()))
+
+
+def train_loader(args, dataset, info: dist_lib.DistInfo, device: torch.device, repeats: int = 1,
+                 prefetch_factor: int | None = None, what: str = "the data"):
+    """(loader, resumable sampler, steps per epoch) over this rank's shard; used by fine-tuning too."""
     sampler = ResumableSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=args.seed, repeats=repeats)
     steps = sampler.num_samples // args.batch_size
     if steps == 0:
-        raise ValueError(f"--batch_size {args.batch_size} is larger than this rank's share of the data "
+        raise ValueError(f"--batch_size {args.batch_size} is larger than this rank's share of {what} "
                          f"({sampler.num_samples} images over {info.world_size} process(es)); lower --batch_size")
     if args.max_steps_per_epoch:
         steps = min(steps, args.max_steps_per_epoch * args.accum_iter)
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
-        persistent_workers=args.num_workers > 0, prefetch_factor=prefetch_batches(args, shm_free_bytes()),
+        persistent_workers=args.num_workers > 0, prefetch_factor=prefetch_factor,
         # its own generator, so creating an iterator never consumes the global RNG (exact resume)
         generator=torch.Generator().manual_seed(args.seed),
     )
@@ -248,18 +254,23 @@ def write_checkpoint(run, ckpt: dict | None, copy_to: str | None = None, keep_la
         raise error
 
 
+def resume_source(args) -> tuple[str, dict] | None:
+    """(path, checkpoint) of --resume, or with --auto_resume the newest good checkpoint in output_dir; None if
+    there is none."""
+    if args.resume:
+        return args.resume, ckpt_lib.load_checkpoint(args.resume)
+    if args.auto_resume and os.path.isdir(args.output_dir):
+        return ckpt_lib.find_resumable(args.output_dir)
+    return None
+
+
 def resume(run: Run, state: TrainState) -> None:
     """Load --resume, or with --auto_resume the newest good checkpoint in output_dir."""
     args = run.args
-    if args.resume:
-        path, ckpt = args.resume, ckpt_lib.load_checkpoint(args.resume)
-    elif args.auto_resume and os.path.isdir(args.output_dir):
-        found = ckpt_lib.find_resumable(args.output_dir)
-        if found is None:
-            return
-        path, ckpt = found
-    else:
+    found = resume_source(args)
+    if found is None:
         return
+    path, ckpt = found
     run.model_without_ddp.load_state_dict(ckpt["model"])
     if "optimizer" in ckpt and "epoch" in ckpt:
         load_optimizer_state(run.optimizer, ckpt["optimizer"], run.model_without_ddp, args.weight_decay,

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from util.registry import Registry
-from util.state_dict import adapt_in_chans, load_matching, strip_prefixes
+from util.state_dict import adapt_in_chans, load_matching, require_complete, strip_prefixes
 
 MODELS = Registry("CNN classifier")
 # torchvision's DenseNet checkpoints before 0.3 named 'norm.1' what is now 'norm1' (torchvision's own fix-up)
@@ -86,10 +86,5 @@ def load_pretrained(model: torch.nn.Module, checkpoint: dict, flag: str = "--fin
             return adapt_in_chans(value, wanted.shape[1]), f"channels {value.shape[1]} -> {wanted.shape[1]}"
         return value, None
 
-    report = load_matching(model, state, resolve, adapt, flag=flag)
-    backbone_missing = [k for k in report["missing"] if not k.startswith(head)]
-    if backbone_missing:
-        raise ValueError(f"{flag}: the checkpoint lacks {len(backbone_missing)} backbone tensor(s) of "
-                         f"{model.medmae_name}, e.g. {', '.join(backbone_missing[:6])}. Is it a checkpoint of the "
-                         "same architecture (--model)?")
-    return report
+    return require_complete(load_matching(model, state, resolve, adapt, flag=flag), (head,), flag,
+                            f"backbone tensor(s) of {model.medmae_name}")

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from util.pos_embed import resample_pos_embed
 from util.registry import Registry
-from util.state_dict import adapt_in_chans, load_matching, strip_prefixes
+from util.state_dict import adapt_in_chans, load_matching, require_complete, strip_prefixes
 
 MODELS = Registry("ViT classifier")
 NEW_KEYS = ("head.", "fc_norm.")  # what a pre-trained encoder cannot hold: the classifier and GAP's norm
@@ -72,7 +72,7 @@ def load_pretrained(model: VisionTransformer, checkpoint: dict, flag: str = "--f
     """Load a pre-trained ViT encoder; {'loaded', 'adapted', 'missing', 'ignored'} key lists.
 
     Strict for the encoder: every model tensor but the head (and fc_norm under global pooling) must come from the
-    checkpoint, so a wrong architecture or an unrelated file fails here instead of training from scratch."""
+    checkpoint."""
     state = strip_prefixes(checkpoint)
 
     def resolve(key, target):
@@ -88,9 +88,5 @@ def load_pretrained(model: VisionTransformer, checkpoint: dict, flag: str = "--f
             return adapt_in_chans(value, wanted.shape[1]), f"channels {value.shape[1]} -> {wanted.shape[1]}"
         return value, None
 
-    report = load_matching(model, state, resolve, adapt, flag=flag)
-    encoder_missing = [k for k in report["missing"] if not k.startswith(NEW_KEYS)]
-    if encoder_missing:
-        raise ValueError(f"{flag}: the checkpoint lacks {len(encoder_missing)} encoder tensor(s) of this model, e.g. "
-                         f"{', '.join(encoder_missing[:6])}. Is it a checkpoint of the same ViT size (--model)?")
-    return report
+    return require_complete(load_matching(model, state, resolve, adapt, flag=flag), NEW_KEYS, flag,
+                            "encoder tensor(s) of this model")

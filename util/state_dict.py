@@ -64,3 +64,14 @@ def load_matching(model: torch.nn.Module, source: dict, resolve_key, adapt, rege
     report["missing"] = [k for k in target if k not in new_state and k not in regenerated]
     model.load_state_dict(new_state, strict=False)
     return report
+
+
+def require_complete(report: dict, new_prefixes: tuple[str, ...], flag: str, what: str) -> dict:
+    """Strict loading for fine-tuning: every model tensor but the new ones (the head) must come from the checkpoint,
+    so a wrong architecture or an unrelated file fails at once instead of training from scratch. `what` names the
+    tensors in the message, e.g. 'encoder tensor(s) of this model'."""
+    missing = [k for k in report["missing"] if not k.startswith(new_prefixes)]
+    if missing:
+        raise ValueError(f"{flag}: the checkpoint lacks {len(missing)} {what}, e.g. {', '.join(missing[:6])}. Is it a "
+                         "checkpoint of the same architecture (--model)?")
+    return report

@@ -167,6 +167,33 @@ def test_cnn_loads_smp_encoder_unet_checkpoint_export_and_torchvision_strictly(r
         models_cnn.load_pretrained(models_cnn.create_model("densenet121", 14), partial)
 
 
+def test_vit_layer_decay_and_weight_decay_groups_are_maes():
+    """timm's param_groups_layer_decay gives MAE's scales: embeddings layer_decay^(L+1), block i layer_decay^(L-i),
+    the head 1; no decay for 1-D tensors, cls_token and pos_embed. The probe's LARS trains the head alone."""
+    args = parse(["--model", "vit_debug_patch16", "--input_size", "32", "--layer_decay", "0.5"])
+    args.lr = 1e-3
+    classifier = ft_main.build_classifier(args)
+    names = {id(p): n for n, p in classifier.model.named_parameters()}
+    depth = len(classifier.model.blocks)
+    seen = 0
+    for group in engine_finetune.build_optimizer(args, classifier, linear_probe=False).param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            layer = (0 if name.startswith(("cls_token", "pos_embed", "patch_embed")) else
+                     int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1)
+            assert group["lr_scale"] == 0.5 ** (depth + 1 - layer), name
+            no_decay = param.ndim == 1 or name in ("cls_token", "pos_embed")
+            assert group["weight_decay"] == (0.0 if no_decay else args.weight_decay), name
+            seen += 1
+    assert seen == len(names)
+    probe_args = parse(["--model", "vit_debug_patch16", "--input_size", "32"], linear_probe=True)
+    probe_args.lr = 0.1
+    probe = ft_main.build_classifier(probe_args, linear_probe=True)
+    optimizer = engine_finetune.build_optimizer(probe_args, probe, linear_probe=True)
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert type(optimizer).__name__ == "Lars" and trained == {id(p) for p in probe.head.parameters()}
+
+
 # ---- the protocol, end to end ---------------------------------------------------------------------------------
 
 AUDIT = r"""

@@ -29,13 +29,14 @@ from data import labelled
 from data.sampler import ResumableSampler
 from engine_pretrain import (
     SetupError,
-    TooManyBadSteps,
     TrainState,
     gather_rng,
+    log_load_report,
     optimizer_step,
     resume_source,
     run_reporting_failures,
     seed_everything,
+    stop_if_asked,
     train_loader,
     write_checkpoint,
 )
@@ -47,7 +48,7 @@ from util.lr_sched import adjust_learning_rate
 from util.metrics import bootstrap_auroc, mean_auroc, per_finding_auroc
 from util.model_api import Classifier
 from util.precision import LossScaler, autocast, configure_backends, resolve_precision
-from util.preemption import Preempted, PreemptionFlag
+from util.preemption import PreemptionFlag
 from util.vis import save_loss_curve, save_roc_curves
 
 logger = logging.getLogger(__name__)
@@ -129,12 +130,8 @@ def load_pretrained(args, classifier: Classifier) -> dict | None:
         logger.info("no --finetune checkpoint: the model starts from random initialisation")
         return None
     report = classifier.load_pretrained(ckpt_lib.load_checkpoint(args.finetune))
-    logger.info("--finetune %s (%s): loaded %d tensors, adapted %d, missing %d (new, initialised here), ignored %d",
-                args.finetune, args.checkpoint_type or "format found from its keys", len(report["loaded"]),
-                len(report["adapted"]), len(report["missing"]), len(report["ignored"]))
-    for kind in ("loaded", "adapted", "missing", "ignored"):
-        if report[kind]:
-            logger.info("  %s: %s", kind, ", ".join(report[kind]))
+    log_load_report(f"--finetune {args.finetune} ({args.checkpoint_type or 'format found from its keys'})", report,
+                    kinds=("loaded", "adapted", "missing", "ignored"))
     return report
 
 
@@ -177,14 +174,7 @@ def train_one_epoch(run: FinetuneRun, state: FinetuneState) -> dict:
         if stepped:
             metric_logger.update(loss=loss_value, lr=lr, grad_norm=grad_norm)
             run.run_log.scalar("train_loss", loss_value, int((data_iter_step / steps + state.epoch) * 1000))
-        if state.bad_steps_in_a_row >= args.max_bad_steps:
-            save(run, state, state.epoch, state.step)
-            raise TooManyBadSteps(f"{state.bad_steps_in_a_row} non-finite steps in a row (--max_bad_steps "
-                                  f"{args.max_bad_steps}). checkpoint-last.pth holds the last good weights; lower "
-                                  "--blr or use --precision bf16, then rerun the same command to resume.")
-        if state.preemption_requested:
-            save(run, state, state.epoch, state.step)
-            raise Preempted(run.preemption.signal_name or "signal on another rank")
+        stop_if_asked(run, state, lambda: save(run, state, state.epoch, state.step))
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
@@ -327,11 +317,13 @@ def run_epochs(run: FinetuneRun, state: FinetuneState) -> None:
             break
 
 
-def score_test(run: FinetuneRun, state: FinetuneState, weights: str) -> None:
-    """Read the test labels and images now, for the first time, and score them once with `weights`."""
+def score_test(run: FinetuneRun, state: FinetuneState, weights: str | None) -> None:
+    """Read the test labels and images now, for the first time, and score them once with the `weights` checkpoint
+    (None: the weights already loaded, --eval's --resume)."""
     args = run.args
-    if weights != "loaded":
+    if weights is not None:
         run.model_without_ddp.load_state_dict(ckpt_lib.load_checkpoint(weights)["model"])
+    weights = weights or args.resume
     test = labelled.load_labels(args, run.splits["test"])
     logger.info("scoring the test list %s once (%d images), with %s", test.source, len(test), weights)
     scores = predict(run, test)
@@ -347,7 +339,7 @@ def score_test(run: FinetuneRun, state: FinetuneState, weights: str) -> None:
     train = run.splits["train"]
     results = {
         "task": run.task, "model": args.model, "dataset": args.dataset, "findings": run.findings,
-        "checkpoint": os.path.abspath(weights) if weights != "loaded" else os.path.abspath(args.resume),
+        "checkpoint": os.path.abspath(weights),
         "selected_epoch": state.best_epoch, "selected_by": "mean validation AUROC",
         "val_mean_auroc": state.best_auroc, "val_history": state.val_history, "val_list": run.splits["val"].source,
         "test": {
@@ -464,7 +456,7 @@ def _run(args, info, device, build_classifier, task, check_model_args) -> int:
         state.best_epoch = resumed.get("best_epoch", resumed.get("epoch"))
         state.best_auroc, state.val_history = resumed.get("best_auroc"), resumed.get("val_history", [])
         state.pretrained_keys = resumed.get("pretrained_keys")
-        score_test(run, state, "loaded")
+        score_test(run, state, None)
         return ExitCode.OK
     results = os.path.join(args.output_dir, "results.json")
     if (state.epoch >= args.epochs or state.stopped_early) and os.path.isfile(results):

@@ -289,6 +289,15 @@ def resume(run: Run, state: TrainState) -> None:
     logger.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.step)
 
 
+def log_load_report(source: str, report: dict, kinds=("adapted", "missing", "ignored")) -> None:
+    """The counts of a load_pretrained report, then the keys of each of `kinds` (shared with fine-tuning)."""
+    logger.info("%s: loaded %d tensors, adapted %d, missing %d (kept their initialisation), ignored %d", source,
+                len(report["loaded"]), len(report["adapted"]), len(report["missing"]), len(report["ignored"]))
+    for kind in kinds:
+        if report[kind]:
+            logger.info("  %s: %s", kind, ", ".join(report[kind]))
+
+
 def init_from(run: Run, state: TrainState) -> None:
     """--init_from, unless this run resumed: load what fits and say exactly what was and was not loaded."""
     path = run.args.init_from
@@ -298,12 +307,7 @@ def init_from(run: Run, state: TrainState) -> None:
         logger.info("--init_from %s ignored: resuming from a checkpoint of this run", path)
         return
     report = run.model_without_ddp.load_pretrained(ckpt_lib.load_checkpoint(path))
-    logger.info("--init_from %s: loaded %d tensors, adapted %d, missing %d (kept their initialisation), "
-                "ignored %d", path, len(report["loaded"]), len(report["adapted"]), len(report["missing"]),
-                len(report["ignored"]))
-    for kind in ("adapted", "missing", "ignored"):
-        if report[kind]:
-            logger.info("  %s: %s", kind, ", ".join(report[kind]))
+    log_load_report(f"--init_from {path}", report)
     if not report["loaded"]:
         raise ValueError(f"--init_from {path}: no tensor matched this model; is it the right architecture?")
 
@@ -349,15 +353,7 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
             metric_logger.update(loss=loss_value, lr=lr, grad_norm=grad_norm)
             run.run_log.scalar("train_loss", loss_value, epoch_1000x)
             run.run_log.scalar("grad_norm", grad_norm, epoch_1000x)
-        if state.bad_steps_in_a_row >= args.max_bad_steps:
-            save(run, state, state.epoch, state.step)
-            raise TooManyBadSteps(
-                f"{state.bad_steps_in_a_row} non-finite steps in a row (--max_bad_steps {args.max_bad_steps}). "
-                f"checkpoint-last.pth holds the last good weights. Remedies: --precision bf16 (or fp32) instead of "
-                f"fp16, a lower --blr, or --clip_grad 1.0; then rerun the same command to resume.")
-        if state.preemption_requested:
-            save(run, state, state.epoch, state.step)
-            raise Preempted(run.preemption.signal_name or "signal on another rank")
+        stop_if_asked(run, state, lambda: save(run, state, state.epoch, state.step))
         if args.save_every_steps and state.optimizer_steps % args.save_every_steps == 0 and state.step < steps:
             save(run, state, state.epoch, state.step)
     elapsed = time.time() - start_time
@@ -374,6 +370,21 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
         logger.warning("input-bound: %.0f%% of step time waited for data. Raise --num_workers, or train from "
                        "tools/prepare_data.py output.", 100 * stats["data_wait_fraction"])
     return stats
+
+
+def stop_if_asked(run, state: TrainState, save_last) -> None:
+    """After an optimizer step (both engines): --max_bad_steps non-finite steps in a row, or a pre-emption signal on
+    any rank, write checkpoint-last through save_last() and stop."""
+    args = run.args
+    if state.bad_steps_in_a_row >= args.max_bad_steps:
+        save_last()
+        raise TooManyBadSteps(
+            f"{state.bad_steps_in_a_row} non-finite steps in a row (--max_bad_steps {args.max_bad_steps}). "
+            f"checkpoint-last.pth holds the last good weights. Remedies: --precision bf16 (or fp32) instead of "
+            f"fp16, a lower --blr, or --clip_grad 1.0; then rerun the same command to resume.")
+    if state.preemption_requested:
+        save_last()
+        raise Preempted(run.preemption.signal_name or "signal on another rank")
 
 
 def to_device(run: Run, samples, epoch: int, data_iter_step: int) -> torch.Tensor:

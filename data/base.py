@@ -113,6 +113,16 @@ def require_file(path: str, source: str, what: str) -> str:
     return path
 
 
+def find_given_file(given: str, flag: str, *folders: str) -> str:
+    """A file named on the command line: as given (absolute, or relative to the working directory), else relative
+    to each of `folders` in turn; the error names the flag and every place looked in."""
+    for candidate in (given, *(os.path.join(folder, given) for folder in folders)):
+        if os.path.isfile(candidate):
+            return candidate
+    places = ["the working directory", *folders]
+    raise FileNotFoundError(f"{flag} {given} not found (looked in {', in '.join(places[:-1])} and in {places[-1]})")
+
+
 def require_columns(df, columns, path: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:

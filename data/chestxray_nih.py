@@ -18,7 +18,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from data.base import MONITOR_IMAGES, Source, SourceIndex, require_columns, require_file
+from data.base import MONITOR_IMAGES, Source, SourceIndex, find_given_file, require_columns, require_file
 
 DATA_ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 # the reference's split lists (lambert-x/medical_mae data_splits/chestxray/), shipped with the project
@@ -70,11 +70,7 @@ def image_locations(root: str) -> dict[str, str]:
 
 def find_list(given: str, root: str, flag: str) -> str:
     """A list file named on the command line, looked up in the working directory, the NIH folder and the project."""
-    for candidate in (given, os.path.join(root, given), os.path.join(PROJECT_DIR, given)):
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"{flag} {given} not found (looked in the working directory, in {root} and in "
-                            f"{PROJECT_DIR})")
+    return find_given_file(given, flag, root, PROJECT_DIR)
 
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",

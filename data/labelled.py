@@ -23,7 +23,7 @@ import torch
 
 from data import chestxray_nih as nih
 from data import chexpert, files_exist
-from data.base import SourceIndex, XrayDataset, require_columns
+from data.base import SourceIndex, XrayDataset, find_given_file, require_columns
 from data.transforms import build_finetune_transform, check_norm_policy, norm_stats_for
 
 DATASETS = ("chestxray", "chexpert")
@@ -164,7 +164,7 @@ def _nih_labels(path: str, lines: list[str], flag: str) -> np.ndarray:
     return labels
 
 
-def _nih_splits(args, test_labels: bool) -> dict[str, Split]:
+def _nih_splits(args) -> dict[str, Split]:
     roots = _nih_roots(args.data_path)
     if not roots:
         raise FileNotFoundError(f"--data_path {args.data_path} does not exist; point it at the NIH ChestX-ray14 "
@@ -174,7 +174,7 @@ def _nih_splits(args, test_labels: bool) -> dict[str, Split]:
         located.update(nih.image_locations(root))
     return {"train": _nih_split("train", args.train_list, nih.DEFAULT_TRAIN_LIST, args.data_path, located, True),
             "val": _nih_split("val", args.val_list, nih.VAL_LIST, args.data_path, located, True),
-            "test": _nih_split("test", args.test_list, nih.TEST_LIST, args.data_path, located, test_labels)}
+            "test": _nih_split("test", args.test_list, nih.TEST_LIST, args.data_path, located, False)}
 
 
 # ---- CheXpert -----------------------------------------------------------------------------------------------------
@@ -207,10 +207,15 @@ def chexpert_labels(df: pd.DataFrame, policy: dict[str, str], csv: str) -> np.nd
     return out
 
 
-def _chexpert_split(role: str, csv: str, root: str, policy: dict | None) -> Split:
+def _chexpert_frontal(csv: str) -> pd.DataFrame:
+    """The CSV's frontal rows (as in pre-training), renumbered."""
     df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     require_columns(df, ["Path", "Frontal/Lateral"], csv)
-    df = df[df["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)  # frontal views, as in pre-training
+    return df[df["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)
+
+
+def _chexpert_split(role: str, csv: str, root: str, policy: dict | None) -> Split:
+    df = _chexpert_frontal(csv)
     rel = chexpert.relative_paths(df)
     split = Split(role, csv, chexpert.image_paths(root, csv, rel), chexpert.patients_of(rel),
                   df if policy is not None else df[["Path"]])
@@ -221,17 +226,14 @@ def _chexpert_split(role: str, csv: str, root: str, policy: dict | None) -> Spli
 
 def _chexpert_csv(given: str | None, root: str, name: str, flag: str) -> str:
     if given:
-        for candidate in (given, os.path.join(root, given)):
-            if os.path.isfile(candidate):
-                return candidate
-        raise FileNotFoundError(f"{flag} {given} not found (looked in the working directory and in {root})")
+        return find_given_file(given, flag, root)
     found = chexpert.find_csv(root, name)
     if found is None:
         raise FileNotFoundError(f"CheXpert {name} not found in {root} or one folder below it; pass {flag}")
     return found
 
 
-def _chexpert_splits(args, test_labels: bool, seed: int) -> dict[str, Split]:
+def _chexpert_splits(args, seed: int) -> dict[str, Split]:
     root = args.data_path
     if os.path.isdir(os.path.join(root, chexpert.CheXpert.default_dir)):
         root = os.path.join(root, chexpert.CheXpert.default_dir)
@@ -244,8 +246,7 @@ def _chexpert_splits(args, test_labels: bool, seed: int) -> dict[str, Split]:
         val = replace(train.subset(held, f"{train.source}, {CHEXPERT_VAL_FRACTION:.0%} of patients (seed {seed})"),
                       role="val")
         train = train.subset(~held, f"{train.source} minus the validation patients")
-    test = _chexpert_split("test", _chexpert_csv(args.test_list, root, "valid.csv", "--test_list"), root,
-                           policy if test_labels else None)
+    test = _chexpert_split("test", _chexpert_csv(args.test_list, root, "valid.csv", "--test_list"), root, None)
     return {"train": train, "val": val, "test": test}
 
 
@@ -262,14 +263,14 @@ def draw_by_patient(patients: np.ndarray, fraction: float, seed: int) -> np.ndar
     return chosen[inverse]
 
 
-def build_splits(args, test_labels: bool = False) -> dict[str, Split]:
-    """train/val/test for --dataset, checked: every file present, no patient in two splits. Test labels are read
-    only with test_labels=True (after training)."""
+def build_splits(args) -> dict[str, Split]:
+    """train/val/test for --dataset, checked: every file present, no patient in two splits. The test split holds
+    names only; load_labels reads its labels after training."""
     seed = args.fraction_seed
     if args.dataset == "chestxray":
-        splits = _nih_splits(args, test_labels)
+        splits = _nih_splits(args)
     else:
-        splits = _chexpert_splits(args, test_labels, seed)
+        splits = _chexpert_splits(args, seed)
     for split in splits.values():
         if not len(split):
             raise ValueError(f"--{split.role}_list {split.source} lists no image")
@@ -318,8 +319,7 @@ def load_labels(args, test: Split) -> Split:
         names, labels = [line.split(maxsplit=1)[0] for line in lines], _nih_labels(test.source, lines, "--test_list")
         unchanged = names == list(test.rows)
     else:
-        df = pd.read_csv(test.source, dtype=str, keep_default_na=False)
-        df = df[df["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)
+        df = _chexpert_frontal(test.source)
         labels = chexpert_labels(df, uncertain_policy(args.chexpert_uncertain), test.source)
         unchanged = df["Path"].tolist() == test.rows["Path"].tolist()
     if not unchanged:

@@ -235,8 +235,10 @@ def validate(run: FinetuneRun, epoch: int) -> float | None:
     return float(value[0]) if value[1] > 0 else None
 
 
-def save(run: FinetuneRun, state: FinetuneState, epoch: int, step: int, best: bool = False) -> None:
-    """checkpoint-last.pth (and a copy as checkpoint-best.pth); rank 0 writes, every rank joins."""
+def save(run: FinetuneRun, state: FinetuneState, epoch: int, step: int, best: bool = False,
+         epoch_log: dict | None = None) -> None:
+    """checkpoint-last.pth (and a copy as checkpoint-best.pth); rank 0 writes, every rank joins. An end-of-epoch
+    checkpoint carries the epoch's log.txt line (epoch_log), which resume restores if log.txt lacks it."""
     rng = gather_rng(run, epoch, step)
     ckpt = None
     if run.info.is_main:
@@ -247,7 +249,7 @@ def save(run: FinetuneRun, state: FinetuneState, epoch: int, step: int, best: bo
             scaler_skips_total=state.scaler_skips_total, best_auroc=state.best_auroc, best_epoch=state.best_epoch,
             val_history=state.val_history, scores_since_best=state.scores_since_best,
             stopped_early=state.stopped_early,
-            pretrained_keys=state.pretrained_keys)
+            pretrained_keys=state.pretrained_keys, **({"epoch_log": epoch_log} if epoch_log else {}))
     write_checkpoint(run, ckpt, BEST_NAME if best else None)
 
 
@@ -275,6 +277,7 @@ def resume(run: FinetuneRun, state: FinetuneState) -> dict | None:
     rng = ckpt.get("rng")
     if rng and ckpt.get("world_size") == run.info.world_size:
         ckpt_lib.set_rng_state(rng[run.info.rank], run.device, run.info.local_rank)
+    run.run_log.recover_epoch_line(ckpt.get("epoch_log"))
     logger.info("resumed from %s: epoch %d, step %d, best validation AUROC so far %s (epoch %s)", path,
                 state.epoch, state.step, state.best_auroc, state.best_epoch)
     return ckpt
@@ -304,10 +307,11 @@ def run_epochs(run: FinetuneRun, state: FinetuneState) -> None:
                 stats["val_auroc"] = value
                 run.run_log.scalar("val_auroc", value, (epoch + 1) * 1000)
         state.stopped_early = bool(args.patience) and state.scores_since_best >= args.patience and not last
-        save(run, state, epoch, 0, best=improved)
-        run.run_log.epoch_line({**{f"train_{k}": v for k, v in stats.items() if k != "val_auroc"},
-                                **({"val_auroc": stats["val_auroc"]} if "val_auroc" in stats else {}),
-                                "best_val_auroc": state.best_auroc, "epoch": epoch})
+        log_stats = {**{f"train_{k}": v for k, v in stats.items() if k != "val_auroc"},
+                     **({"val_auroc": stats["val_auroc"]} if "val_auroc" in stats else {}),
+                     "best_val_auroc": state.best_auroc, "epoch": epoch}
+        save(run, state, epoch, 0, best=improved, epoch_log=log_stats)
+        run.run_log.epoch_line(log_stats)
         if run.info.is_main:
             save_loss_curve(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "val_auroc.png"),
                             keys=("val_auroc",), ylabel="mean validation AUROC")

@@ -205,15 +205,17 @@ def gather_rng(run, epoch: int, step: int) -> list:
     return rng
 
 
-def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int) -> dict | None:
-    """The checkpoint dict (reference keys first) on rank 0; None elsewhere. All ranks must call it."""
+def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int, epoch_log: dict | None = None) -> dict | None:
+    """The checkpoint dict (reference keys first) on rank 0; None elsewhere. All ranks must call it. An end-of-epoch
+    checkpoint carries the epoch's log.txt line (epoch_log), which resume restores if log.txt lacks it."""
     rng = gather_rng(run, epoch, step)
     if not run.info.is_main:
         return None
     return ckpt_lib.assemble(run.model_without_ddp, run.optimizer, run.scaler.state_dict(), run.args, epoch, step,
                              rng=rng, world_size=run.info.world_size, norm_stats=run.data.norm_stats,
                              optimizer_steps=state.optimizer_steps, bad_steps_total=state.bad_steps_total,
-                             scaler_skips_total=state.scaler_skips_total)
+                             scaler_skips_total=state.scaler_skips_total,
+                             **({"epoch_log": epoch_log} if epoch_log else {}))
 
 
 def weights_checksum(model: torch.nn.Module) -> float:
@@ -222,10 +224,11 @@ def weights_checksum(model: torch.nn.Module) -> float:
         return torch.stack([p.double().sum() for p in model.parameters()]).sum().item()
 
 
-def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = False) -> None:
+def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = False,
+         epoch_log: dict | None = None) -> None:
     """checkpoint-last (always) and checkpoint-{epoch} (periodic); rank 0 writes, every rank joins."""
     copy_to = f"checkpoint-{epoch}.pth" if periodic else None
-    write_checkpoint(run, checkpoint_state(run, state, epoch, step), copy_to, run.args.keep_last)
+    write_checkpoint(run, checkpoint_state(run, state, epoch, step, epoch_log), copy_to, run.args.keep_last)
 
 
 def write_checkpoint(run, ckpt: dict | None, copy_to: str | None = None, keep_last: int = 0) -> None:
@@ -286,6 +289,7 @@ def resume(run: Run, state: TrainState) -> None:
         elif rng:
             logger.warning("checkpoint was written by %s processes, this run has %d: RNG streams restart from "
                            "the seed", ckpt.get("world_size"), run.info.world_size)
+        run.run_log.recover_epoch_line(ckpt.get("epoch_log"))
     logger.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.step)
 
 
@@ -475,7 +479,6 @@ def run_epochs(run: Run, state: TrainState) -> None:
         stats = train_one_epoch(run, state)
         state.step = 0
         last = epoch + 1 == args.epochs
-        save(run, state, epoch, 0, periodic=epoch % args.save_freq == 0 or last)
         if (args.vis_freq and epoch % args.vis_freq == 0) or last:
             stats["val_loss"] = visualize(run, epoch)
         if run.data.probe is not None and (epoch % args.probe_freq == 0 or last):
@@ -483,6 +486,7 @@ def run_epochs(run: Run, state: TrainState) -> None:
         log_stats = {**{f"train_{k}": v for k, v in stats.items() if k not in ("val_loss", "probe_auroc")},
                      "epoch": epoch}
         log_stats.update({k: stats[k] for k in ("val_loss", "probe_auroc") if stats.get(k) is not None})
+        save(run, state, epoch, 0, periodic=epoch % args.save_freq == 0 or last, epoch_log=log_stats)
         run.run_log.epoch_line(log_stats)
         if run.info.is_main:
             save_loss_curve(os.path.join(args.output_dir, "log.txt"), os.path.join(args.output_dir, "loss_curve.png"))

@@ -3,6 +3,10 @@
 Fixtures live in conftest.py; these are plain functions, imported as `from tests.helpers import ...`.
 """
 import argparse
+import contextlib
+import importlib
+import io
+import logging
 import os
 import re
 import subprocess
@@ -80,6 +84,36 @@ def run_tool(tool: str, *args, timeout: int = 300) -> subprocess.CompletedProces
     """python -m tools.<tool> from the repository root, as PRETRAIN.md runs it."""
     return subprocess.run([sys.executable, "-m", f"tools.{tool.removesuffix('.py')}", *args], cwd=ROOT,
                           env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_tool_in_process(tool: str, *args) -> subprocess.CompletedProcess:
+    """tools.<tool>'s main() in this process, as `python -m tools.<tool>` runs it: the exit code, and what it printed
+    and logged. For tests of what a tool does; test_cli runs every tool as a module, so the process boundary is
+    tested once, not paid for (about 7 s of imports here) in every call. An uncaught error is exit code 1 with its
+    message on stderr, as the interpreter would report it."""
+    module = importlib.import_module(f"tools.{tool.removesuffix('.py')}")
+    out, err = io.StringIO(), io.StringIO()
+    root, handler, level = logging.getLogger(), logging.StreamHandler(out), logging.getLogger().level
+    argv, sys.argv = sys.argv, [f"tools/{tool}", *args]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = module.main()
+            except SystemExit as e:
+                code = e.code
+                if isinstance(code, str):
+                    err.write(code + "\n")
+                    code = 1
+            except Exception as e:  # noqa: BLE001 - reported as the interpreter would, for the test to assert on
+                err.write(f"{type(e).__name__}: {e}\n")
+                code = 1
+    finally:
+        sys.argv = argv
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess([tool, *args], code or 0, out.getvalue(), err.getvalue())
 
 
 def train_in_process(script, data_path: str, out: str, **overrides) -> str:

@@ -1,12 +1,17 @@
-"""The entry scripts as users run them: real subprocesses, real launchers, CPU + gloo."""
+"""The entry scripts as users run them: real subprocesses, real launchers, CPU + gloo. Checks that need no process
+of their own (every flag check, --model list) run the same code in this process."""
+import argparse
 import json
 import os
 import re
+import runpy
 import sys
 
 import pytest
 import torch
 
+import engine_pretrain
+import main_pretrain_multi_datasets_xray as vit_main
 from tests.helpers import CNN_SCRIPT, ROOT, VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
 from util.host_memory import is_glibc
 
@@ -69,35 +74,54 @@ def test_cli_resume_continues_next_epoch(tiny_data, tmp_path):
     out = str(tmp_path)
     run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(data_path, out, epochs=1)])
     first = torch.load(os.path.join(out, "checkpoint-0.pth"), weights_only=True)
+    # the state a kill leaves between the end-of-epoch checkpoint and its log.txt line: the resume restores the line
+    open(os.path.join(out, "log.txt"), "w").close()
     proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(data_path, out, epochs=2, no_auto_resume=True,
                                                                resume=os.path.join(out, "checkpoint-0.pth"))])
     assert "start at epoch 1 step 0" in proc.stdout
+    assert "log.txt lacked epoch 0" in proc.stdout
     assert [r["epoch"] for r in _log_lines(out)] == [0, 1]
     last = torch.load(os.path.join(out, "checkpoint-1.pth"), weights_only=True)
     assert last["epoch"] == 1
     assert not torch.equal(first["model"]["blocks.0.attn.qkv.weight"], last["model"]["blocks.0.attn.qkv.weight"])
 
 
-@pytest.mark.parametrize("overrides, message", [
+BAD_INPUT = [
     ({"mask_ratio": 1.0}, r"--mask_ratio is the fraction removed and must be in \[0, 1\), got 1.0"),
     ({"model": "mae_vit_small_patch16_dec128d"}, "Did you mean: mae_vit_small_patch16_dec128d2b"),
     ({"input_size": 40}, "--input_size 40 must be divisible by the patch size 16"),
-    ({"data_path": "/nonexistent/data"}, "chexpert: data folder /nonexistent/data/CheXpert-v1.0-small does not exist"),
     ({"norm_stats": "bogus"}, "--norm_stats must be one of"),
     ({"batch_size": 0}, "--batch_size must be >= 1"),
-])
-def test_cli_bad_input_gives_clear_error(tiny_data, tmp_path, overrides, message):
-    overrides = dict(overrides)
-    data_path = overrides.pop("data_path", tiny_data[0])
-    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(data_path, str(tmp_path), **overrides)], expect_rc=None)
-    assert proc.returncode != 0
-    assert re.search(message, proc.stdout + proc.stderr), proc.output
+]
+
+
+def test_cli_bad_input_gives_clear_error(tmp_path):
+    """The process as a user meets it: exit code 1, the message, no traceback."""
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args("/nonexistent/data", str(tmp_path))], expect_rc=1)
+    assert "chexpert: data folder /nonexistent/data/CheXpert-v1.0-small does not exist" in proc.stdout, proc.output
     assert "Traceback" not in proc.stdout + proc.stderr, proc.output
 
 
-def test_cli_model_list_prints_names():
-    proc = run_cli([sys.executable, VIT_SCRIPT, "--model", "list"])
-    assert "mae_vit_base_patch16_dec512d8b" in proc.stdout.split()
+@pytest.mark.parametrize("overrides, message", BAD_INPUT)
+def test_bad_flags_give_clear_errors(tiny_data, tmp_path, caplog, capsys, overrides, message):
+    """Every flag check, through the entry script's parser and pipeline in this process (what the process adds, the
+    exit code and no traceback, is the test above): a failed exit code and the message, before any compute."""
+    parser = argparse.ArgumentParser(parents=[vit_main.get_args_parser()])
+    try:
+        args = parser.parse_args(tiny_run_args(tiny_data[0], str(tmp_path), **overrides))
+        code = engine_pretrain.run_pretraining(args, vit_main.build_model, vit_main.check_model_args)
+    except SystemExit as e:  # argparse's errors (code 2), and the flag checks' sys.exit(message)
+        code = e.code
+    text = caplog.text + "".join(capsys.readouterr()) + (code if isinstance(code, str) else "")
+    assert code not in (0, None) and re.search(message, text), text
+    assert not os.path.exists(tmp_path / "checkpoint-last.pth")
+
+
+def test_cli_model_list_prints_names(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [VIT_SCRIPT, "--model", "list"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(VIT_SCRIPT, run_name="__main__")
+    assert stop.value.code == 0 and "mae_vit_base_patch16_dec512d8b" in capsys.readouterr().out.split()
 
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
@@ -131,10 +155,22 @@ def test_cli_compile_under_ddp_keeps_ranks_in_sync(tiny_data, tmp_path, free_por
     assert ckpt["world_size"] == 2 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
 
 
-@pytest.mark.parametrize("tool", sorted(p.stem for p in (ROOT / "tools").glob("*.py")
-                                        if p.stem not in ("__init__", "checkpoint_model")))
-def test_tools_run_as_modules_from_the_repository_root(tool):
-    """As PRETRAIN.md says to run them: `python -m tools.<name>` from the root, no PYTHONPATH, no sys.path edits."""
+TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py") if p.stem not in ("__init__", "checkpoint_model"))
+
+
+def test_tools_run_as_modules_from_the_repository_root():
+    """As PRETRAIN.md says to run them: `python -m tools.<name>` from the root, no PYTHONPATH, no sys.path edits.
+    One interpreter runs each tool's --help the way -m does (runpy.run_module, the working directory first on
+    sys.path), so the imports are paid once rather than once per tool."""
     env = {k: v for k, v in child_env().items() if k != "PYTHONPATH"}
-    proc = run_cli([sys.executable, "-m", f"tools.{tool}", "--help"], env=env)
-    assert "usage:" in proc.stdout
+    code = ("import runpy, sys\n"
+            "for tool in sys.argv[1:]:\n"
+            "    sys.argv = [tool, '--help']\n"
+            "    try:\n"
+            "        runpy.run_module(f'tools.{tool}', run_name='__main__', alter_sys=True)\n"
+            "    except SystemExit as e:\n"
+            "        print(f'== {tool} exited {e.code}')\n")
+    proc = run_cli([sys.executable, "-c", code, *TOOLS], env=env)
+    assert [line for line in proc.stdout.splitlines() if line.startswith("== ")] == [
+        f"== {tool} exited 0" for tool in TOOLS], proc.output
+    assert proc.stdout.count("usage:") == len(TOOLS) == 6, proc.output

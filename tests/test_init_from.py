@@ -6,12 +6,12 @@ import torchvision
 import main_pretrain_multi_datasets_xray as vit_main
 import models_mae
 import models_mae_cnn
-from tests.helpers import run_tool, train_in_process
+from tests.helpers import run_tool_in_process, train_in_process
 
 
 def test_init_from_reports_loaded_and_missing(runs, tiny_data, tmp_path, caplog):
     export = str(tmp_path / "enc")
-    run_tool("export_encoder.py", "--checkpoint", runs["vit"], "--out", export)
+    run_tool_in_process("export_encoder.py", "--checkpoint", runs["vit"], "--out", export)
     train_in_process(vit_main, tiny_data[0], str(tmp_path / "run"), input_size=64, init_from=export + ".pth")
     text = caplog.text
     assert "--init_from" in text and "loaded 30 tensors" in text and "missing 19" in text

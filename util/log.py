@@ -167,6 +167,24 @@ class RunLog:
         with open(os.path.join(self.output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
             f.write(json.dumps(stats) + "\n")
 
+    def recover_epoch_line(self, stats: dict | None) -> None:
+        """On resume: write the epoch line an end-of-epoch checkpoint carries, if log.txt does not end with it.
+
+        The line is written after its checkpoint, so a process killed between the two would otherwise resume at the
+        next epoch with this epoch missing from log.txt."""
+        if not (stats and self.enabled and self.output_dir):
+            return
+        path = os.path.join(self.output_dir, "log.txt")
+        last = None
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                lines = [line for line in f if line.strip()]
+            last = json.loads(lines[-1]).get("epoch") if lines else None
+        if last is None or last < stats["epoch"]:
+            logger.info("log.txt lacked epoch %d (the process stopped after its checkpoint); line restored from the "
+                        "checkpoint", stats["epoch"])
+            self.epoch_line(stats)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

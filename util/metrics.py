@@ -1,11 +1,12 @@
-"""Multi-label AUROC and its patient-level bootstrap confidence intervals, both from scikit-learn."""
+"""Multi-label AUROC and its patient-level bootstrap confidence intervals, both from scikit-learn.
+
+scikit-learn is imported inside the functions: importing it costs every rank about 1.5 s of start-up, and
+pre-training needs it only for the optional online probe."""
 import datetime
 import logging
 import time
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
-from sklearn.utils import resample
 
 logger = logging.getLogger(__name__)
 
@@ -13,6 +14,8 @@ logger = logging.getLogger(__name__)
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     """Area under the ROC curve (scikit-learn's roc_auc_score, ties counted half); None if only one class is
     present, where AUROC is undefined."""
+    from sklearn.metrics import roc_auc_score
+
     positive = np.asarray(labels) > 0.5
     if positive.all() or not positive.any():
         return None
@@ -22,6 +25,8 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 def per_finding_auroc(scores: np.ndarray, labels: np.ndarray) -> list[float | None]:
     """AUROC of each column of [N, K] scores against [N, K] 0/1 labels (None where a column has one class), in one
     multi-label roc_auc_score call."""
+    from sklearn.metrics import roc_auc_score
+
     positive = np.asarray(labels) > 0.5
     count = positive.sum(axis=0)
     defined = (count > 0) & (count < len(positive))
@@ -44,6 +49,8 @@ def bootstrap_auroc(scores: np.ndarray, labels: np.ndarray, patients: np.ndarray
     """Percentile confidence intervals of each finding's AUROC and of the mean, resampling whole patients with
     replacement (sklearn.utils.resample): a patient's images are correlated, so resampling images would make the
     intervals too narrow. {'per_finding': [(lo, hi) | None], 'mean': (lo, hi) | None, 'resamples': n}."""
+    from sklearn.utils import resample
+
     unique, inverse = np.unique(patients, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     starts = np.searchsorted(inverse[order], np.arange(len(unique) + 1))

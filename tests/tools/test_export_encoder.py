@@ -8,7 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import models_mae
 import models_mae_cnn
-from tests.helpers import run_tool
+from tests.helpers import run_tool_in_process
 from util.model_api import PretrainModel
 
 
@@ -34,7 +34,7 @@ def test_both_model_families_implement_the_model_contract():
 
 
 def test_export_vit_loads_strictly_into_timm(runs, tmp_path):
-    proc = run_tool("export_encoder.py", "--checkpoint", runs["vit"], "--out", str(tmp_path / "vit"))
+    proc = run_tool_in_process("export_encoder.py", "--checkpoint", runs["vit"], "--out", str(tmp_path / "vit"))
     assert proc.returncode == 0 and "features match" in proc.stdout, proc.stderr
     sidecar = json.loads((tmp_path / "vit.json").read_text())
     assert sidecar["input_size"] == 64 and sidecar["mask_ratio"] == 0.75 and sidecar["norm_pix_loss"] is False
@@ -46,9 +46,8 @@ def test_export_vit_loads_strictly_into_timm(runs, tmp_path):
 
 
 def test_export_vit_resamples_pos_embed_and_channels(runs, tmp_path):
-    proc = run_tool("export_encoder.py", "--checkpoint", runs["vit"], "--out", str(tmp_path / "v"),
-                    "--input_size", "96",
-                 "--in_chans", "1")
+    proc = run_tool_in_process("export_encoder.py", "--checkpoint", runs["vit"], "--out", str(tmp_path / "v"),
+                               "--input_size", "96", "--in_chans", "1")
     assert proc.returncode == 0, proc.stderr
     sidecar = json.loads((tmp_path / "v.json").read_text())
     model = VisionTransformer(**sidecar["timm_kwargs"])
@@ -57,14 +56,14 @@ def test_export_vit_resamples_pos_embed_and_channels(runs, tmp_path):
 
 
 def test_export_densenet_loads_strictly_into_torchvision(runs, tmp_path):
-    proc = run_tool("export_encoder.py", "--checkpoint", runs["cnn"], "--out", str(tmp_path / "d"))
+    proc = run_tool_in_process("export_encoder.py", "--checkpoint", runs["cnn"], "--out", str(tmp_path / "d"))
     assert proc.returncode == 0 and "features match" in proc.stdout, proc.stderr
     features = torchvision.models.densenet121().features
     features.load_state_dict(torch.load(tmp_path / "d.pth", weights_only=True), strict=True)
 
 
 def test_export_resnet50_loads_into_torchvision_without_fc(runs, tmp_path):
-    proc = run_tool("export_encoder.py", "--checkpoint", runs["cnn_npl"], "--out", str(tmp_path / "r"))
+    proc = run_tool_in_process("export_encoder.py", "--checkpoint", runs["cnn_npl"], "--out", str(tmp_path / "r"))
     assert proc.returncode == 0, proc.stderr
     result = torchvision.models.resnet50().load_state_dict(torch.load(tmp_path / "r.pth", weights_only=True),
                                                            strict=False)

@@ -249,7 +249,7 @@ def save(run: FinetuneRun, state: FinetuneState, epoch: int, step: int, best: bo
             scaler_skips_total=state.scaler_skips_total, best_auroc=state.best_auroc, best_epoch=state.best_epoch,
             val_history=state.val_history, scores_since_best=state.scores_since_best,
             stopped_early=state.stopped_early,
-            pretrained_keys=state.pretrained_keys, **({"epoch_log": epoch_log} if epoch_log else {}))
+            pretrained_keys=state.pretrained_keys, epoch_log=epoch_log)
     write_checkpoint(run, ckpt, BEST_NAME if best else None)
 
 

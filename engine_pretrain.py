@@ -214,8 +214,7 @@ def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int, epoch_l
     return ckpt_lib.assemble(run.model_without_ddp, run.optimizer, run.scaler.state_dict(), run.args, epoch, step,
                              rng=rng, world_size=run.info.world_size, norm_stats=run.data.norm_stats,
                              optimizer_steps=state.optimizer_steps, bad_steps_total=state.bad_steps_total,
-                             scaler_skips_total=state.scaler_skips_total,
-                             **({"epoch_log": epoch_log} if epoch_log else {}))
+                             scaler_skips_total=state.scaler_skips_total, epoch_log=epoch_log)
 
 
 def weights_checksum(model: torch.nn.Module) -> float:

@@ -94,6 +94,8 @@ def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss"), yl
     import json
 
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     with open(log_txt, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     series = {k: [(r["epoch"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
@@ -103,6 +105,7 @@ def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss"), yl
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for key, points in series.items():
         ax.plot([e for e, _ in points], [y for _, y in points], marker="o", markersize=3, label=key)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -13,6 +13,10 @@ BENCH_LOADER_ARGS ?= --seconds 3 --repeats 3
 BENCH_STEP_ARGS ?= --steps 5 --rounds 2 --compile
 
 FT_EPOCHS ?= 5
+# pytest workers (pytest-xdist), whole test files per worker so module fixtures (SLURM, namespaces) are built once.
+# Most tests wait on process start-up or on two-rank runs, so two workers halve the suite's time on CI's 2 cores;
+# more workers multiply the memory of the multi-process tests (about 1.5 GB per rank).
+TEST_WORKERS ?= 2
 
 .PHONY: install install-test demo finetune-demo test gpu-check bench lint
 
@@ -50,7 +54,7 @@ finetune-demo: install
 
 test: install-test
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 gpu-check: install-test
 	$(PYTHON) -m benchmarks.gpu_check --out gpu_check

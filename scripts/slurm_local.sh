@@ -26,12 +26,21 @@ export SLURM_CONF="$CONF"
 
 die() { echo "slurm_local: $*" >&2; exit 1; }
 
-install_packages() {
-    local missing=()
+missing_packages() {
     for p in slurmctld slurmd slurm-client; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
     done
-    ((${#missing[@]} == 0)) && return 0
+}
+
+install_packages() {
+    local missing
+    [[ -z "$(missing_packages)" ]] && return 0
+    # two SLURMs may be set up at once (the test suite runs test files in parallel): one installs, the other waits
+    # and finds the packages there (fd 9 is closed for the daemons, so they never hold the lock)
+    exec 9>/tmp/medmae-slurm-install.lock
+    flock 9
+    read -r -a missing <<< "$(missing_packages | tr '\n' ' ')"
+    ((${#missing[@]} == 0)) && { exec 9>&-; return 0; }
     command -v apt-get >/dev/null || die "packages ${missing[*]} are missing and there is no apt-get"
     echo "slurm_local: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -39,6 +48,7 @@ install_packages() {
         apt-get update -q >>"$DIR/apt.log" 2>&1 && \
         apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$DIR/apt.log" 2>&1
     } || { tail -n 20 "$DIR/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+    exec 9>&-
 }
 
 write_conf() {

@@ -36,5 +36,8 @@ def _faults_after_warmup(mode: str) -> list[int]:
 
 @pytest.mark.skipif(not is_glibc(), reason="the setting is glibc's; elsewhere keep_freed_memory() changes nothing")
 def test_keep_freed_memory_stops_page_faults_in_later_steps():
-    assert min(_faults_after_warmup("default")) > 10_000  # every step's large activations are zeroed pages again
-    assert max(_faults_after_warmup("keep")) < 500
+    default, keep = _faults_after_warmup("default"), _faults_after_warmup("keep")
+    assert min(default) > 10_000, default  # every step's large activations are zeroed pages again
+    # kept: most steps fault nothing in; now and then one step grows the heap once more (4,096 faults, 16 MiB, seen
+    # with the suite running beside it), still a small fraction of a step's faults without the setting
+    assert sorted(keep)[len(keep) // 2] < 500 and max(keep) < min(default) / 10, (keep, default)

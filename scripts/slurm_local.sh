@@ -26,20 +26,15 @@ export SLURM_CONF="$CONF"
 
 die() { echo "slurm_local: $*" >&2; exit 1; }
 
-missing_packages() {
-    for p in slurmctld slurmd slurm-client; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
-    done
-}
-
 install_packages() {
-    local missing
-    [[ -z "$(missing_packages)" ]] && return 0
-    # two SLURMs may be set up at once (the test suite runs test files in parallel): one installs, the other waits
-    # and finds the packages there (fd 9 is closed for the daemons, so they never hold the lock)
+    local missing=() p
+    # two SLURMs may be set up at once (the test suite runs test files in parallel): one at a time checks and
+    # installs, so the second finds the packages there (fd 9 is closed for the daemons, so they never hold the lock)
     exec 9>/tmp/medmae-slurm-install.lock
     flock 9
-    read -r -a missing <<< "$(missing_packages | tr '\n' ' ')"
+    for p in slurmctld slurmd slurm-client; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
     ((${#missing[@]} == 0)) && { exec 9>&-; return 0; }
     command -v apt-get >/dev/null || die "packages ${missing[*]} are missing and there is no apt-get"
     echo "slurm_local: installing ${missing[*]}"

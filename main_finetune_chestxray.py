@@ -10,12 +10,15 @@ SLURM: RECIPE=finetune_vit_s sbatch scripts/pretrain_1node.sbatch (FINETUNE.md s
 The checkpoint is selected by validation AUROC; the test list is scored once, at the end (FINETUNE.md).
 """
 import argparse
+import functools
+import sys
 
+import engine
 import models_cnn
 import models_vit
 from data.labelled import add_data_args
-from engine_finetune import cli_main
-from util.args import add_finetune_args
+from engine_finetune import ClassificationTask
+from util.args import ExitCode, add_finetune_args
 from util.model_api import Classifier
 
 CHECKPOINT_TYPES = ("smp_encoder", "mae", "timm", "torchvision")
@@ -86,6 +89,16 @@ def build_classifier(args, linear_probe: bool = False) -> Classifier:
                       lambda ckpt: models_cnn.load_pretrained(model, ckpt), layer_decay=False)
 
 
+def main(argv=None, linear_probe: bool = False) -> int:
+    """Parse, answer --model list, check every flag and run; the process exit code (FINETUNE.md)."""
+    args = argparse.ArgumentParser(parents=[get_args_parser(linear_probe)]).parse_args(argv)
+    if args.model == "list":
+        print("\n".join(model_names()))
+        return ExitCode.OK
+    task = ClassificationTask(functools.partial(build_classifier, linear_probe=linear_probe),
+                              "linprobe" if linear_probe else "finetune", check_model_args)
+    return engine.run(task, args)
+
+
 if __name__ == "__main__":
-    cli_main(argparse.ArgumentParser(parents=[get_args_parser()]), model_names(), build_classifier, "finetune",
-             check_model_args)
+    sys.exit(main())

@@ -6,12 +6,9 @@
     torchrun --nproc_per_node=8 main_linprobe_chestxray.py ...
 Same data, protocol (selection by validation, one test score), outputs and launch modes as main_finetune_chestxray.py.
 """
-import argparse
-import functools
+import sys
 
-from engine_finetune import cli_main
-from main_finetune_chestxray import build_classifier, check_model_args, get_args_parser, model_names
+from main_finetune_chestxray import main
 
 if __name__ == "__main__":
-    cli_main(argparse.ArgumentParser(parents=[get_args_parser(linear_probe=True)]), model_names(),
-             functools.partial(build_classifier, linear_probe=True), "linprobe", check_model_args)
+    sys.exit(main(linear_probe=True))

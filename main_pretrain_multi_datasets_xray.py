@@ -9,16 +9,18 @@ One node, 8 GPUs (torchrun, or the reference's python -m torch.distributed.launc
 SLURM, one task per GPU or torchrun per node: scripts/ and PRETRAIN.md.
 """
 import argparse
+import sys
 
+import engine
 import models_mae
 from data import add_data_args
-from engine_pretrain import cli_main
-from util.args import add_common_args
+from engine_pretrain import PretrainTask
+from util.args import ExitCode, add_pretrain_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE pre-training on chest X-rays", add_help=False)
-    add_common_args(parser)
+    add_pretrain_args(parser)
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="mae_vit_large_patch16", type=str, metavar="MODEL",
                        help="model name, e.g. mae_vit_small_patch16_dec512d2b (the paper's ViT-S); 'list' prints all "
@@ -47,6 +49,14 @@ def build_model(args):
                                    norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio)
 
 
+def main(argv=None) -> int:
+    """Parse, answer --model list, check every flag and run; the process exit code (PRETRAIN.md section 6)."""
+    args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(argv)
+    if args.model == "list":
+        print("\n".join(models_mae.MODELS.names()))
+        return ExitCode.OK
+    return engine.run(PretrainTask(build_model, check_model_args), args)
+
+
 if __name__ == "__main__":
-    cli_main(argparse.ArgumentParser(parents=[get_args_parser()]), models_mae.MODELS.names(), build_model,
-             check_model_args)
+    sys.exit(main())

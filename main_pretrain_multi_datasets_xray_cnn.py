@@ -5,16 +5,18 @@ the CNN path of lambert-x/medical_mae. Same data, engine, outputs and launch mod
     torchrun --nproc_per_node=8 main_pretrain_multi_datasets_xray_cnn.py --model densenet121 ...
 """
 import argparse
+import sys
 
+import engine
 import models_mae_cnn
 from data import add_data_args
-from engine_pretrain import cli_main
-from util.args import add_common_args
+from engine_pretrain import PretrainTask
+from util.args import ExitCode, add_pretrain_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("CNN masked-reconstruction pre-training on chest X-rays", add_help=False)
-    add_common_args(parser)
+    add_pretrain_args(parser)
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="densenet121", type=str, metavar="ENCODER",
                        help="any segmentation-models-pytorch encoder, e.g. densenet121 or resnet50; 'list' prints all "
@@ -44,6 +46,14 @@ def build_model(args):
                                        loss_region=args.cnn_loss)
 
 
+def main(argv=None) -> int:
+    """Parse, answer --model list, check every flag and run; the process exit code (PRETRAIN.md section 6)."""
+    args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(argv)
+    if args.model == "list":
+        print("\n".join(models_mae_cnn.encoder_names()))
+        return ExitCode.OK
+    return engine.run(PretrainTask(build_model, check_model_args), args)
+
+
 if __name__ == "__main__":
-    cli_main(argparse.ArgumentParser(parents=[get_args_parser()]), models_mae_cnn.encoder_names(), build_model,
-             check_model_args)
+    sys.exit(main())

@@ -7,7 +7,7 @@ DenseNet-121 U-Net (mask 0.75), 224 px, batch --batch.
 "reference" reproduces the reference step: explicit attention (timm 0.3.2/0.4.12 blocks have no fused SDPA),
 torch's default AdamW, fp16 through a GradScaler, a loss.item() every iteration, the SMP U-Net as the reference built
 it (channels-first).
-"ours" is this repository's training step itself, engine_pretrain.train_one_epoch on a batch already on the device
+"ours" is this repository's training step itself, engine.train_one_epoch on a batch already on the device
 (benchmarks/engine_step.py): SDPA attention, fused AdamW, the loss scaler, the gradient norm, the all-reduce and one
 host sync per step, the channels_last U-Net. "ours as run" (CPU only) adds what the entry scripts set for CPU runs,
 --keep_freed_memory (glibc keeps freed memory instead of unmapping it); "compile" is that plus torch.compile, built

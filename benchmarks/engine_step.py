@@ -1,6 +1,6 @@
 """The engine's real training step, timed on a batch already on the device (no data loading).
 
-engine_pretrain.train_one_epoch runs exactly as in training: the LR schedule, autocast, the loss scaler (fp16 gets
+engine.train_one_epoch runs exactly as in training: the LR schedule, autocast, the loss scaler (fp16 gets
 its GradScaler), the gradient norm, the all-reduce of loss + stop flag + norm (a no-op at world size 1), one host
 sync per step, and the fused AdamW step. Only the loader is replaced by the same device batch, so the numbers are
 the model's ceiling, which the end-to-end runs of benchmarks/gpu_check.py compare against.
@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import engine_pretrain
+import engine
 import main_pretrain_multi_datasets_xray as vit_main
 import main_pretrain_multi_datasets_xray_cnn as cnn_main
+from engine_pretrain import PretrainTask
 from util.dist import DistInfo
 from util.log import RunLog
 from util.optim import build_optimizer
@@ -59,22 +60,24 @@ def model_only(kind: str, model: str, device: torch.device, precision: str, batc
     optimizer = build_optimizer(net, args.weight_decay, args.lr, device, args.decay_tokens)
     images = torch.randn(batch, args.in_chans, input_size, input_size, device=device)
     batches = [(images, torch.zeros(batch, dtype=torch.bool))] * steps  # (images, replaced-file flags)
-    run = engine_pretrain.Run(
-        args=args, info=DistInfo(), device=device, precision=precision,
+    data = engine.TaskData(train=batches, name="one device batch", batch_bytes=0,
+                           extra=SimpleNamespace(augment=None))  # what PretrainTask.to_device reads
+    run = engine.Run(
+        args=args, task=PretrainTask(SCRIPTS[kind].build_model), info=DistInfo(), device=device, precision=precision,
         model=torch.compile(net) if compile_model else net, model_without_ddp=net, optimizer=optimizer,
-        scaler=LossScaler(precision, device), loader=batches, sampler=None, steps_per_epoch=steps,
-        data=SimpleNamespace(augment=None), run_log=RunLog(None, None, enabled=False), preemption=PreemptionFlag())
-    state = engine_pretrain.TrainState()
+        scaler=LossScaler(precision, device), loader=batches, sampler=None, steps_per_epoch=steps, data=data,
+        run_log=RunLog(None, None, enabled=False), preemption=PreemptionFlag())
+    state = engine.TrainState()
     quiet = logging.getLogger("util.log")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # the per-epoch "Total time" lines
     try:
-        engine_pretrain.train_one_epoch(run, state)  # warm-up
+        engine.train_one_epoch(run, state)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         state.epoch, state.step = 1, 0
-        stats = engine_pretrain.train_one_epoch(run, state)
+        stats = engine.train_one_epoch(run, state)
     finally:
         quiet.setLevel(level)
     return {"images_per_s": stats["images_per_s"], "data_wait_fraction": stats["data_wait_fraction"],

@@ -7,9 +7,10 @@ off.
 import numpy as np
 
 from data.base import SourceIndex
+from util.errors import SetupError
 
 
-class DataLeakageError(RuntimeError):
+class DataLeakageError(SetupError):
     """Pre-training images belong to patients of a source's own test or validation split."""
 
 

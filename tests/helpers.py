@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 import data
-import engine_pretrain
 from data.synthetic import NIH_SUBSET_LIST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,9 +117,7 @@ def run_tool_in_process(tool: str, *args) -> subprocess.CompletedProcess:
 
 def train_in_process(script, data_path: str, out: str, **overrides) -> str:
     """A tiny run of an entry script's pipeline in this process; returns its checkpoint-0.pth."""
-    args = argparse.ArgumentParser(parents=[script.get_args_parser()]).parse_args(
-        tiny_run_args(data_path, out, **overrides))
-    assert engine_pretrain.run_pretraining(args, script.build_model, script.check_model_args) == 0
+    assert script.main(tiny_run_args(data_path, out, **overrides)) == 0
     return os.path.join(out, "checkpoint-0.pth")
 
 

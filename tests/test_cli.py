@@ -1,6 +1,5 @@
 """The entry scripts as users run them: real subprocesses, real launchers, CPU + gloo. Checks that need no process
 of their own (every flag check, --model list) run the same code in this process."""
-import argparse
 import json
 import os
 import re
@@ -10,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import engine_pretrain
 import main_pretrain_multi_datasets_xray as vit_main
 from tests.helpers import CNN_SCRIPT, ROOT, VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
 from util.host_memory import is_glibc
@@ -106,10 +104,8 @@ def test_cli_bad_input_gives_clear_error(tmp_path):
 def test_bad_flags_give_clear_errors(tiny_data, tmp_path, caplog, capsys, overrides, message):
     """Every flag check, through the entry script's parser and pipeline in this process (what the process adds, the
     exit code and no traceback, is the test above): a failed exit code and the message, before any compute."""
-    parser = argparse.ArgumentParser(parents=[vit_main.get_args_parser()])
     try:
-        args = parser.parse_args(tiny_run_args(tiny_data[0], str(tmp_path), **overrides))
-        code = engine_pretrain.run_pretraining(args, vit_main.build_model, vit_main.check_model_args)
+        code = vit_main.main(tiny_run_args(tiny_data[0], str(tmp_path), **overrides))
     except SystemExit as e:  # argparse's errors (code 2), and the flag checks' sys.exit(message)
         code = e.code
     text = caplog.text + "".join(capsys.readouterr()) + (code if isinstance(code, str) else "")

@@ -375,6 +375,5 @@ def test_reference_finetune_command_runs_with_sizes_shrunk(nih, runs, tmp_path, 
         assert single["world_size"] == 1
         assert single["test"]["per_finding"] == results["test"]["per_finding"], alone.output
         # scoring again into the fine-tuning folder would overwrite its results: refused before any compute
-        args = parse([*flags, "--eval", "--resume", str(save / "checkpoint-best.pth"), "--device", "cpu"])
-        assert engine_finetune.run_finetuning(args, ft_main.build_classifier, "finetune") == 1
+        assert ft_main.main([*flags, "--eval", "--resume", str(save / "checkpoint-best.pth"), "--device", "cpu"]) == 1
         assert "already holds results.json" in caplog.text

@@ -15,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-import engine_pretrain
+import engine
 import main_pretrain_multi_datasets_xray as vit_main
 import main_pretrain_multi_datasets_xray_cnn as cnn_main
 import models_mae_cnn
 from data.gpu_augment import BatchAugment, CanvasTransform
 from data.synthetic import chest_image, make_nih_labelled
+from engine_pretrain import PretrainTask, batch_bytes
 from tests.helpers import (
     ROOT,
     VIT_SCRIPT,
@@ -63,7 +64,7 @@ def test_mixed_precision_steps_train(tiny_data, tmp_path, device, kind, precisio
     script, model = (vit_main, "mae_vit_debug_patch16") if kind == "vit" else (cnn_main, encoder)
     args = in_process_args(script, tiny_data[0], str(tmp_path), model=model, device=str(device), precision=precision,
                            input_size=32 if kind == "vit" or device.type == "cpu" else 64, max_steps_per_epoch=3)
-    assert engine_pretrain.run_pretraining(args, script.build_model, script.check_model_args) == ExitCode.OK
+    assert engine.run(PretrainTask(script.build_model, script.check_model_args), args) == ExitCode.OK
     line = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])
     assert math.isfinite(line["train_loss"]) and math.isfinite(line["train_grad_norm"]), line
     ckpt = last_checkpoint(str(tmp_path))
@@ -112,7 +113,8 @@ def test_unet_stays_channels_last_through_a_step(device):
 def test_loader_batches_are_pinned_for_cuda(tiny_data, tmp_path, device):
     args = in_process_args(vit_main, tiny_data[0], str(tmp_path), device=str(device), num_workers=1, pin_mem=True)
     dataset, _ = build_dataset(["chexpert", "chestxray_nih", "mimic_cxr"], tiny_data[0])
-    loader, _, _ = engine_pretrain.build_loader(args, dataset, dist_lib.DistInfo(), device)
+    data = engine.TaskData(train=dataset, name="the data", batch_bytes=batch_bytes(args))
+    loader, _, _ = engine.train_loader(args, data, dist_lib.DistInfo(), device)
     images, _ = next(iter(loader))
     assert images.is_pinned() == (device.type == "cuda")
 

@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = {"util", "data", "models_mae", "models_mae_cnn", "models_vit", "models_cnn", "engine_pretrain",
+PROJECT = {"util", "data", "models_mae", "models_mae_cnn", "models_vit", "models_cnn", "engine", "engine_pretrain",
            "engine_finetune", "main_pretrain_multi_datasets_xray", "main_pretrain_multi_datasets_xray_cnn",
            "main_finetune_chestxray", "main_linprobe_chestxray", "tools", "scripts", "benchmarks", "tests"}
 ALLOWED = {
@@ -11,15 +11,16 @@ ALLOWED = {
     "data": {"data", "util"},
     "models_mae": {"util"},
     "models_mae_cnn": {"util"},
-    "engine_pretrain": {"data", "util"},
-    "main_pretrain_multi_datasets_xray": {"data", "util", "models_mae", "engine_pretrain"},
-    "main_pretrain_multi_datasets_xray_cnn": {"data", "util", "models_mae_cnn", "engine_pretrain"},
     "models_vit": {"util"},
     "models_cnn": {"util"},
-    # fine-tuning reuses pre-training's step, checkpoint writer and failure handling
-    "engine_finetune": {"data", "util", "engine_pretrain"},
-    "main_finetune_chestxray": {"data", "util", "models_vit", "models_cnn", "engine_finetune"},
-    "main_linprobe_chestxray": {"engine_finetune", "main_finetune_chestxray"},
+    # the shared run knows no task and no model; each task builds on it alone (no import between tasks)
+    "engine": {"data", "util"},
+    "engine_pretrain": {"engine", "data", "util"},
+    "engine_finetune": {"engine", "data", "util"},
+    "main_pretrain_multi_datasets_xray": {"data", "util", "models_mae", "engine", "engine_pretrain"},
+    "main_pretrain_multi_datasets_xray_cnn": {"data", "util", "models_mae_cnn", "engine", "engine_pretrain"},
+    "main_finetune_chestxray": {"data", "util", "models_vit", "models_cnn", "engine", "engine_finetune"},
+    "main_linprobe_chestxray": {"main_finetune_chestxray"},
 }
 
 

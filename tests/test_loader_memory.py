@@ -5,8 +5,9 @@ import argparse
 import pytest
 import torch
 
-import engine_pretrain
-from engine_pretrain import PREFETCH_BUDGET_BYTES, batch_bytes, prefetch_batches
+import engine
+from engine import PREFETCH_BUDGET_BYTES, TaskData, prefetch_batches
+from engine_pretrain import batch_bytes
 from util.dist import DistInfo
 
 
@@ -19,29 +20,32 @@ def loader_args(**overrides):
 
 def test_ready_batches_stay_within_the_budget():
     small = loader_args(batch_size=4, input_size=32)
-    assert prefetch_batches(small, None) == engine_pretrain.PREFETCH_BATCHES  # tiny batches: the usual 4
+    assert prefetch_batches(small, batch_bytes(small), None) == engine.PREFETCH_BATCHES  # tiny batches: the usual 4
     big = loader_args()  # the recipe's 256 x 3 x 224 x 224 fp32: 154 MB a batch
     assert batch_bytes(big) == 256 * 3 * 224 * 224 * 4
-    assert prefetch_batches(big, None) == 1  # 8 x 154 MB already pass 1 GiB: one ready batch per worker
+    # 8 x 154 MB already pass 1 GiB: one ready batch per worker
+    assert prefetch_batches(big, batch_bytes(big), None) == 1
     mid = loader_args(batch_size=64)
-    held = prefetch_batches(mid, None) * mid.num_workers * batch_bytes(mid)
-    assert 1 < prefetch_batches(mid, None) < 4 and held <= PREFETCH_BUDGET_BYTES
+    held = prefetch_batches(mid, batch_bytes(mid), None) * mid.num_workers * batch_bytes(mid)
+    assert 1 < prefetch_batches(mid, batch_bytes(mid), None) < 4 and held <= PREFETCH_BUDGET_BYTES
     assert batch_bytes(loader_args(gpu_augment=True)) == 256 * 416 * 416  # uint8 canvases
-    assert prefetch_batches(loader_args(num_workers=0), None) is None
+    assert prefetch_batches(loader_args(num_workers=0), 1, None) is None
 
 
 def test_free_shared_memory_lowers_the_prefetch_or_stops_the_run():
     mid = loader_args(batch_size=64)
     per_round = mid.num_workers * batch_bytes(mid)
-    assert prefetch_batches(mid, 2 * per_round + 1) == 2
+    assert prefetch_batches(mid, batch_bytes(mid), 2 * per_round + 1) == 2
     with pytest.raises(ValueError, match=r"--num_workers 8 x --batch_size 256 needs at least 1176 MB of shared "
                                          r"memory \(/dev/shm\), and 64 MB are free.*--shm-size"):
-        prefetch_batches(loader_args(), 64 * 2**20)
+        prefetch_batches(loader_args(), batch_bytes(loader_args()), 64 * 2**20)
 
 
 def test_the_loader_uses_the_bounded_prefetch(monkeypatch):
-    monkeypatch.setattr(engine_pretrain, "shm_free_bytes", lambda: None)  # this machine's /dev/shm size aside
+    monkeypatch.setattr(engine, "shm_free_bytes", lambda: None)  # this machine's /dev/shm size aside
     args = loader_args(batch_size=64, repeated_aug=False, seed=0, max_steps_per_epoch=None, pin_mem=False,
                        accum_iter=1)
-    loader, _, _ = engine_pretrain.build_loader(args, list(range(64)), DistInfo(), torch.device("cpu"))
-    assert loader.prefetch_factor == prefetch_batches(args, None) == 3  # 8 workers x 38.5 MB batches in 1 GiB
+    data = TaskData(train=list(range(64)), name="the data", batch_bytes=batch_bytes(args))
+    loader, _, _ = engine.train_loader(args, data, DistInfo(), torch.device("cpu"))
+    # 8 workers x 38.5 MB batches in 1 GiB
+    assert loader.prefetch_factor == prefetch_batches(args, batch_bytes(args), None) == 3

@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-import engine_pretrain
+import engine
 import main_pretrain_multi_datasets_xray as vit_main
 import models_mae
+from engine_pretrain import PretrainTask
 from tests.helpers import VIT_SCRIPT, last_checkpoint, run_cli, spawn, tiny_run_args, wait_for_line
 from tests.reference_impl import reference_param_groups
 from util import checkpoint as ckpt_lib
@@ -89,7 +90,7 @@ def _in_process_args(data_path, out, **overrides):
 def test_nan_batch_is_skipped_and_counted(tiny_data, tmp_path):
     args = _in_process_args(tiny_data[0], str(tmp_path))
     model = NaNInjectingMAE({3}, img_size=args.input_size)
-    assert engine_pretrain.run_pretraining(args, lambda a: model) == 0
+    assert engine.run(PretrainTask(lambda a: model), args) == 0
     # the weights before and after the bad step are identical; other steps change them
     assert torch.equal(model.snapshots[2], model.snapshots[3])
     assert not torch.equal(model.snapshots[3], model.snapshots[4])
@@ -107,7 +108,7 @@ def check_fp16_overflow_is_a_scaler_skip(data_path: str, tmp_path, device: str) 
     step, not an optimizer step), halves the scale, and keeps inf out of the logged gradient norm."""
     args = _in_process_args(data_path, str(tmp_path), precision="fp16", device=device)
     model = InfGradMAE({3}, img_size=args.input_size)
-    assert engine_pretrain.run_pretraining(args, lambda a: model) == 0
+    assert engine.run(PretrainTask(lambda a: model), args) == 0
     assert torch.equal(model.snapshots[2], model.snapshots[3]) and not torch.equal(model.snapshots[3],
                                                                                     model.snapshots[4])
     ckpt = last_checkpoint(str(tmp_path))
@@ -123,7 +124,7 @@ def check_fp16_overflow_is_a_scaler_skip(data_path: str, tmp_path, device: str) 
 def test_nan_k_in_a_row_stops_after_checkpoint(tiny_data, tmp_path, caplog):
     args = _in_process_args(tiny_data[0], str(tmp_path), max_bad_steps=3)
     model = NaNInjectingMAE({2, 3, 4, 5}, img_size=args.input_size)
-    assert engine_pretrain.run_pretraining(args, lambda a: model) == 2
+    assert engine.run(PretrainTask(lambda a: model), args) == 2
     assert "--precision bf16" in caplog.text and "--clip_grad" in caplog.text and "lower --blr" in caplog.text
     ckpt = last_checkpoint(str(tmp_path))
     assert ckpt["bad_steps_total"] == 3 and ckpt["step"] == 4

@@ -23,40 +23,23 @@ def add_bool_flag(group, name: str, default: bool, help: str) -> None:
                        help=argparse.SUPPRESS)
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """The reference parser's flags plus the new ones, in argument groups; the model and data groups are added by
-    the entry script and data/."""
-    _add_run_args(parser)
-    _add_optimiser_args(parser)
-    _add_checkpoint_args(parser)
-    add_distributed_args(parser)
-
-
-def _add_run_args(parser: argparse.ArgumentParser) -> None:
+def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, weight_decay: float,
+                    blr: float, min_lr: float, warmup_epochs: int, save_freq: int, layer_decay: float | None = None,
+                    output_help: str = "where checkpoints and log.txt go") -> None:
+    """The flags every training script shares, each declared here once; the defaults are the calling script's
+    (the reference's per script). The task's own groups, the model group and the data group are added beside."""
     run = parser.add_argument_group("Run")
-    run.add_argument("--batch_size", default=64, type=int,
+    run.add_argument("--batch_size", default=batch_size, type=int,
                      help="batch size per process; effective batch = batch_size * accum_iter * world size "
-                          "(default: 64)")
-    run.add_argument("--epochs", default=400, type=int, help="number of epochs (default: 400)")
+                          f"(default: {batch_size})")
+    run.add_argument("--epochs", default=epochs, type=int, help=f"number of epochs (default: {epochs})")
     run.add_argument("--accum_iter", default=1, type=int,
                      help="accumulate gradients over this many iterations before a step (default: 1)")
-    run.add_argument("--mask_ratio", default=0.75, type=float,
-                     help="fraction of patches removed, in [0, 1) (default: 0.75)")
-    run.add_argument("--norm_pix_loss", action="store_true",
-                     help="use per-patch normalised pixels as the reconstruction target (default: off)")
-    run.add_argument("--mask_strategy", default="random", choices=["random"],
-                     help="masking rule; the reference's heat-map modes needed a file it never shipped "
-                          "(default: random)")
     run.add_argument("--device", default=None, type=str,
                      help="device to train on, e.g. cuda or cpu (default: cuda when available, else cpu)")
     run.add_argument("--seed", default=0, type=int, help="random seed; each rank adds its rank (default: 0)")
     run.add_argument("--num_workers", default=10, type=int, help="data-loading worker processes (default: 10)")
-    run.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the loader (default: on)")
-    run.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    parser.set_defaults(pin_mem=True)
-    run.add_argument("--repeated-aug", "--repeated_aug", action="store_true", dest="repeated_aug",
-                     help="repeat each sample 3 times per epoch across ranks, with different augmentations "
-                          "(default: off)")
+    add_bool_flag(run, "pin_mem", True, "pin CPU memory in the loader")
     add_bool_flag(run, "keep_freed_memory", True,
                   "on CPU runs, keep freed memory in the process (glibc malloc) instead of returning it to the OS, so "
                   "each step does not page-fault its activations in again; faster CPU steps, resident memory stays at "
@@ -64,21 +47,13 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max_steps_per_epoch", default=None, type=int,
                      help="cap the optimizer steps of an epoch, for smoke tests and demos (default: no cap)")
 
-
-def _add_optimiser_args(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("Optimiser")
-    opt.add_argument("--weight_decay", type=float, default=0.05,
-                     help="AdamW weight decay; biases and 1-D tensors (norms) are not decayed (default: 0.05)")
-    add_bool_flag(opt, "decay_tokens", True,
-                  "decay the cls and mask tokens too, as the reference (timm's add_weight_decay) does; "
-                  "--no_decay_tokens exempts them, which changes the parameter groups, so a reference optimizer "
-                  "state no longer loads")
-    add_schedule_args(opt, blr=1e-3, min_lr=0.0, warmup_epochs=40)
-    add_precision_args(parser)
-
-
-def add_schedule_args(opt, blr: float, min_lr: float, warmup_epochs: int) -> None:
-    """LR flags of MAE's scripts (pre-training and fine-tuning differ only in their defaults)."""
+    opt.add_argument("--weight_decay", type=float, default=weight_decay,
+                     help=f"weight decay; biases and 1-D tensors (norms) are not decayed (default: {weight_decay:g})")
+    if layer_decay is not None:
+        opt.add_argument("--layer_decay", type=float, default=layer_decay,
+                         help="ViT layer-wise LR decay: block i of L gets lr * layer_decay^(L + 1 - i), timm's "
+                              f"param_groups_layer_decay; CNNs ignore it (default: {layer_decay:g})")
     opt.add_argument("--lr", type=float, default=None, metavar="LR",
                      help="absolute learning rate (default: derived, blr * effective batch / 256)")
     opt.add_argument("--blr", type=float, default=blr, metavar="LR",
@@ -89,8 +64,6 @@ def add_schedule_args(opt, blr: float, min_lr: float, warmup_epochs: int) -> Non
     opt.add_argument("--fixed_lr", action="store_true", help="constant LR after warmup, no cosine (default: off)")
     opt.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this (default: off)")
 
-
-def add_precision_args(parser: argparse.ArgumentParser) -> None:
     prec = parser.add_argument_group("Precision and speed")
     prec.add_argument("--precision", default="auto", choices=PRECISIONS,
                       help="auto: bf16 on GPUs with native bf16 (compute capability >= 8), fp16 on older GPUs, fp32 on "
@@ -100,20 +73,15 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
                       help="deterministic kernels only (cuDNN without autotuning, math attention on CUDA): slower, "
                            "but a rerun or a resume reproduces the weights bit for bit (default: off)")
 
-
-def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     ckpt = parser.add_argument_group("Checkpoints and logs")
-    ckpt.add_argument("--output_dir", default="./output_dir",
-                      help="where checkpoints and log.txt go (default: ./output_dir)")
+    ckpt.add_argument("--output_dir", default="./output_dir", help=f"{output_help} (default: ./output_dir)")
     ckpt.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder (default: ./output_dir)")
     ckpt.add_argument("--resume", default="", help="resume from this checkpoint (default: none; see --auto_resume)")
-    ckpt.add_argument("--init_from", default="",
-                      help="start from these weights: a full MAE or U-Net checkpoint, an encoder export, or a "
-                           "timm/torchvision backbone; prints what was loaded (default: none)")
     ckpt.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (default: 0)")
     add_bool_flag(ckpt, "auto_resume", True, "continue from the newest good checkpoint in output_dir")
-    ckpt.add_argument("--save_freq", default=20, type=int,
-                      help="write checkpoint-{epoch}.pth every N epochs and at the last (default: 20)")
+    ckpt.add_argument("--save_freq", default=save_freq, type=int,
+                      help="also keep checkpoint-{epoch}.pth every N epochs and at the last; 0: only "
+                           f"checkpoint-last.pth (and checkpoint-best.pth where a run selects) (default: {save_freq})")
     ckpt.add_argument("--save_every_steps", default=0, type=int,
                       help="also write checkpoint-last.pth every N optimizer steps inside an epoch (default: 0, off)")
     ckpt.add_argument("--keep_last", default=0, type=int,
@@ -121,18 +89,7 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     ckpt.add_argument("--max_bad_steps", default=20, type=int,
                       help="stop after this many non-finite steps in a row, after a checkpoint (default: 20)")
     ckpt.add_argument("--print_freq", default=20, type=int, help="progress line every N iterations (default: 20)")
-    ckpt.add_argument("--vis_freq", default=0, type=int,
-                      help="every N epochs write a reconstruction PNG and val_loss on a held-out batch (default: 0, "
-                           "only at the end of training)")
 
-    ckpt.add_argument("--probe_freq", default=0, type=int,
-                      help="every N epochs, fit a linear probe on frozen features for the findings of a labelled "
-                           "subset (CheXpert, NIH) and log its mean AUROC as probe_auroc (default: 0, off)")
-    ckpt.add_argument("--probe_images", default=512, type=int,
-                      help="size of the fixed labelled subset for --probe_freq, split by patient (default: 512)")
-
-
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     dist = parser.add_argument_group("Distributed")
     dist.add_argument("--world_size", default=1, type=int,
                       help="number of processes; the launcher's environment wins (default: 1)")
@@ -150,22 +107,51 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                            "the NCCL/gloo code paths on one device (default: off)")
 
 
+def add_pretrain_args(parser: argparse.ArgumentParser) -> None:
+    """The pre-training scripts' own flags (the reference's MAE flags and this project's monitoring)."""
+    add_common_args(parser, batch_size=64, epochs=400, weight_decay=0.05, blr=1e-3, min_lr=0.0, warmup_epochs=40,
+                    save_freq=20)
+    mae = parser.add_argument_group("Masked image modelling")
+    mae.add_argument("--mask_ratio", default=0.75, type=float,
+                     help="fraction of patches removed, in [0, 1) (default: 0.75)")
+    mae.add_argument("--norm_pix_loss", action="store_true",
+                     help="use per-patch normalised pixels as the reconstruction target (default: off)")
+    mae.add_argument("--mask_strategy", default="random", type=str,
+                     help="masking rule: 'random' (per-sample uniform noise, argsort), the only one; the reference's "
+                          "heat-map modes needed a file it never shipped, and are refused (default: random)")
+    mae.add_argument("--repeated-aug", "--repeated_aug", action="store_true", dest="repeated_aug",
+                     help="repeat each sample 3 times per epoch across ranks, with different augmentations "
+                          "(default: off)")
+    add_bool_flag(mae, "decay_tokens", True,
+                  "decay the cls and mask tokens too, as the reference (timm's add_weight_decay) does; "
+                  "--no_decay_tokens exempts them, which changes the parameter groups, so a reference optimizer "
+                  "state no longer loads")
+    mae.add_argument("--init_from", default="",
+                     help="start from these weights: a full MAE or U-Net checkpoint, an encoder export, or a "
+                          "timm/torchvision backbone; prints what was loaded (default: none)")
+    mon = parser.add_argument_group("Monitoring")
+    mon.add_argument("--vis_freq", default=0, type=int,
+                     help="every N epochs write a reconstruction PNG and val_loss on a held-out batch (default: 0, "
+                          "only at the end of training)")
+    mon.add_argument("--probe_freq", default=0, type=int,
+                     help="every N epochs, fit a linear probe on frozen features for the findings of a labelled "
+                          "subset (CheXpert, NIH) and log its mean AUROC as probe_auroc (default: 0, off)")
+    mon.add_argument("--probe_images", default=512, type=int,
+                     help="size of the fixed labelled subset for --probe_freq, split by patient (default: 512)")
+
+
 def validate_args(args, extra_problems=()) -> None:
-    """Collect every problem with the flags and raise once, naming each flag."""
+    """Collect every problem with the common flags plus the task's (extra_problems) and raise once, naming each
+    flag; called before any process group or compute."""
     problems = list(extra_problems)
-    if not 0.0 <= args.mask_ratio < 1.0:
-        problems.append(f"--mask_ratio is the fraction removed and must be in [0, 1), got {args.mask_ratio}")
-    for flag in ("batch_size", "epochs", "accum_iter"):
+    for flag in ("batch_size", "epochs", "accum_iter", "input_size"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup_epochs < 0:
-        problems.append(f"--warmup_epochs must be >= 0, got {args.warmup_epochs}")
+    for flag in ("warmup_epochs", "save_freq", "save_every_steps", "keep_last"):
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.blr <= 0 and args.lr is None:
         problems.append(f"--blr must be > 0, got {args.blr}")
-    if args.input_size < 1:
-        problems.append(f"--input_size must be positive, got {args.input_size}")
-    if args.save_every_steps < 0 or args.keep_last < 0 or args.save_freq < 1:
-        problems.append("--save_every_steps and --keep_last must be >= 0, --save_freq >= 1")
     if args.max_bad_steps < 1:
         problems.append(f"--max_bad_steps must be >= 1, got {args.max_bad_steps}")
     problems += distributed_problems(args)
@@ -206,32 +192,11 @@ def resolve_lr(args, world_size: int) -> int:
 def add_finetune_args(parser: argparse.ArgumentParser, linear_probe: bool) -> None:
     """MAE's main_finetune / main_linprobe flags (the reference's names and defaults), plus the protocol flags; the
     model group is added by the entry script and the data group by data/labelled.py."""
-    run = parser.add_argument_group("Run")
-    run.add_argument("--batch_size", default=512 if linear_probe else 64, type=int,
-                     help="batch size per process; effective batch = batch_size * accum_iter * world size "
-                          f"(default: {512 if linear_probe else 64})")
-    run.add_argument("--epochs", default=90 if linear_probe else 50, type=int,
-                     help=f"number of epochs (default: {90 if linear_probe else 50})")
-    run.add_argument("--accum_iter", default=1, type=int,
-                     help="accumulate gradients over this many iterations before a step (default: 1)")
-    run.add_argument("--device", default=None, type=str,
-                     help="device to train on, e.g. cuda or cpu (default: cuda when available, else cpu)")
-    run.add_argument("--seed", default=0, type=int, help="random seed; each rank adds its rank (default: 0)")
-    run.add_argument("--num_workers", default=10, type=int, help="data-loading worker processes (default: 10)")
-    add_bool_flag(run, "pin_mem", True, "pin CPU memory in the loader")
-    run.add_argument("--max_steps_per_epoch", default=None, type=int,
-                     help="cap the optimizer steps of an epoch, for smoke tests and demos (default: no cap)")
-
-    opt = parser.add_argument_group("Optimiser")
-    opt.add_argument("--weight_decay", type=float, default=0.0 if linear_probe else 0.05,
-                     help="weight decay; biases, norms and position embeddings are not decayed (default: "
-                          f"{0.0 if linear_probe else 0.05})")
-    if not linear_probe:
-        opt.add_argument("--layer_decay", type=float, default=0.75,
-                         help="ViT layer-wise LR decay: block i of L gets lr * layer_decay^(L + 1 - i), timm's "
-                              "param_groups_layer_decay; CNNs ignore it (default: 0.75)")
-    add_schedule_args(opt, blr=0.1 if linear_probe else 1e-3, min_lr=0.0 if linear_probe else 1e-6,
-                      warmup_epochs=10 if linear_probe else 5)
+    add_common_args(parser, batch_size=512 if linear_probe else 64, epochs=90 if linear_probe else 50,
+                    weight_decay=0.0 if linear_probe else 0.05, blr=0.1 if linear_probe else 1e-3,
+                    min_lr=0.0 if linear_probe else 1e-6, warmup_epochs=10 if linear_probe else 5, save_freq=0,
+                    layer_decay=None if linear_probe else 0.75,
+                    output_help="checkpoints, log.txt, results.json and plots")
 
     aug = parser.add_argument_group("Augmentation and loss (timm's implementations)")
     aug.add_argument("--build_timm_transform", action="store_true",
@@ -271,44 +236,3 @@ def add_finetune_args(parser: argparse.ArgumentParser, linear_probe: bool) -> No
     protocol.add_argument("--eval", action="store_true",
                           help="only score the test list with the --resume checkpoint and write results.json "
                                "(default: off)")
-
-    ckpt = parser.add_argument_group("Checkpoints and logs")
-    ckpt.add_argument("--output_dir", default="./output_dir",
-                      help="checkpoints, log.txt, results.json and plots (default: ./output_dir)")
-    ckpt.add_argument("--log_dir", default="./output_dir", help="TensorBoard folder (default: ./output_dir)")
-    ckpt.add_argument("--resume", default="", help="resume from this checkpoint (default: none; see --auto_resume)")
-    ckpt.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (default: 0)")
-    add_bool_flag(ckpt, "auto_resume", True, "continue from checkpoint-last.pth in output_dir")
-    ckpt.add_argument("--max_bad_steps", default=20, type=int,
-                      help="stop after this many non-finite steps in a row, after a checkpoint (default: 20)")
-    ckpt.add_argument("--print_freq", default=20, type=int, help="progress line every N iterations (default: 20)")
-    add_precision_args(parser)
-    add_distributed_args(parser)
-
-
-def validate_finetune_args(args, extra_problems=()) -> None:
-    problems = list(extra_problems)
-    for flag in ("batch_size", "epochs", "accum_iter", "eval_interval", "input_size", "nb_classes"):
-        if getattr(args, flag) < 1:
-            problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("warmup_epochs", "patience", "bootstrap", "max_bad_steps"):
-        if getattr(args, flag) < 0:
-            problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    if args.blr <= 0 and args.lr is None:
-        problems.append(f"--blr must be > 0, got {args.blr}")
-    if not 0.0 < args.label_fraction <= 1.0:
-        problems.append(f"--label_fraction is a share of the training list in (0, 1], got {args.label_fraction}")
-    if not 0.0 <= args.drop_path < 1.0:
-        problems.append(f"--drop_path must be in [0, 1), got {args.drop_path}")
-    if not 0.0 <= args.smoothing < 1.0:
-        problems.append(f"--smoothing must be in [0, 1), got {args.smoothing}")
-    if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax) and args.batch_size % 2:
-        problems.append(f"--mixup/--cutmix pair each image with another of its batch: --batch_size must be even, "
-                        f"got {args.batch_size}")
-    if args.eval and not args.resume:
-        problems.append("--eval scores a fine-tuned model: pass --resume with a checkpoint of this script")
-    if args.resume and args.start_epoch:
-        problems.append("--resume and --start_epoch conflict: the checkpoint sets the epoch")
-    problems += distributed_problems(args)
-    if problems:
-        raise SystemExit("invalid arguments:\n  " + "\n  ".join(problems))

@@ -17,13 +17,16 @@ import zipfile
 import numpy as np
 import torch
 
+from util.errors import SetupError
+
 logger = logging.getLogger(__name__)
 
 LAST_NAME = "checkpoint-last.pth"
+BEST_NAME = "checkpoint-best.pth"  # tasks that select on validation: the selected epoch
 _PERIODIC = re.compile(r"checkpoint-(\d+)\.pth$")
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(SetupError):
     """The file asks the unpickler to build something other than tensors and plain data."""
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from util.args import HEARTBEAT_INTERVAL_S
+from util.errors import SetupError
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     return tensor
 
 
-class MainRankError(RuntimeError):
+class MainRankError(SetupError):
     """Rank 0 failed in work the other ranks were waiting for; the message is rank 0's error."""
 
 

@@ -1,7 +1,7 @@
 """The one contract between a pre-training model and everything around it (engine, monitor, tools).
 
 Both families implement it: MaskedAutoencoderViT (models_mae.py) and MaskedAutoencoderCNN (models_mae_cnn.py). A new
-family implements these members and its entry script passes a factory to engine_pretrain.run_pretraining; nothing
+family implements these members and its entry script passes a factory to engine_pretrain.PretrainTask; nothing
 else needs to know its type.
 """
 from collections.abc import Callable

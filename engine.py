@@ -117,7 +117,7 @@ class Selection:
 class TaskData:
     """What a task's build_data hands the engine: the training set and how to load it; `extra` is the task's own."""
 
-    train: torch.utils.data.Dataset
+    train: torch.utils.data.Dataset  # indexed by (index, seed) pairs: data.sampler.ResumableSampler seeds each sample
     name: str  # for messages: "the training list"
     batch_bytes: int  # bytes of one batch as the loader workers hand it over (shared-memory budget)
     repeats: int = 1  # repeated augmentation: each sample this many times per epoch across ranks

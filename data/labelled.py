@@ -22,8 +22,10 @@ import pandas as pd
 import torch
 
 from data import chestxray_nih as nih
-from data import chexpert, files_exist
+from data import chexpert
 from data.base import SourceIndex, XrayDataset, find_given_file, require_columns
+from data.checks import files_exist
+from data.config import add_image_args
 from data.transforms import build_finetune_transform, check_norm_policy, norm_stats_for
 
 DATASETS = ("chestxray", "chexpert")
@@ -40,10 +42,8 @@ def add_data_args(parser) -> None:
     group.add_argument("--dataset", default="chestxray", choices=DATASETS,
                        help="chestxray: NIH ChestX-ray14, 14 findings; chexpert: CheXpert, 5 competition findings "
                             "(default: chestxray)")
-    group.add_argument("--data_path", default="data", type=str,
-                       help="the dataset's folder (NIH: images/ or images_*/images/ inside, or a folder holding "
-                            "nih_chestxray/; CheXpert: the folder of train.csv, or one holding CheXpert-v1.0-small/) "
-                            "(default: data)")
+    add_image_args(group, "the dataset's folder (NIH: images/ or images_*/images/ inside, or a folder holding "
+                          "nih_chestxray/; CheXpert: the folder of train.csv, or one holding CheXpert-v1.0-small/)")
     group.add_argument("--train_list", default=None, type=str,
                        help="NIH: 'name label x14' list (default: data_splits/chestxray/train_official.txt); "
                             "CheXpert: a CSV (default: train.csv)")
@@ -60,12 +60,6 @@ def add_data_args(parser) -> None:
     group.add_argument("--chexpert_uncertain", default=DEFAULT_UNCERTAIN, type=str,
                        help="CheXpert uncertain (-1) labels: 'ones', 'zeros' or per finding 'Edema=ones,...' "
                             "(default: U-Ones for Atelectasis and Edema, U-Zeros for the rest)")
-    group.add_argument("--norm_stats", default="dataset", type=str,
-                       help="normalisation: dataset (the reference's per-dataset mean/std), imagenet, cxr, "
-                            "'MEAN,STD' or a tools/compute_norm_stats.py JSON (default: dataset)")
-    group.add_argument("--input_size", default=224, type=int, help="image size (default: 224)")
-    group.add_argument("--in_chans", default=3, type=int, choices=[1, 3],
-                       help="input channels: 3 (gray replicated, the reference) or 1 (default: 3)")
 
 
 def check_data_args(args) -> list[str]:

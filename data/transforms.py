@@ -42,12 +42,8 @@ def check_norm_policy(policy: str) -> str | None:
     if policy in NORM_POLICIES or os.path.isfile(policy):
         return None
     parts = policy.split(",")
-    try:
-        if len(parts) == 2 and float(parts[1]) > 0:
-            float(parts[0])
-            return None
-    except ValueError:
-        pass
+    if len(parts) == 2 and all(_is_number(p) for p in parts) and float(parts[1]) > 0:
+        return None
     return (f"--norm_stats must be one of {list(NORM_POLICIES)}, 'MEAN,STD' or a JSON file from "
             f"tools/compute_norm_stats.py; got '{policy}'")
 
@@ -121,3 +117,11 @@ def _to_rgb(image):
 
 def _first_channel(tensor: torch.Tensor) -> torch.Tensor:
     return tensor[:1]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import importlib
 import io
+import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -17,7 +19,11 @@ from pathlib import Path
 import torch
 
 import data
+import engine
+import main_pretrain_multi_datasets_xray as vit_main
+import models_mae
 from data.synthetic import NIH_SUBSET_LIST
+from engine_pretrain import PretrainTask
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT_SCRIPT = str(ROOT / "main_pretrain_multi_datasets_xray.py")
@@ -143,3 +149,60 @@ def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float = 120) ->
 
 def last_checkpoint(out: str) -> dict:
     return torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
+
+
+def in_process_args(script, data_path: str, out: str, **flags) -> argparse.Namespace:
+    return argparse.ArgumentParser(parents=[script.get_args_parser()]).parse_args(tiny_run_args(data_path, out,
+                                                                                                **flags))
+
+
+# ---- models that misbehave on chosen steps (non-finite losses and gradients), for the engine's guard ----
+
+class NaNInjectingMAE(models_mae.MaskedAutoencoderViT):
+    """A real debug-size MAE whose loss becomes NaN on chosen forward calls (1-based)."""
+
+    def __init__(self, bad_calls, **kwargs):
+        super().__init__(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
+                         decoder_num_heads=4, mlp_ratio=2, **kwargs)
+        self.bad_calls, self.calls, self.snapshots = set(bad_calls), 0, []
+
+    def forward(self, imgs, mask_ratio=None):
+        self.calls += 1
+        self.snapshots.append(self.blocks[0].attn.qkv.weight.detach().clone())
+        loss, pred, mask = super().forward(imgs, mask_ratio)
+        return (loss * float("nan") if self.calls in self.bad_calls else loss), pred, mask
+
+
+class InfGradMAE(NaNInjectingMAE):
+    """The same debug MAE with a finite loss whose gradient overflows (inf in one weight) on chosen calls."""
+
+    def forward(self, imgs, mask_ratio=None):
+        self.calls += 1
+        self.snapshots.append(self.blocks[0].attn.qkv.weight.detach().clone())
+        if self.calls in self.bad_calls:
+            weight = self.blocks[0].attn.qkv.weight
+
+            def overflow(grad):  # this backward only
+                handle.remove()
+                return grad * float("inf")
+
+            handle = weight.register_hook(overflow)
+        return models_mae.MaskedAutoencoderViT.forward(self, imgs, mask_ratio)
+
+
+def check_fp16_overflow_is_a_scaler_skip(data_path: str, tmp_path, device: str) -> None:
+    """An overflowing gradient leaves the weights and the optimizer state alone, counts one scaler skip (not a bad
+    step, not an optimizer step), halves the scale, and keeps inf out of the logged gradient norm."""
+    args = in_process_args(vit_main, data_path, str(tmp_path), precision="fp16", device=device)
+    model = InfGradMAE({3}, img_size=args.input_size)
+    assert engine.run(PretrainTask(lambda a: model), args) == 0
+    assert torch.equal(model.snapshots[2], model.snapshots[3]) and not torch.equal(model.snapshots[3],
+                                                                                    model.snapshots[4])
+    ckpt = last_checkpoint(str(tmp_path))
+    steps = model.calls - 1  # training steps: the last forward is the end-of-run reconstruction monitor
+    assert ckpt["optimizer_steps"] == steps - 1 and ckpt["scaler_skips_total"] == 1 and ckpt["bad_steps_total"] == 0
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {steps - 1}  # AdamW did not step
+    assert ckpt["scaler"]["scale"] == 2.0**15  # 2^16 at start, halved once
+    line = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])
+    assert line["train_scaler_skips"] == 1 and line["train_bad_steps"] == 0 and line["train_loss_scale"] == 2.0**15
+    assert math.isfinite(line["train_grad_norm"]) and math.isfinite(line["train_loss"])

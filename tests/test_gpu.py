@@ -3,7 +3,6 @@
 On a GPU machine the device is CUDA. make gpu-check's smoke mode sets GPU_CHECK_DEVICE=cpu on a machine without one,
 so CI runs every check on CPU and keeps it from rotting; a plain `pytest` deselects them (pyproject.toml).
 """
-import argparse
 import json
 import math
 import os
@@ -26,14 +25,15 @@ from tests.helpers import (
     ROOT,
     VIT_SCRIPT,
     build_dataset,
+    check_fp16_overflow_is_a_scaler_skip,
     child_env,
+    in_process_args,
     last_checkpoint,
     run_cli,
     spawn,
     tiny_run_args,
     wait_for_line,
 )
-from tests.test_resume import check_fp16_overflow_is_a_scaler_skip
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
 from util.args import ExitCode
@@ -49,11 +49,6 @@ def device() -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         pytest.fail(f"GPU_CHECK_DEVICE={name} but torch.cuda.is_available() is False (torch {torch.__version__})")
     return torch.device(name)
-
-
-def in_process_args(script, data_path: str, out: str, **flags) -> argparse.Namespace:
-    return argparse.ArgumentParser(parents=[script.get_args_parser()]).parse_args(tiny_run_args(data_path, out,
-                                                                                                **flags))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -1,7 +1,8 @@
-"""Never lose a cluster week: kill/resume equivalence, pre-emption, NaN handling, safe loading, dead ranks."""
+"""Never lose a cluster week: pre-emption, a damaged checkpoint-last, non-finite steps, a reference checkpoint resumed.
+
+Killed ranks and nodes: tests/test_faults.py and tests/test_multinode.py; safe loading: tests/util/test_checkpoint.py.
+"""
 import argparse
-import json
-import math
 import os
 import re
 import signal
@@ -14,7 +15,17 @@ import engine
 import main_pretrain_multi_datasets_xray as vit_main
 import models_mae
 from engine_pretrain import PretrainTask
-from tests.helpers import VIT_SCRIPT, last_checkpoint, run_cli, spawn, tiny_run_args, wait_for_line
+from tests.helpers import (
+    VIT_SCRIPT,
+    NaNInjectingMAE,
+    check_fp16_overflow_is_a_scaler_skip,
+    in_process_args,
+    last_checkpoint,
+    run_cli,
+    spawn,
+    tiny_run_args,
+    wait_for_line,
+)
 from tests.reference_impl import reference_param_groups
 from util import checkpoint as ckpt_lib
 from util.args import ExitCode
@@ -50,45 +61,8 @@ def test_truncated_checkpoint_last_falls_back_to_previous(tiny_data, tmp_path):
     assert last_checkpoint(out)["epoch"] == 2
 
 
-class NaNInjectingMAE(models_mae.MaskedAutoencoderViT):
-    """A real debug-size MAE whose loss becomes NaN on chosen forward calls (1-based)."""
-
-    def __init__(self, bad_calls, **kwargs):
-        super().__init__(embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
-                         decoder_num_heads=4, mlp_ratio=2, **kwargs)
-        self.bad_calls, self.calls, self.snapshots = set(bad_calls), 0, []
-
-    def forward(self, imgs, mask_ratio=None):
-        self.calls += 1
-        self.snapshots.append(self.blocks[0].attn.qkv.weight.detach().clone())
-        loss, pred, mask = super().forward(imgs, mask_ratio)
-        return (loss * float("nan") if self.calls in self.bad_calls else loss), pred, mask
-
-
-class InfGradMAE(NaNInjectingMAE):
-    """The same debug MAE with a finite loss whose gradient overflows (inf in one weight) on chosen calls."""
-
-    def forward(self, imgs, mask_ratio=None):
-        self.calls += 1
-        self.snapshots.append(self.blocks[0].attn.qkv.weight.detach().clone())
-        if self.calls in self.bad_calls:
-            weight = self.blocks[0].attn.qkv.weight
-
-            def overflow(grad):  # this backward only
-                handle.remove()
-                return grad * float("inf")
-
-            handle = weight.register_hook(overflow)
-        return models_mae.MaskedAutoencoderViT.forward(self, imgs, mask_ratio)
-
-
-def _in_process_args(data_path, out, **overrides):
-    parser = argparse.ArgumentParser(parents=[vit_main.get_args_parser()])
-    return parser.parse_args(tiny_run_args(data_path, out, **overrides))
-
-
 def test_nan_batch_is_skipped_and_counted(tiny_data, tmp_path):
-    args = _in_process_args(tiny_data[0], str(tmp_path))
+    args = in_process_args(vit_main, tiny_data[0], str(tmp_path))
     model = NaNInjectingMAE({3}, img_size=args.input_size)
     assert engine.run(PretrainTask(lambda a: model), args) == 0
     # the weights before and after the bad step are identical; other steps change them
@@ -103,38 +77,14 @@ def test_fp16_overflow_is_a_scaler_skip_not_a_step(tiny_data, tmp_path):
     check_fp16_overflow_is_a_scaler_skip(tiny_data[0], tmp_path, "cpu")
 
 
-def check_fp16_overflow_is_a_scaler_skip(data_path: str, tmp_path, device: str) -> None:
-    """An overflowing gradient leaves the weights and the optimizer state alone, counts one scaler skip (not a bad
-    step, not an optimizer step), halves the scale, and keeps inf out of the logged gradient norm."""
-    args = _in_process_args(data_path, str(tmp_path), precision="fp16", device=device)
-    model = InfGradMAE({3}, img_size=args.input_size)
-    assert engine.run(PretrainTask(lambda a: model), args) == 0
-    assert torch.equal(model.snapshots[2], model.snapshots[3]) and not torch.equal(model.snapshots[3],
-                                                                                    model.snapshots[4])
-    ckpt = last_checkpoint(str(tmp_path))
-    steps = model.calls - 1  # training steps: the last forward is the end-of-run reconstruction monitor
-    assert ckpt["optimizer_steps"] == steps - 1 and ckpt["scaler_skips_total"] == 1 and ckpt["bad_steps_total"] == 0
-    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {steps - 1}  # AdamW did not step
-    assert ckpt["scaler"]["scale"] == 2.0**15  # 2^16 at start, halved once
-    line = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])
-    assert line["train_scaler_skips"] == 1 and line["train_bad_steps"] == 0 and line["train_loss_scale"] == 2.0**15
-    assert math.isfinite(line["train_grad_norm"]) and math.isfinite(line["train_loss"])
-
-
 def test_nan_k_in_a_row_stops_after_checkpoint(tiny_data, tmp_path, caplog):
-    args = _in_process_args(tiny_data[0], str(tmp_path), max_bad_steps=3)
+    args = in_process_args(vit_main, tiny_data[0], str(tmp_path), max_bad_steps=3)
     model = NaNInjectingMAE({2, 3, 4, 5}, img_size=args.input_size)
     assert engine.run(PretrainTask(lambda a: model), args) == 2
     assert "--precision bf16" in caplog.text and "--clip_grad" in caplog.text and "lower --blr" in caplog.text
     ckpt = last_checkpoint(str(tmp_path))
     assert ckpt["bad_steps_total"] == 3 and ckpt["step"] == 4
     assert torch.equal(ckpt["model"]["blocks.0.attn.qkv.weight"], model.snapshots[1])  # last good weights
-
-
-
-
-
-
 
 
 def _reference_format_checkpoint(path, epoch=0, steps=2):

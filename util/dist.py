@@ -254,12 +254,18 @@ class Heartbeat:
             logger.debug("rank %d: heartbeat store already closed; rank 0 has finished", self.info.rank)
 
 
+# gloo's transport errors reach Python as plain RuntimeError (torch 2.14: "[.../third_party/gloo/gloo/transport/tcp/
+# pair.cc:561] Connection closed by peer ..."); these parts of their text are all that tells them apart
+GLOO_TRANSPORT_MARKERS = ("gloo/transport/", "Connection closed by peer", "Connection reset by peer")
+
+
 def is_communication_failure(error: BaseException) -> bool:
-    """DistError, or the RuntimeError that DDP's reducer raises when gloo/NCCL lose a peer."""
+    """A lost or stuck peer. torch raises a DistError subclass where it has one (NCCL's DistBackendError,
+    DistNetworkError, DistStoreError); gloo gives no type, so a plain RuntimeError is recognised by its transport
+    text (GLOO_TRANSPORT_MARKERS)."""
     if isinstance(error, dist.DistError):
         return True
-    text = str(error)
-    return any(s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out", "timed out"))
+    return type(error) is RuntimeError and any(marker in str(error) for marker in GLOO_TRANSPORT_MARKERS)
 
 
 def peer_report() -> str:

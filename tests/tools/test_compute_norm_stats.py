@@ -1,4 +1,6 @@
 """tools/compute_norm_stats: a JSON that --norm_stats accepts."""
+import json
+
 import data
 from tests.helpers import nih_subset, run_tool_in_process
 
@@ -10,5 +12,5 @@ def test_compute_norm_stats_writes_usable_json(tmp_path, tiny_data):
     assert proc.returncode == 0, proc.stderr
     ds, _ = data.build_pretrain_dataset(["chexpert"], data_path=tiny_data[0], norm_stats=str(out), input_size=32)
     normalize = ds.datasets[0].transform.transforms[-1]
-    stats = __import__("json").loads(out.read_text())
+    stats = json.loads(out.read_text())
     assert 0 < stats["mean"] < 1 and 0 < stats["std"] < 1 and normalize.mean == [stats["mean"]] * 3

@@ -1,4 +1,5 @@
 """tools/verify_data: every bad file and CSV reported."""
+import gzip
 import os
 
 from data.synthetic import (
@@ -22,6 +23,6 @@ def test_verify_data_reports_missing_truncated_and_bad_csv(tmp_path):
     assert "FAILED: 2 bad file(s)" in proc.stdout
     make_mimic(str(tmp_path / "mimic_cxr"))
     csv = tmp_path / "mimic_cxr" / "mimic-cxr-2.0.0-split.csv.gz"
-    csv.write_bytes(__import__("gzip").compress(b"dicom_id,foo\n1,2\n"))
+    csv.write_bytes(gzip.compress(b"dicom_id,foo\n1,2\n"))
     proc = run_tool("verify_data.py", "--data_path", str(tmp_path), "--datasets_names", "mimic_cxr")
     assert proc.returncode == 1 and "lacks the column(s) ['split']" in proc.stdout, proc.stdout + proc.stderr

@@ -359,6 +359,9 @@ def gather_rng(run: Run, epoch: int, step: int) -> list:
         if run.info.is_main and len(set(sums)) > 1:
             logger.error("ranks hold different weights at epoch %d step %d (checksums %s): gradients were not "
                          "all-reduced on some step; the checkpoint holds rank 0's", epoch, step, sums)
+        elif run.info.is_main:
+            logger.info("all %d ranks hold the same weights at epoch %d step %d (checksum %.17g)", len(sums), epoch,
+                        step, sums[0])
     return rng
 
 

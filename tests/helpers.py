@@ -16,7 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import data
 import engine
@@ -149,6 +151,32 @@ def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float = 120) ->
 
 def last_checkpoint(out: str) -> dict:
     return torch.load(os.path.join(out, "checkpoint-last.pth"), map_location="cpu", weights_only=True)
+
+
+def training_checkpoint(path: str, epoch: int, world_size: int) -> dict:
+    """A training checkpoint that loads, of the given epoch and world size, with every rank's RNG and finite weights."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == epoch and ckpt["world_size"] == world_size and len(ckpt["rng"]) == world_size, path
+    assert all(v.isfinite().all() for v in ckpt["model"].values() if v.is_floating_point()), path
+    return ckpt
+
+
+def tensorboard_scalars(folder) -> dict[str, list[float]]:
+    """Every scalar series TensorBoard would show from the event files in `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def picture(path, min_width: int = 1, min_height: int = 1) -> np.ndarray:
+    """The gray pixels of a PNG that decodes, at least this large, and not blank (its pixels vary)."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    assert pixels.shape[1] >= min_width and pixels.shape[0] >= min_height, (path, pixels.shape)
+    assert pixels.std() > 1.0, f"{path} is blank"
+    return pixels
 
 
 def in_process_args(script, data_path: str, out: str, **flags) -> argparse.Namespace:

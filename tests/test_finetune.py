@@ -25,7 +25,7 @@ import models_mae_cnn
 import models_vit
 from data import labelled
 from data.synthetic import make_chexpert, make_nih_labelled
-from tests.helpers import ROOT, child_env, run_cli, spawn, wait_for_line
+from tests.helpers import ROOT, child_env, picture, run_cli, spawn, tensorboard_scalars, wait_for_line
 from util.checkpoint import load_checkpoint
 
 FT_SCRIPT = str(ROOT / "main_finetune_chestxray.py")
@@ -255,8 +255,10 @@ def test_validation_selects_and_the_test_list_is_read_once_at_the_end(nih, tmp_p
     assert Counter(n for n, _ in opens) == dict.fromkeys(names.read_text().split(), 2), opens
     assert all(int(epochs) == 4 for _, epochs in opens), opens
     assert "test AUROC on" in proc.stdout and "95% CI from 20 patient resamples" in proc.stdout
-    assert len(list((out / "roc").glob("roc_*.png"))) == 14 and (out / "val_auroc.png").is_file()
-    assert list(out.glob("events.out.tfevents.*"))  # TensorBoard
+    rocs = sorted((out / "roc").glob("roc_*.png"))
+    assert len(rocs) == 14 and all(picture(p, 100, 100) is not None for p in rocs)
+    picture(out / "val_auroc.png", 100, 100)
+    assert tensorboard_scalars(out)["val_auroc"] == pytest.approx([v for _, v in history])  # TensorBoard
     predictions = pd.read_csv(out / "test_predictions.csv")
     assert len(predictions) == results["test"]["images"] == 6
     # a second run of the same command finds the run complete and does not score the test set again
@@ -278,6 +280,7 @@ def test_linear_probe_on_chexpert_trains_only_the_head_and_resumes_after_preempt
     proc.send_signal(signal.SIGTERM)
     first = proc.communicate(timeout=120)[0]
     assert proc.returncode == 3, first
+    midway = load_checkpoint(str(out / "checkpoint-last.pth"))["model"]
     resumed = run_cli([sys.executable, LP_SCRIPT, *flags], timeout=300)
     assert re.search(r"resumed from .*checkpoint-last.pth: epoch 1, step [1-9]", resumed.stdout), resumed.output
     results = json.loads((out / "results.json").read_text())
@@ -289,7 +292,43 @@ def test_linear_probe_on_chexpert_trains_only_the_head_and_resumes_after_preempt
     for key, value in pretrained.items():  # the frozen encoder is exactly the pre-trained one
         if key in best:
             torch.testing.assert_close(best[key], value, rtol=0, atol=0, msg=key)
-    assert not torch.equal(best["head.1.weight"], torch.zeros_like(best["head.1.weight"]))
+    # the head went on training after the resume, and nothing else did (the BatchNorm before it keeps statistics)
+    final = load_checkpoint(str(out / "checkpoint-last.pth"))["model"]
+    assert not torch.equal(final["head.1.weight"], midway["head.1.weight"])
+    assert not torch.equal(final["head.1.bias"], midway["head.1.bias"])
+    for key, value in final.items():
+        if not key.startswith("head."):
+            torch.testing.assert_close(value, midway[key], rtol=0, atol=0, msg=key)
+
+
+def test_finetuning_has_the_shared_runs_checkpoints_records_and_warnings(nih, tmp_path, caplog):
+    """What fine-tuning gains from the shared engine: mid-epoch checkpoints (--save_every_steps), periodic ones pruned
+    by --keep_last, the resolved-run record with the git commit, images/s and the data-wait share per epoch, and the
+    warning when a checkpoint of another world size resumes (its RNG streams restart)."""
+    root, lists = nih
+    out = tmp_path / "out"
+    flags = nih_flags(lists, root, str(out), epochs=2, save_every_steps=1, save_freq=1, keep_last=1, bootstrap=0)
+    caplog.set_level("INFO")
+    assert ft_main.main(flags) == 0
+    resolved = json.loads(re.search(r"resolved run: (\{.*\})", caplog.text).group(1))
+    assert resolved["task"] == "finetune" and resolved["eff_batch_size"] == 4 and resolved["git"]
+    steps = resolved["steps_per_epoch"]
+    assert steps > 1 and len(re.findall(r"all \d+ ranks hold", caplog.text)) == 0  # one process: no comparison
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert all(line["train_images_per_s"] > 0 and 0 <= line["train_data_wait_fraction"] <= 1 for line in lines)
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-1.pth", "checkpoint-best.pth",
+                                                                    "checkpoint-last.pth"]
+    assert load_checkpoint(str(out / "checkpoint-last.pth"))["optimizer_steps"] == 2 * steps
+    # a mid-epoch checkpoint of a 2-process run resumes here, in one process: said, then the epoch goes on
+    ckpt = load_checkpoint(str(out / "checkpoint-last.pth"))
+    ckpt.update(epoch=1, step=1, world_size=2, rng=[ckpt["rng"][0]] * 2)
+    torch.save(ckpt, out / "checkpoint-last.pth")
+    (out / "results.json").unlink()
+    caplog.clear()
+    assert ft_main.main(flags) == 0
+    assert "checkpoint was written by 2 processes, this run has 1: RNG streams restart from the seed" in caplog.text
+    assert re.search(r"resumed from .*checkpoint-last.pth: epoch 1, step 1", caplog.text)
 
 
 # ---- the reference's FINETUNE.md -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args
+from tests.helpers import ROOT, VIT_SCRIPT, child_env, run_cli, tiny_run_args, training_checkpoint
 from util import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
@@ -189,7 +189,7 @@ def test_shipped_multinode_sbatch_runs_torchrun_on_both_nodes(slurm_nodes, tiny_
     assert '"world_size": 4, "launcher": "torchrun"' in text, text[-4000:]
     assert "4 process(es) on node0: ranks 0 1; node1: ranks 2 3" in text, text[-4000:]
     assert os.listdir(os.path.join(out, "logs")) == ["rank0.log"]  # one log: rank 0's
-    assert os.path.exists(os.path.join(out, "checkpoint-0.pth"))
+    training_checkpoint(os.path.join(out, "checkpoint-0.pth"), epoch=0, world_size=4)
 
 
 def test_shipped_srun_per_gpu_sbatch_runs_one_rank_per_gpu_on_both_nodes(slurm_nodes, tiny_data, tmp_path):
@@ -206,7 +206,7 @@ def test_shipped_srun_per_gpu_sbatch_runs_one_rank_per_gpu_on_both_nodes(slurm_n
     assert '"world_size": 4, "launcher": "slurm"' in text, text[-4000:]
     assert "4 process(es) on node0: ranks 0 1; node1: ranks 2 3" in text, text[-4000:]
     assert os.listdir(os.path.join(out, "logs")) == ["rank0.log"]  # one log: rank 0's
-    assert os.path.exists(os.path.join(out, "checkpoint-0.pth"))
+    training_checkpoint(os.path.join(out, "checkpoint-0.pth"), epoch=0, world_size=4)
 
 
 def test_crashed_worker_then_preemption_across_two_nodes(slurm_nodes, tiny_data, tmp_path):

@@ -28,8 +28,11 @@ def test_missing_listed_file_fails_with_path(tmp_path):
     message = rf"(?s)1 image\(s\) listed .* missing.*{victim.name}.*--bad_files skip"
     with pytest.raises(FileNotFoundError, match=message):
         build_dataset(["chestxray_nih"], str(tmp_path))
+    listed = len(open(nih_subset(str(tmp_path))).read().split())
     ds, counts = build_dataset(["chestxray_nih"], str(tmp_path), bad_files="skip")
-    assert counts["chestxray_nih"]["filters"][-1][0] == "files present"
+    assert counts["chestxray_nih"]["filters"][-1] == ("files present", listed - 1)
+    assert len(ds) == counts["chestxray_nih"]["images"] == listed - 1
+    assert victim.name not in {os.path.basename(p.decode()) for p in ds.datasets[0].paths}
 
 
 def test_per_source_normalisation_is_the_reference_table(tiny_data):

@@ -2,12 +2,12 @@
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import data
-from data.chestxray_nih import DEFAULT_TRAIN_LIST, OFFICIAL_SPLITS_DIR, view_positions
+from data.chestxray_nih import DEFAULT_TRAIN_LIST, OFFICIAL_SPLITS_DIR, data_entry, view_positions
 from data.synthetic import (
-    NIH_HEADER,
     make_nih,
 )
 from tests.helpers import ROOT, build_dataset, nih_subset
@@ -84,9 +84,16 @@ def test_nih_data_entry_variants_give_views(tmp_path, data_entry):
     assert [os.path.basename(p.decode()) for p in ds.datasets[0].paths] == expected
 
 
-def test_nih_data_entry_patient_sex_header(tmp_path):
+def test_nih_data_entry_columns_are_read_by_name(tmp_path):
+    """The v2020 re-release renamed Patient Gender to Patient Sex and dropped the 2017 file's trailing empty column:
+    views and findings are taken by column name, so a renamed, reordered file gives the same map."""
     root = tmp_path / "nih_chestxray"
     make_nih(str(root))
     path = root / "Data_Entry_2017_v2020.csv"
-    path.write_text(path.read_text().replace(NIH_HEADER, NIH_HEADER.replace("Patient Gender", "Patient Sex")))
-    assert len(view_positions(str(root))) > 0
+    expected = data_entry(str(root))
+    table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    assert len(expected) == len(table) and {view for view, _ in expected.values()} == {"AP", "PA"}
+    table = table.rename(columns={"Patient Gender": "Patient Sex"})
+    table[list(reversed(table.columns))].to_csv(path, index=False)
+    assert "Patient Sex" in path.read_text().splitlines()[0]
+    assert data_entry(str(root)) == expected

@@ -225,10 +225,9 @@ def test_rank0_index_failure_stops_the_other_rank_at_once(tree, tmp_path, free_p
     data_path, out, _ = tree
     os.remove(os.path.join(data_path, "CheXpert-v1.0-small", "train.csv"))
     cmd, env, _ = _torchrun(tmp_path, data_path, out, free_port, dist_timeout=600)
-    start = time.time()
+    # rank 1 is told rank 0's error: it does not wait for the 600 s collective timeout (the 300 s bound is generous)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert time.time() - start < 120  # not the 600 s collective timeout
     text = proc.stdout + proc.stderr
     assert "train.csv not found" in text
     assert "[rank1]" in text and "rank 0 failed: FileNotFoundError" in text

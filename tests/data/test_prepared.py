@@ -9,7 +9,15 @@ from PIL import Image
 import data
 from data.prepared import PreparedStore
 from data.synthetic import chest_image
-from tests.helpers import VIT_SCRIPT, child_env, default_data_args, nih_subset, run_cli, tiny_run_args
+from tests.helpers import (
+    VIT_SCRIPT,
+    child_env,
+    default_data_args,
+    nih_subset,
+    run_cli,
+    tiny_run_args,
+    training_checkpoint,
+)
 
 
 def _prepare(data_path, out, *extra):
@@ -75,4 +83,5 @@ def test_training_from_prepared_dir(tiny_data, tmp_path):
     _prepare(tiny_data[0], out)
     run = str(tmp_path / "run")
     proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args("/nonexistent", run, prepared_dir=out)])
-    assert "prepared: " in proc.stdout and os.path.exists(os.path.join(run, "checkpoint-0.pth"))
+    assert "prepared: " in proc.stdout, proc.output
+    training_checkpoint(os.path.join(run, "checkpoint-0.pth"), epoch=0, world_size=1)

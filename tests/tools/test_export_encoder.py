@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import timm
 import torch
 import torchvision
 from timm.models.vision_transformer import VisionTransformer
@@ -15,14 +16,19 @@ from util.model_api import PretrainModel
 @pytest.mark.parametrize("name, timm_name", [("mae_vit_small_patch16_dec512d2b", "vit_small_patch16_224"),
                                              ("mae_vit_small_patch16", "vit_small_patch16_224"),
                                              ("mae_vit_base_patch16_dec512d8b", "vit_base_patch16_224")])
-def test_export_target_comes_from_the_registry_entry(name, timm_name):
-    """The export target is the registry entry's config, not parsed from the name or guessed from the shape."""
-    model = models_mae.create_model(name, img_size=32)
+def test_export_target_is_the_named_timm_model(name, timm_name):
+    """The export names the timm model the test expects (not parsed from the name or guessed from the shape), and its
+    weights load strictly into that model, built here by timm from the expected name alone with the sidecar's size
+    keywords, giving this encoder's features."""
+    model = models_mae.create_model(name, img_size=32).eval()
     export = model.export_encoder()
-    assert export.meta["timm_model"] == timm_name == models_mae.MODELS.config(name)["timm_model"]
+    assert export.meta["timm_model"] == timm_name
+    assert set(export.meta["timm_kwargs"]) == {"img_size", "in_chans", "num_classes"}  # sizes only, no architecture
+    target = timm.create_model(timm_name, pretrained=False, **export.meta["timm_kwargs"]).eval()
+    target.load_state_dict(export.state_dict, strict=True)
     probe = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(export.target_features(probe), export.reference_features(probe))
+        torch.testing.assert_close(target.forward_features(probe), model.forward_features(probe))
 
 
 def test_both_model_families_implement_the_model_contract():

@@ -1,6 +1,8 @@
 """util/checkpoint.py: safe loading, atomic saves, pruning, the write probe."""
 import argparse
+import datetime
 import os
+import re
 import sys
 
 import pytest
@@ -36,8 +38,12 @@ def test_reference_checkpoint_with_namespace_args_loads(tmp_path):
                 "args": argparse.Namespace(model="mae_vit_small_patch16_dec128d2b", blr=1.5e-4, input_size=224)}, path)
     ckpt = ckpt_lib.load_checkpoint(str(path))
     assert ckpt["args"]["blr"] == 1.5e-4 and ckpt_lib.progress_of(ckpt) == (20, 0)
-    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
-        torch.load(path, weights_only=True)  # plain weights_only refuses it; the allow-list above is what admits it
+    # the allow-list admits the Namespace and nothing more: another pickled class is refused, naming the file
+    other = tmp_path / "reference-with-a-date.pth"
+    torch.save({"model": model.state_dict(), "epoch": 19, "args": argparse.Namespace(model="x"),
+                "saved_at": datetime.date(2022, 5, 1)}, other)
+    with pytest.raises(ckpt_lib.UnsafeCheckpointError, match=rf"refused to load {re.escape(str(other))}: it contains"):
+        ckpt_lib.load_checkpoint(str(other))
 
 
 def test_atomic_save_failure_keeps_previous(tmp_path):

@@ -1,6 +1,6 @@
 # Two commands set up and run everything on a fresh machine (Python 3.11 with pip):
 #   make demo   install, build demo data, pre-train ViT-S on CPU (< 5 min), write checkpoints + PNGs
-#   make test   install, run the test suite
+#   make test   install, run the test suite (make test-fast: the unit tests alone, in under a minute)
 # make finetune-demo: fine-tune make demo's checkpoint (pre-training a short one first if there is none) on demo
 # labelled lists and print the test AUROC table with confidence intervals, in a few minutes on CPU.
 # make gpu-check: the CUDA acceptance command (tests + throughput, JSON + markdown in gpu_check/); on a machine
@@ -18,7 +18,7 @@ FT_EPOCHS ?= 5
 # more workers multiply the memory of the multi-process tests (about 1.5 GB per rank).
 TEST_WORKERS ?= 2
 
-.PHONY: install install-test demo finetune-demo test gpu-check bench lint
+.PHONY: install install-test demo finetune-demo test test-fast gpu-check bench lint
 
 install:
 	$(PIP) install -q -r requirements.txt
@@ -55,6 +55,11 @@ finetune-demo: install
 test: install-test
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# The edit-test loop: the unit tests in this one process, no torchrun, SLURM or CLI process, under a minute on 2 cores
+# (tests marked slow are left out; `make test` runs everything). Installs nothing: run make install-test once first.
+test-fast:
+	$(PYTHON) -m pytest -m "not slow" -p no:xdist -q
 
 gpu-check: install-test
 	$(PYTHON) -m benchmarks.gpu_check --out gpu_check

@@ -301,6 +301,7 @@ def test_linear_probe_on_chexpert_trains_only_the_head_and_resumes_after_preempt
             torch.testing.assert_close(value, midway[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow
 def test_finetuning_has_the_shared_runs_checkpoints_records_and_warnings(nih, tmp_path, caplog):
     """What fine-tuning gains from the shared engine: mid-epoch checkpoints (--save_every_steps), periodic ones pruned
     by --keep_last, the resolved-run record with the git commit, images/s and the data-wait share per epoch, and the

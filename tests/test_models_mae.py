@@ -40,7 +40,9 @@ def test_models_mae_registry_is_the_reference_table_plus_the_debug_model():
         assert models_mae.MODELS.get(alias) is models_mae.MODELS.get(target), alias
 
 
-@pytest.mark.parametrize("name", REFERENCE_NAMES)
+# ViT-L and ViT-H take seconds each on CPU: the whole suite builds them, make test-fast the smaller ones
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "large" in n or "huge" in n else n
+                                  for n in REFERENCE_NAMES])
 def test_models_mae_every_reference_name_builds_and_trains(name):
     patch = 14 if "patch14" in name else 16
     model = models_mae.create_model(name, img_size=2 * patch)

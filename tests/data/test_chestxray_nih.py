@@ -39,6 +39,7 @@ def _reference_nih_list_selection(list_path):
         return [line.split()[0] for line in f if line.strip()]
 
 
+@pytest.mark.slow
 def test_nih_default_pool_is_the_reference_train_official_list(tmp_path):
     root = tmp_path / "nih_chestxray"
     assert make_nih(str(root), full_official=True) == 75_312

@@ -203,6 +203,7 @@ def _torchrun(tmp_path, data_path, out, port, **overrides):
     return cmd, env, counts
 
 
+@pytest.mark.slow
 def test_only_rank0_touches_the_image_files_under_torchrun(tree, tmp_path, free_port):
     data_path, out, counts = tree
     pool = sum(counts.values())
@@ -221,6 +222,7 @@ def test_only_rank0_touches_the_image_files_under_torchrun(tree, tmp_path, free_
         assert "start-up: first optimizer step" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_rank0_index_failure_stops_the_other_rank_at_once(tree, tmp_path, free_port):
     data_path, out, _ = tree
     os.remove(os.path.join(data_path, "CheXpert-v1.0-small", "train.csv"))

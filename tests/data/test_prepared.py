@@ -26,6 +26,7 @@ def _prepare(data_path, out, *extra):
                     "--shard_images", "8", "--train_list", nih_subset(data_path), *extra], env=child_env())
 
 
+@pytest.mark.slow
 def test_prepared_gives_same_sample_set_and_resumes(tiny_data, tmp_path):
     out = str(tmp_path / "prep")
     _prepare(tiny_data[0], out)
@@ -50,6 +51,7 @@ def test_prepared_gives_same_sample_set_and_resumes(tiny_data, tmp_path):
     assert {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in kept} == kept and len(kept) >= 6
 
 
+@pytest.mark.slow
 def test_prepared_detects_corrupt_shard_and_other_inputs(tiny_data, tmp_path):
     out = str(tmp_path / "prep")
     _prepare(tiny_data[0], out)

@@ -2,6 +2,8 @@
 import gzip
 import os
 
+import pytest
+
 from data.synthetic import (
     make_mimic,
     make_nih,
@@ -10,6 +12,7 @@ from data.synthetic import (
 from tests.helpers import nih_subset, run_tool
 
 
+@pytest.mark.slow
 def test_verify_data_reports_missing_truncated_and_bad_csv(tmp_path):
     make_nih(str(tmp_path / "nih_chestxray"))
     make_padchest(str(tmp_path / "padchest"), truncated=True, n_images=4)

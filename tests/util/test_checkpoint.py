@@ -18,6 +18,7 @@ class _Payload:
         return (os.system, ("touch pwned-by-checkpoint",))
 
 
+@pytest.mark.slow
 def test_malicious_checkpoint_is_refused(tmp_path, tiny_data):
     evil = tmp_path / "evil.pth"
     torch.save({"model": {}, "epoch": 0, "args": _Payload()}, evil)
@@ -68,6 +69,7 @@ def test_keep_last_prunes_periodic_only(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-3.pth", "checkpoint-4.pth", "checkpoint-last.pth"]
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_is_clear(tiny_data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

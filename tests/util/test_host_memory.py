@@ -34,6 +34,7 @@ def _faults_after_warmup(mode: str) -> list[int]:
     return [int(n) for n in out.split()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not is_glibc(), reason="the setting is glibc's; elsewhere keep_freed_memory() changes nothing")
 def test_keep_freed_memory_stops_page_faults_in_later_steps():
     default, keep = _faults_after_warmup("default"), _faults_after_warmup("keep")

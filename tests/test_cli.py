@@ -103,6 +103,8 @@ BAD_INPUT = [
     ({"input_size": 40}, "--input_size 40 must be divisible by the patch size 16"),
     ({"norm_stats": "bogus"}, "--norm_stats must be one of"),
     ({"batch_size": 0}, "--batch_size must be >= 1"),
+    ({"mask_strategy": "heatmap"}, r"--mask_strategy 'heatmap': only 'random' is implemented"),
+    ({"save_freq": -1, "keep_last": -2}, r"--save_freq must be >= 0, got -1(.|\n)*--keep_last must be >= 0, got -2"),
 ]
 
 

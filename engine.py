@@ -13,6 +13,7 @@ epoch's log.txt line. Pre-training (engine_pretrain.py) and classification (engi
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -138,10 +139,16 @@ class Task:
     name: str | None = None
     state_class: type = TrainState
     selection: Selection | None = None
+    weights_flag: str | None = None  # the flag that takes another task's checkpoint as starting weights
 
     def check_args(self, args) -> list[str]:
         """Problems with this task's own flags (the common ones are checked by util.args.validate_args)."""
         return []
+
+    def identity(self, args) -> dict:
+        """This task's part of the run identity: the flags (and list contents, file_fingerprint) that change what is
+        trained or scored. A rerun into the same --output_dir must match them (engine.check_same_run)."""
+        return {}
 
     def evaluation_only(self, args) -> bool:
         """True when this run only scores a checkpoint (resume then loads the weights alone; no epochs run)."""
@@ -164,6 +171,11 @@ class Task:
 
     def initialise(self, run: "Run", state: TrainState) -> None:
         """A fresh start (nothing resumed): load the initial weights (--finetune, --init_from)."""
+
+    def check_before_writing(self, args, found: tuple[str, dict] | None) -> bool:
+        """Before anything is written into --output_dir, with the checkpoint this run would resume (or None): False
+        when the run there is complete and nothing is to be done; SetupError to refuse the command."""
+        return True
 
     def before_epochs(self, run: "Run", state: TrainState, resumed: dict | None) -> bool:
         """After resume; False when there is nothing to train (the run is complete, or evaluation only)."""
@@ -220,6 +232,7 @@ class Run:
     data: TaskData
     run_log: RunLog
     preemption: PreemptionFlag
+    identity: dict = field(default_factory=dict)  # run_identity(), written into every checkpoint
 
 
 # ---- set-up -----------------------------------------------------------------------------------------------------
@@ -285,14 +298,12 @@ def train_loader(args, data: TaskData, info: dist_lib.DistInfo, device: torch.de
     return loader, sampler, steps
 
 
-def prepare_outputs(args, info) -> None:
-    """Rank 0: output_dir and log_dir take a write probe before any compute; temp files of a killed save go."""
-    if not info.is_main:
-        return
-    ckpt_lib.check_writable(args.output_dir)
-    if args.log_dir:
-        ckpt_lib.check_writable(args.log_dir)
-    ckpt_lib.remove_stale_temp_files(args.output_dir)
+def check_outputs_writable(args, info) -> None:
+    """Rank 0: output_dir and log_dir take a write probe before any compute (the probe file is removed again)."""
+    if info.is_main:
+        ckpt_lib.check_writable(args.output_dir)
+        if args.log_dir:
+            ckpt_lib.check_writable(args.log_dir)
 
 
 def log_resolved(args, task: Task, info, device, precision, eff_batch_size, steps_per_epoch) -> None:
@@ -310,8 +321,9 @@ def log_resolved(args, task: Task, info, device, precision, eff_batch_size, step
 
 
 def build_run(task: Task, args, info, device) -> Run:
-    """Everything of the run set-up order after the flags: see the module docstring."""
-    prepare_outputs(args, info)
+    """Everything of the run set-up order after the flags and the resume source: see the module docstring."""
+    if info.is_main:
+        ckpt_lib.remove_stale_temp_files(args.output_dir)
     setup_logging(args.output_dir if info.is_main else None, info.rank)
     if info.is_main:
         for warning in argument_warnings(args):
@@ -336,7 +348,8 @@ def build_run(task: Task, args, info, device) -> Run:
     return Run(args=args, task=task, info=info, device=device, precision=precision, model=model,
                model_without_ddp=model_without_ddp, optimizer=optimizer, scaler=LossScaler(precision, device),
                loader=loader, sampler=sampler, steps_per_epoch=steps, data=data,
-               run_log=RunLog(args.output_dir, args.log_dir, info.is_main), preemption=PreemptionFlag().install())
+               run_log=RunLog(args.output_dir, args.log_dir, info.is_main), preemption=PreemptionFlag().install(),
+               identity=run_identity(task, args))
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -374,7 +387,7 @@ def checkpoint_state(run: Run, state: TrainState, epoch: int, step: int, epoch_l
     task_keys = {"task": run.task.name} if run.task.name else {}
     return ckpt_lib.assemble(run.model_without_ddp, run.optimizer, run.scaler.state_dict(), run.args, epoch, step,
                              rng=rng, world_size=run.info.world_size, **task_keys, **run.task.checkpoint_extra(run),
-                             **state.checkpoint_fields(), epoch_log=epoch_log)
+                             **state.checkpoint_fields(), run_identity=run.identity, epoch_log=epoch_log)
 
 
 def save(run: Run, state: TrainState, epoch: int, step: int, periodic: bool = False, best: bool = False,
@@ -412,13 +425,91 @@ def write_checkpoint(run: Run, ckpt: dict | None, copies: list[str]) -> None:
         raise error
 
 
-def resume_source(args) -> tuple[str, dict] | None:
-    """(path, checkpoint) of --resume, or with --auto_resume the newest good checkpoint in output_dir; None if
-    there is none."""
+def file_fingerprint(path: str | None) -> str | None:
+    """A list or CSV named by a flag, as the run identity records it: its path and the hash of its content (so an
+    edited list with the same name is another run)."""
+    if not path or not os.path.isfile(path):
+        return path or None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return f"{os.path.abspath(path)} (sha256 {digest.hexdigest()[:16]})"
+
+
+def inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
+
+
+def run_identity(task: "Task", args) -> dict:
+    """What makes a run this run (checkpointed as run_identity): the task, model and input, where its weights came
+    from, and the task's own data and settings (Task.identity). A rerun into the same --output_dir must match it.
+    A --resume file inside output_dir continues this run and is not part of it; one from elsewhere is."""
+    foreign = args.resume and not inside(args.resume, args.output_dir)
+    return {"task": task.name or "pretrain", "model": args.model, "input_size": args.input_size,
+            "in_chans": args.in_chans, "resume": os.path.abspath(args.resume) if foreign else None,
+            **task.identity(args)}
+
+
+def check_same_run(path: str, ckpt: dict, now: dict, args) -> None:
+    """The run in --output_dir (its checkpoint `path`) was started with the same identity as this command; else
+    refused naming every difference, unless --resume_with_changes."""
+    stored = ckpt.get("run_identity")
+    if stored is None:
+        logger.info("%s records no run identity (written before identities were kept): flags not compared", path)
+        return
+    differ = {k: (stored[k], now[k]) for k in now if k in stored and stored[k] != now[k]}
+    if not differ:
+        return
+    listing = "; ".join(f"{'--' + k if k != 'task' else 'the task'}: {old!r} there, {new!r} now"
+                        for k, (old, new) in differ.items())
+    if args.resume_with_changes:
+        logger.warning("--resume_with_changes: continuing %s although %s", path, listing)
+        return
+    raise SetupError(f"--output_dir {args.output_dir} holds another run ({path}): {listing}. Give this run its own "
+                     "--output_dir, or pass --resume_with_changes to continue that run with the new flags.")
+
+
+def holds_a_run(folder: str) -> str | None:
+    """The file that shows `folder` holds a run's outputs (a checkpoint, or log.txt lines), or None."""
+    if not os.path.isdir(folder):
+        return None
+    checkpoints = ckpt_lib.candidates(folder)
+    if checkpoints:
+        return checkpoints[0]
+    log = os.path.join(folder, "log.txt")
+    return log if os.path.isfile(log) and os.path.getsize(log) > 0 else None
+
+
+def resume_source(task: "Task", args) -> tuple[str, dict] | None:
+    """Where this run starts from, (path, checkpoint), or None for a fresh start. The run already in --output_dir
+    comes first (auto-resume; a requeued job with --resume continues its own progress), after its identity is
+    compared; a --resume from elsewhere starts a new run only in a folder that holds none. Nothing is ever written
+    over another run's outputs: this runs before any file is written into --output_dir."""
+    out = args.output_dir
+    existing = holds_a_run(out)
+    if task.evaluation_only(args):
+        if existing:
+            raise SetupError(f"--eval writes results.json and the predictions into --output_dir, which holds a run "
+                             f"({existing}); give the evaluation its own --output_dir")
+        return args.resume, ckpt_lib.load_checkpoint(args.resume)
+    now = run_identity(task, args)
+    if args.resume and inside(args.resume, out):  # this run's own checkpoint, chosen by hand
+        ckpt = ckpt_lib.load_checkpoint(args.resume)
+        check_same_run(args.resume, ckpt, now, args)
+        return args.resume, ckpt
+    if existing and args.auto_resume:
+        found = ckpt_lib.find_resumable(out)
+        if found is None:
+            raise SetupError(f"--output_dir {out} holds a run ({existing}) but no checkpoint that loads; give this "
+                             "run another --output_dir (or remove that folder's files yourself)")
+        check_same_run(*found, now, args)
+        return found
+    if existing:
+        raise SetupError(f"--output_dir {out} holds a run ({existing}) and --no_auto_resume would start over it; "
+                         "give this run another --output_dir")
     if args.resume:
         return args.resume, ckpt_lib.load_checkpoint(args.resume)
-    if args.auto_resume and os.path.isdir(args.output_dir):
-        return ckpt_lib.find_resumable(args.output_dir)
     return None
 
 
@@ -433,9 +524,8 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
                          "--model that wrote the checkpoint.") from e
 
 
-def resume(run: Run, state: TrainState) -> dict | None:
-    """Load --resume, or with --auto_resume the newest good checkpoint in output_dir; returns the checkpoint."""
-    found = resume_source(run.args)
+def resume(run: Run, state: TrainState, found: tuple[str, dict] | None) -> dict | None:
+    """Restore the run from `found` (resume_source: path, checkpoint); returns the checkpoint."""
     if found is None:
         return None
     path, ckpt = found
@@ -443,8 +533,10 @@ def resume(run: Run, state: TrainState) -> dict | None:
         raise SetupError(f"{path} holds no 'model' weights (keys: {sorted(ckpt)[:8]}); it is not a checkpoint of "
                          "this project or the reference")
     if ckpt.get("task") != run.task.name:
+        hint = (f"to start from its weights, pass it as {run.task.weights_flag}" if ckpt.get("task") is None and
+                run.task.weights_flag else "give this run its own --output_dir")
         raise SetupError(f"{path} is a checkpoint of {ckpt.get('task') or 'pre-training'}, and this script runs "
-                         f"{run.task.name or 'pre-training'}; give this run its own --output_dir")
+                         f"{run.task.name or 'pre-training'}; {hint}")
     load_model_state(run.model_without_ddp, ckpt, path)
     if run.task.evaluation_only(run.args):
         logger.info("scoring %s (epoch %s)", path, ckpt.get("epoch"))
@@ -648,13 +740,20 @@ def run(task: Task, args) -> int:
 
 def _run(task: Task, args, info, device) -> int:
     try:
+        check_outputs_writable(args, info)
+        found = resume_source(task, args)  # compared with the run in output_dir before anything is written there
+    except (OSError, ValueError) as e:  # a missing, damaged or unreadable checkpoint
+        raise SetupError(f"--resume/--auto_resume: {e}") from e
+    if not task.check_before_writing(args, found):
+        return ExitCode.OK
+    try:
         built = build_run(task, args, info, device)
-    except SETUP_ERRORS as e:  # missing or bad data, bad lists, an unwritable folder
+    except SETUP_ERRORS as e:  # missing or bad data, bad lists
         raise SetupError(str(e)) from e
     state = task.state_class(epoch=args.start_epoch)
     try:
-        resumed = resume(built, state)
-    except SETUP_ERRORS as e:  # a missing, damaged or unsafe checkpoint, or one of another run
+        resumed = resume(built, state, found)
+    except (OSError, ValueError) as e:  # a checkpoint of another model
         raise SetupError(f"--resume/--auto_resume: {e}") from e
     if resumed is None and not task.evaluation_only(args):
         task.initialise(built, state)
@@ -676,7 +775,12 @@ def run_reporting_failures(args, body) -> int:
     """Distributed set-up, then body(info, device) -> exit code. Pre-emption, bad input, a failed write, a bad image
     and a dead peer each end in a one-line report and their exit code (PRETRAIN.md section 6), on every rank. Any
     other exception is a bug: its traceback is logged on the failing rank, then the one-line summary."""
-    info, device = dist_lib.init_distributed(args)
+    try:
+        info, device = dist_lib.init_distributed(args)
+    except SetupError as e:  # a half-set launcher environment, --device cuda without CUDA
+        setup_logging(None, 0)
+        logger.error("error: %s", e)
+        return ExitCode.FAILED
     setup_logging(None, info.rank)  # console only until output_dir has passed its write probe
     logger.info("%s", dist_lib.describe(info))
     try:

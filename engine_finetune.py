@@ -8,6 +8,7 @@ epoch (or --patience scores without improvement) the test list is read and score
 results.json, a table in the log, ROC curves, and the validation AUROC curve. Every AUROC is computed on predictions
 gathered from all ranks, so it equals the single-process value.
 """
+import json
 import logging
 import os
 import pickle
@@ -22,7 +23,7 @@ from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2
 
 from data import labelled
-from engine import Selection, SelectionState, Task, TaskData, checkpointed, log_load_report
+from engine import Selection, SelectionState, Task, TaskData, checkpointed, file_fingerprint, log_load_report
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
 from util.errors import SetupError
@@ -30,11 +31,13 @@ from util.log import MetricLogger, git_commit, write_json
 from util.metrics import bootstrap_auroc, mean_auroc, per_finding_auroc
 from util.model_api import Classifier
 from util.precision import autocast
-from util.vis import save_loss_curve, save_roc_curves
+from util.vis import roc_path, save_loss_curve, save_roc_curves
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("finetune", "linprobe")
+RESULTS_NAME = "results.json"  # written last: its presence means the run is complete and its test list scored
+PREDICTIONS_NAME = "test_predictions.csv"
 
 
 @dataclass
@@ -86,6 +89,9 @@ def check_args(args) -> list[str]:
             problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if not 0.0 < args.label_fraction <= 1.0:
         problems.append(f"--label_fraction is a share of the training list in (0, 1], got {args.label_fraction}")
+    if hasattr(args, "layer_decay") and not 0.0 < args.layer_decay <= 1.0:
+        problems.append(f"--layer_decay must be in (0, 1], got {args.layer_decay:g}: 0 would freeze every layer but "
+                        "the head, 1 is no decay")
     if not 0.0 <= args.drop_path < 1.0:
         problems.append(f"--drop_path must be in [0, 1), got {args.drop_path}")
     if not 0.0 <= args.smoothing < 1.0:
@@ -103,6 +109,7 @@ class ClassificationTask(Task):
     name is "finetune" or "linprobe" (a linear probe trains the head alone, with LARS, on a frozen encoder)."""
 
     state_class = ClassificationState
+    weights_flag = "--finetune"
     selection = Selection("val_auroc", higher_is_better=True, description="mean validation AUROC")
 
     def __init__(self, build_classifier, name: str = "finetune", check_model_args=None):
@@ -122,11 +129,18 @@ class ClassificationTask(Task):
     def check_args(self, args) -> list[str]:
         return check_args(args) + (self.check_model_args(args) if self.check_model_args else [])
 
+    def identity(self, args) -> dict:
+        return {"dataset": args.dataset, "nb_classes": args.nb_classes, "finetune": args.finetune or None,
+                **{f"{r}_list": file_fingerprint(getattr(args, f"{r}_list")) for r in ("train", "val", "test")},
+                "label_fraction": args.label_fraction, "fraction_seed": args.fraction_seed,
+                "chexpert_uncertain": args.chexpert_uncertain if args.dataset == "chexpert" else None,
+                "build_timm_transform": args.build_timm_transform, "norm_stats": args.norm_stats}
+
     def evaluation_only(self, args) -> bool:
         return args.eval
 
     def build_data(self, args, info, device) -> TaskData:
-        if args.eval and os.path.isfile(os.path.join(args.output_dir, "results.json")):
+        if args.eval and os.path.isfile(os.path.join(args.output_dir, RESULTS_NAME)):
             raise SetupError(f"--eval: {args.output_dir} already holds results.json; give the evaluation its own "
                              "--output_dir, so no result is overwritten")
         self.findings = labelled.findings(args.dataset)
@@ -136,7 +150,8 @@ class ClassificationTask(Task):
         train_set = labelled.LabelledDataset(self.splits["train"], labelled.build_transform(args, is_train=True),
                                              args.dataset)
         image_bytes = args.in_chans * args.input_size ** 2 * 4
-        return TaskData(train=train_set, name="the training list",
+        fraction = f", --label_fraction {args.label_fraction:g}" if args.label_fraction < 1 else ""
+        return TaskData(train=train_set, name=f"the training list ({len(train_set)} images{fraction})",
                         batch_bytes=args.batch_size * (image_bytes + 4 * len(self.findings) + 8),
                         extra=build_mixup(args, args.nb_classes))
 
@@ -167,21 +182,51 @@ class ClassificationTask(Task):
                         report, kinds=("loaded", "adapted", "missing", "ignored"))
         state.pretrained_keys = report
 
+    def check_before_writing(self, args, found: tuple[str, dict] | None) -> bool:
+        """A run whose test list was scored (results.json) is complete: the same command says so and stops (after
+        drawing any missing plot again); asked for more epochs, it refuses: the test set is scored once."""
+        results = os.path.join(args.output_dir, RESULTS_NAME)
+        if args.eval or found is None or not os.path.isfile(results):
+            return True
+        _, ckpt = found
+        epoch, _ = ckpt_lib.progress_of(ckpt)
+        if epoch < args.epochs and not ckpt.get("stopped_early"):
+            raise SetupError(f"this run finished after {epoch} epoch(s) and scored its test list ({results}); "
+                             f"--epochs {args.epochs} would train on and score the test list again, and the test set "
+                             "is scored once. Start a new run in another --output_dir (--finetune with the new "
+                             "--epochs), or leave --epochs as it was.")
+        self.findings = labelled.findings(args.dataset)
+        self.complete_outputs(args.output_dir)
+        logger.info("this run is complete and its test list was scored: %s (the test set is scored once; "
+                    "--eval --resume CHECKPOINT scores a checkpoint again, in another --output_dir)", results)
+        return False
+
     def before_epochs(self, run, state: ClassificationState, resumed: dict | None) -> bool:
-        args = run.args
-        if args.eval:
-            state.best_epoch = resumed.get("best_epoch", resumed.get("epoch"))
-            state.best_score = resumed.get("best_score", resumed.get("best_auroc"))
-            state.val_history = resumed.get("val_history", [])
-            state.pretrained_keys = resumed.get("pretrained_keys")
-            self.score_test(run, state, None)
-            return False
-        results = os.path.join(args.output_dir, "results.json")
-        if (state.epoch >= args.epochs or state.stopped_early) and os.path.isfile(results):
-            logger.info("this run is complete and its test list was scored: %s (the test set is scored once; "
-                        "--eval --resume CHECKPOINT scores a checkpoint again, in another --output_dir)", results)
-            return False
-        return True
+        if not run.args.eval:
+            return True
+        state.best_epoch = resumed.get("best_epoch", resumed.get("epoch"))
+        state.best_score = resumed.get("best_score", resumed.get("best_auroc"))
+        state.val_history = resumed.get("val_history", [])
+        state.pretrained_keys = resumed.get("pretrained_keys")
+        self.score_test(run, state, None)
+        return False
+
+    def complete_outputs(self, out: str) -> None:
+        """A complete run whose plots are missing (a kill after results.json, an older version wrote that first)
+        gets them again from test_predictions.csv and log.txt; nothing is scored again."""
+        table = pd.read_csv(os.path.join(out, PREDICTIONS_NAME))
+        labels = table[[f"{name} label" for name in self.findings]].to_numpy(dtype=np.float32)
+        scores = table[[f"{name} score" for name in self.findings]].to_numpy(dtype=np.float32)
+        aurocs = per_finding_auroc(scores, labels)
+        expected = [roc_path(os.path.join(out, "roc"), name) for name, a in zip(self.findings, aurocs) if a is not None]
+        if not all(os.path.isfile(p) for p in expected):
+            with open(os.path.join(out, RESULTS_NAME), encoding="utf-8") as f:
+                results = json.load(f)
+            save_roc_curves(scores, labels, self.findings, aurocs, os.path.join(out, "roc"),
+                            f"{results['model']}, test, epoch {results['selected_epoch']}")
+            logger.info("roc/*.png were missing: drawn again from %s", PREDICTIONS_NAME)
+        if not os.path.isfile(os.path.join(out, "val_auroc.png")):
+            self.after_epoch_plots(out)
 
     def set_train_mode(self, run) -> None:
         run.model.train()
@@ -213,7 +258,10 @@ class ClassificationTask(Task):
         return {"findings": self.findings}
 
     def after_epoch(self, run, state) -> None:
-        out = run.args.output_dir
+        self.after_epoch_plots(run.args.output_dir)
+
+    @staticmethod
+    def after_epoch_plots(out: str) -> None:
         save_loss_curve(os.path.join(out, "log.txt"), os.path.join(out, "val_auroc.png"), keys=("val_auroc",),
                         ylabel="mean validation AUROC")
 
@@ -323,17 +371,20 @@ class ClassificationTask(Task):
             "in_chans": args.in_chans, "pretrained": args.finetune or None,
             "pretrained_keys": state.pretrained_keys, "world_size": run.info.world_size, "git": git_commit(),
         }
-        write_json(os.path.join(out, "results.json"), results)
+        # results.json last, every file atomically: a run is complete (and never scored again) only when all exist
         names = np.array([os.path.basename(p.decode()) for p in test.paths])
         table = {"image": names, "patient": [p.decode() for p in test.patients]}
         for k, name in enumerate(self.findings):
             table[f"{name} label"] = test.labels[:, k]
             table[f"{name} score"] = scores[:, k]
-        pd.DataFrame(table).to_csv(os.path.join(out, "test_predictions.csv"), index=False)
+        predictions = os.path.join(out, PREDICTIONS_NAME)
+        pd.DataFrame(table).to_csv(f"{predictions}.tmp", index=False)
+        os.replace(f"{predictions}.tmp", predictions)
         save_roc_curves(scores, test.labels, self.findings, aurocs, os.path.join(out, "roc"),
                         f"{args.model}, test, epoch {state.best_epoch}")
+        write_json(os.path.join(out, RESULTS_NAME), results)
         logger.info("%s", results_table(results))
-        logger.info("wrote %s, test_predictions.csv and roc/*.png", os.path.join(out, "results.json"))
+        logger.info("wrote %s, %s and roc/*.png", os.path.join(out, RESULTS_NAME), PREDICTIONS_NAME)
 
 
 def results_table(results: dict) -> str:

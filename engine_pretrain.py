@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import data as data_lib
-from engine import Task, TaskData, TrainState, log_load_report
+from engine import Task, TaskData, TrainState, file_fingerprint, log_load_report
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
 from util import monitor
@@ -67,6 +67,10 @@ class PretrainTask(Task):
         if args.probe_freq < 0 or args.vis_freq < 0:
             problems.append("--probe_freq and --vis_freq must be >= 0")
         return problems + (self.check_model_args(args) if self.check_model_args else [])
+
+    def identity(self, args) -> dict:
+        return {"datasets_names": list(args.datasets_names), "train_list": file_fingerprint(args.train_list),
+                "mask_ratio": args.mask_ratio, "norm_pix_loss": args.norm_pix_loss, "init_from": args.init_from or None}
 
     def build_data(self, args, info, device) -> TaskData:
         pretrain_data = data_lib.build_pretrain_data(

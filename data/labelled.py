@@ -9,8 +9,9 @@ CheXpert (--dataset chexpert): the 5 competition findings, from train.csv (train
 train.csv (validation, --val_list to give one) and valid.csv (the radiologist-labelled set, scored once as test).
 Uncertain labels (-1.0) follow --chexpert_uncertain per finding; blank cells are negative.
 
-At start-up every file of the three splits is checked to exist and the splits are checked to share no patient.
-Only the test list's names are read then; its labels and images are loaded once, after training (load_labels).
+At start-up every file of the three splits is checked to exist, no list may name an image twice, every label of the
+three lists is checked (the test list's too), and the splits are checked to share no patient. The test labels are
+kept and its images decoded only once, after training (load_labels).
 """
 import math
 import os
@@ -27,6 +28,7 @@ from data.base import SourceIndex, XrayDataset, find_given_file, require_columns
 from data.checks import files_exist
 from data.config import add_image_args
 from data.transforms import build_finetune_transform, check_norm_policy, norm_stats_for
+from util.errors import SetupError
 
 DATASETS = ("chestxray", "chexpert")
 SOURCE_OF = {"chestxray": "chestxray_nih", "chexpert": "chexpert"}  # per-dataset mean/std (data/transforms.py)
@@ -129,7 +131,7 @@ def _nih_roots(data_path: str) -> list[str]:
 
 
 def _nih_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is not a name
         return [line.strip() for line in f if line.strip()]
 
 
@@ -140,8 +142,9 @@ def _nih_split(role: str, given: str | None, default: str, data_path: str, locat
     names = [line.split(maxsplit=1)[0] for line in lines]
     split = Split(role, path, np.array([located.get(n, os.path.join(data_path, n)) for n in names], dtype=np.bytes_),
                   np.array([nih.patient_of(n) for n in names], dtype=np.bytes_), lines if with_labels else names)
+    labels = _nih_labels(path, lines, flag)  # the test list's too: a bad line fails now, not after training
     if with_labels:
-        split.labels = _nih_labels(path, lines, flag)
+        split.labels = labels
     return split
 
 
@@ -152,10 +155,10 @@ def _nih_labels(path: str, lines: list[str], flag: str) -> np.ndarray:
         raise ValueError(f"{flag} {path}, line {bad + 1}: expected an image name and {len(nih.FINDINGS)} 0/1 labels "
                          f"({', '.join(nih.FINDINGS)}), found {len(fields[bad]) - 1} label(s). Fine-tuning needs "
                          "the labelled lists, like data_splits/chestxray/*_official.txt")
-    labels = np.array([f[1:] for f in fields], dtype=np.float32)
-    if not np.isin(labels, (0.0, 1.0)).all():
-        raise ValueError(f"{flag} {path}: labels must be 0 or 1")
-    return labels
+    bad = next(((i, v) for i, f in enumerate(fields) for v in f[1:] if v not in ("0", "1")), None)
+    if bad is not None:
+        raise ValueError(f"{flag} {path}, line {bad[0] + 1}: label {bad[1]!r}; every label must be 0 or 1")
+    return np.array([f[1:] for f in fields], dtype=np.float32)
 
 
 def _nih_splits(args) -> dict[str, Split]:
@@ -203,7 +206,7 @@ def chexpert_labels(df: pd.DataFrame, policy: dict[str, str], csv: str) -> np.nd
 
 def _chexpert_frontal(csv: str) -> pd.DataFrame:
     """The CSV's frontal rows (as in pre-training), renumbered."""
-    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     require_columns(df, ["Path", "Frontal/Lateral"], csv)
     return df[df["Frontal/Lateral"] == "Frontal"].reset_index(drop=True)
 
@@ -241,6 +244,7 @@ def _chexpert_splits(args, seed: int) -> dict[str, Split]:
                       role="val")
         train = train.subset(~held, f"{train.source} minus the validation patients")
     test = _chexpert_split("test", _chexpert_csv(args.test_list, root, "valid.csv", "--test_list"), root, None)
+    chexpert_labels(_chexpert_frontal(test.source), policy, test.source)  # checked now; kept only after training
     return {"train": train, "val": val, "test": test}
 
 
@@ -268,6 +272,7 @@ def build_splits(args) -> dict[str, Split]:
     for split in splits.values():
         if not len(split):
             raise ValueError(f"--{split.role}_list {split.source} lists no image")
+        check_unique(split)
         exists = files_exist(split.paths)
         if not exists.all():
             missing = [p.decode() for p in split.paths[~exists]]
@@ -277,6 +282,19 @@ def build_splits(args) -> dict[str, Split]:
                 + "\nCheck --data_path and the list.")
     check_disjoint(splits)
     return splits
+
+
+def check_unique(split: Split) -> None:
+    """An image listed twice would be trained on twice, or scored twice (and counted twice in the test size)."""
+    names, first, counts = np.unique(split.paths, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        twice = names[counts > 1]
+        lines = {n: [i + 1 for i in np.flatnonzero(split.paths == n)] for n in twice[:5]}
+        listing = "; ".join(f"{os.path.basename(n.decode())} (rows {', '.join(map(str, rows))})"
+                            for n, rows in lines.items())
+        raise ValueError(f"--{split.role}_list {split.source} lists {len(twice)} image(s) more than once: {listing}. "
+                         "Remove the repeated lines (rows count the list's non-empty lines, or the CSV's frontal "
+                         "rows).")
 
 
 def check_disjoint(splits: dict[str, Split]) -> None:
@@ -296,6 +314,11 @@ def label_fraction(train: Split, fraction: float, seed: int, out_dir: str, write
     so the run can be repeated with --train_list, and shared."""
     if fraction >= 1.0:
         return train
+    patients = len(np.unique(train.patients))
+    if fraction * patients < 1:
+        raise ValueError(f"--label_fraction {fraction:g} of the {patients} patients of the training list "
+                         f"{train.source} is less than one patient; the smallest fraction here is "
+                         f"{1 / patients:.2g} (one patient)")
     keep = draw_by_patient(train.patients, fraction, seed)
     ext = ".txt" if isinstance(train.rows, list) else ".csv"
     path = os.path.join(out_dir, f"train_{fraction * 100:g}pct_seed{seed}{ext}")
@@ -317,7 +340,8 @@ def load_labels(args, test: Split) -> Split:
         labels = chexpert_labels(df, uncertain_policy(args.chexpert_uncertain), test.source)
         unchanged = df["Path"].tolist() == test.rows["Path"].tolist()
     if not unchanged:
-        raise RuntimeError(f"the test list {test.source} changed during the run; its names no longer match")
+        raise SetupError(f"the test list {test.source} changed during the run; its names no longer match the ones "
+                         "checked at start-up (restore the list, or score a checkpoint with --eval)")
     return replace(test, labels=labels)
 
 

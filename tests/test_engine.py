@@ -23,6 +23,7 @@ def toy_args(out, *argv) -> argparse.Namespace:
                     save_freq=0)
     parser.add_argument("--model", default="toy_linear")
     parser.add_argument("--input_size", default=4, type=int)
+    parser.add_argument("--in_chans", default=1, type=int)
     parser.add_argument("--patience", default=0, type=int)
     parser.add_argument("--fail_in", default="")  # ToyTask raises KeyError there: a bug, for the report test
     return parser.parse_args(["--output_dir", str(out), "--log_dir", "", "--device", "cpu", "--num_workers", "0",
@@ -112,6 +113,9 @@ def test_a_checkpoint_of_another_task_is_refused_in_one_line(tmp_path, caplog):
     other = ToyTask()
     other.name = "another"
     assert engine.run(other, toy_args(tmp_path, "--epochs", "2")) == ExitCode.FAILED
+    assert "holds another run" in caplog.text and "the task: 'toy' there, 'another' now" in caplog.text
+    # and no flag makes a checkpoint of one task resume as another
+    assert engine.run(other, toy_args(tmp_path, "--epochs", "2", "--resume_with_changes")) == ExitCode.FAILED
     assert "is a checkpoint of toy, and this script runs another; give this run its own --output_dir" in caplog.text
     assert "Traceback" not in caplog.text
 

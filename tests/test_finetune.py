@@ -416,4 +416,4 @@ def test_reference_finetune_command_runs_with_sizes_shrunk(nih, runs, tmp_path, 
         assert single["test"]["per_finding"] == results["test"]["per_finding"], alone.output
         # scoring again into the fine-tuning folder would overwrite its results: refused before any compute
         assert ft_main.main([*flags, "--eval", "--resume", str(save / "checkpoint-best.pth"), "--device", "cpu"]) == 1
-        assert "already holds results.json" in caplog.text
+        assert "give the evaluation its own --output_dir" in caplog.text and "holds a run" in caplog.text

@@ -13,6 +13,9 @@ def model_from_checkpoint(path: str):
     if "model" not in ckpt or "args" not in ckpt:
         raise ValueError(f"{path} is not a pre-training checkpoint (it has no 'model' and 'args'); "
                          "an encoder export cannot be visualised or re-exported")
+    if ckpt.get("task"):
+        raise ValueError(f"{path} is a {ckpt['task']} checkpoint (a classifier); this tool takes a pre-training "
+                         "checkpoint (main_pretrain_multi_datasets_xray*.py), whose encoder and decoder it rebuilds")
     saved = ckpt["args"]
     script = vit_main if saved.get("model") in models_mae.MODELS else cnn_main
     args = argparse.ArgumentParser(parents=[script.get_args_parser()]).parse_args([])

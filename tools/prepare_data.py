@@ -35,6 +35,11 @@ def main() -> int:
     problems = data.check_data_args(args)
     if args.prepared_dir:
         problems.append("--prepared_dir: prepare from the original files, not from another preparation")
+    if args.prepare_size < 16:
+        problems.append(f"--prepare_size {args.prepare_size}: the shorter side in pixels, at least 16 (the reference "
+                        "resized to 320)")
+    if args.workers < 1 or args.shard_images < 1:
+        problems.append("--workers and --shard_images must be >= 1")
     if problems:
         parser.error("; ".join(problems))
     try:

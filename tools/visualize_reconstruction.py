@@ -17,6 +17,8 @@ import data
 from data.image_io import load_gray
 from data.transforms import build_eval_transform, norm_stats_for
 from tools.checkpoint_model import model_from_checkpoint
+from tools.reporting import check_outputs, run_tool
+from util.errors import SetupError
 from util.vis import save_reconstruction_png
 
 
@@ -30,10 +32,21 @@ def main() -> int:
     parser.add_argument("--mask_seed", type=int, default=1234, help="seed of the mask (default: 1234)")
     parser.add_argument("--mask_ratio", type=float, default=None, help="default: the run's")
     parser.add_argument("--out", required=True, help="folder for the PNGs")
+    parser.add_argument("--overwrite", action="store_true", help="replace PNGs of the same names in --out "
+                        "(default: off, they are refused)")
     args = parser.parse_args()
     if not args.images and not args.datasets_names:
         parser.error("give --images or --datasets_names")
+    return run_tool(lambda: visualize(args))
+
+
+def visualize(args) -> int:
+    if os.path.isfile(args.out):
+        raise SetupError(f"--out {args.out} is a file; give a folder for the PNGs")
     model, run_args, ckpt = model_from_checkpoint(args.checkpoint)
+    missing = [path for path in args.images if not os.path.isfile(path)]
+    if missing:
+        raise SetupError(f"--images: {', '.join(missing)} not found")
     per_source = (ckpt.get("norm_stats") or {}).get("per_source", {})
     jobs = []  # (label, gray image, source name for the statistics)
     for path in args.images:
@@ -44,6 +57,8 @@ def main() -> int:
                                                  input_size=run_args.input_size, train_list=run_args.train_list)
         for source in dataset.datasets:
             jobs += [(f"{source.name}_{i}", source.load(i), source.name) for i in range(min(args.num, len(source)))]
+    check_outputs([os.path.join(args.out, f"{label}.png") for label, _, _ in jobs], [args.checkpoint, *args.images],
+                  args.overwrite)
     os.makedirs(args.out, exist_ok=True)
     mask_ratio = run_args.mask_ratio if args.mask_ratio is None else args.mask_ratio
     for label, image, source in jobs:

@@ -238,6 +238,9 @@ def prune_periodic(output_dir: str, keep_last: int) -> None:
 
 def check_writable(output_dir: str) -> None:
     """Probe write, so an unwritable or full disk fails before any compute is spent."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise SetupError(f"--output_dir {output_dir} is a file, not a folder; give a folder (it is created if "
+                           "missing)")
     try:
         os.makedirs(output_dir, exist_ok=True)
         probe = os.path.join(output_dir, f".write_probe.{os.getpid()}")
@@ -247,5 +250,5 @@ def check_writable(output_dir: str) -> None:
             os.fsync(f.fileno())
         os.remove(probe)
     except OSError as e:
-        raise RuntimeError(f"--output_dir {output_dir} is not writable: {e.strerror or e}. "
+        raise SetupError(f"--output_dir {output_dir} is not writable: {e.strerror or e}. "
                            "Choose a folder on a disk with free space that this user can write.") from e

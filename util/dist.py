@@ -68,7 +68,7 @@ def _int_env(env, name: str) -> int:
     try:
         return int(env[name])
     except ValueError as e:
-        raise RuntimeError(f"environment variable {name}={env[name]!r} is not an integer") from e
+        raise SetupError(f"environment variable {name}={env[name]!r} is not an integer") from e
 
 
 def resolve_env(env=None, dist_on_itp: bool = False) -> DistInfo:
@@ -79,7 +79,7 @@ def resolve_env(env=None, dist_on_itp: bool = False) -> DistInfo:
     if present:
         missing = [v for v in torchrun_vars if v not in env]
         if missing:
-            raise RuntimeError(
+            raise SetupError(
                 f"the launcher environment is only partly set: {', '.join(present)} present but "
                 f"{', '.join(missing)} missing. Launch with torchrun, or unset the partial variables."
             )
@@ -122,7 +122,7 @@ def resolve_device(requested: str | None, local_rank: int) -> torch.device:
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but CUDA is not available here; pass --device cpu")
+            raise SetupError("--device cuda was requested but CUDA is not available here; pass --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

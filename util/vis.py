@@ -75,7 +75,9 @@ def save_reconstruction_png(path: str, model, images, mask_ratio, mask_seed, mea
     """Write the grid to `path`; returns the loss and the grid (for TensorBoard, without reading the file back)."""
     loss, panels = reconstruct(model, images, mask_ratio, mask_seed)
     image = titled_grid(panels_to_uint8(panels, mean, std), model.norm_pix_loss, f"{title}  loss {loss:.4f}")
-    image.save(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)  # atomic: a kill never leaves half a picture
     return loss, image
 
 
@@ -87,6 +89,13 @@ def _pyplot():
     from matplotlib import pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """fig as a PNG at `path`, atomically: a reader (or a rerun after a kill) never finds half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
 
 
 def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss"), ylabel: str = "loss") -> None:
@@ -111,8 +120,12 @@ def save_loss_curve(log_txt: str, path: str, keys=("train_loss", "val_loss"), yl
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
+
+
+def roc_path(out_dir: str, finding: str) -> str:
+    return os.path.join(out_dir, f"roc_{finding.replace(' ', '_')}.png")
 
 
 def save_roc_curves(scores: np.ndarray, labels: np.ndarray, findings: list[str], aurocs: list, out_dir: str,
@@ -136,8 +149,8 @@ def save_roc_curves(scores: np.ndarray, labels: np.ndarray, findings: list[str],
         ax.set_title(f"{name}\n{title}", fontsize=9)
         ax.legend(loc="lower right")
         fig.tight_layout()
-        path = os.path.join(out_dir, f"roc_{name.replace(' ', '_')}.png")
-        fig.savefig(path)
+        path = roc_path(out_dir, name)
+        save_figure(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 TASKS = ("finetune", "linprobe")
 RESULTS_NAME = "results.json"  # written last: its presence means the run is complete and its test list scored
 PREDICTIONS_NAME = "test_predictions.csv"
+# what decides how a checkpoint's test images are prepared: --eval must score with its run's values
+EVAL_SETTINGS = ("dataset", "input_size", "in_chans", "norm_stats", "build_timm_transform", "global_pool")
 
 
 @dataclass
@@ -185,8 +187,11 @@ class ClassificationTask(Task):
     def check_before_writing(self, args, found: tuple[str, dict] | None) -> bool:
         """A run whose test list was scored (results.json) is complete: the same command says so and stops (after
         drawing any missing plot again); asked for more epochs, it refuses: the test set is scored once."""
+        if args.eval:
+            self.check_eval_settings(args, *found)
+            return True
         results = os.path.join(args.output_dir, RESULTS_NAME)
-        if args.eval or found is None or not os.path.isfile(results):
+        if found is None or not os.path.isfile(results):
             return True
         _, ckpt = found
         epoch, _ = ckpt_lib.progress_of(ckpt)
@@ -200,6 +205,16 @@ class ClassificationTask(Task):
         logger.info("this run is complete and its test list was scored: %s (the test set is scored once; "
                     "--eval --resume CHECKPOINT scores a checkpoint again, in another --output_dir)", results)
         return False
+
+    @staticmethod
+    def check_eval_settings(args, path: str, ckpt: dict) -> None:
+        """--eval scores the checkpoint as its run scored: the same images, transforms and normalisation."""
+        saved = ckpt.get("args") or {}
+        differ = [f"--{k} {saved[k]!r} in its run, {getattr(args, k)!r} now" for k in EVAL_SETTINGS
+                  if k in saved and saved[k] != getattr(args, k)]
+        if differ:
+            raise SetupError(f"--eval --resume {path}: {'; '.join(differ)}. Scoring with other transforms gives "
+                             "another number for the same model: pass the run's own flags")
 
     def before_epochs(self, run, state: ClassificationState, resumed: dict | None) -> bool:
         if not run.args.eval:

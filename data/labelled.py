@@ -27,6 +27,7 @@ from data import chexpert
 from data.base import SourceIndex, XrayDataset, find_given_file, require_columns
 from data.checks import files_exist
 from data.config import add_image_args
+from data.image_io import decode_problem
 from data.transforms import build_finetune_transform, check_norm_policy, norm_stats_for
 from util.errors import SetupError
 
@@ -37,6 +38,8 @@ CHEXPERT_FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "P
 DEFAULT_UNCERTAIN = "Atelectasis=ones,Edema=ones,Cardiomegaly=zeros,Consolidation=zeros,Pleural Effusion=zeros"
 UNCERTAIN_POLICIES = ("ones", "zeros")
 CHEXPERT_VAL_FRACTION = 0.05  # of train.csv's patients, when no --val_list is given
+CHECK_IMAGES = ("sample", "all", "none")
+CHECK_SAMPLE = 16  # images decoded per split at start-up under --check_images sample
 
 
 def add_data_args(parser) -> None:
@@ -59,6 +62,10 @@ def add_data_args(parser) -> None:
                             "the drawn list is written to output_dir (default: 1.0)")
     group.add_argument("--fraction_seed", default=0, type=int,
                        help="seed of the --label_fraction draw and of CheXpert's validation patients (default: 0)")
+    group.add_argument("--check_images", default="sample", choices=CHECK_IMAGES,
+                       help="decode images of every split at start-up, so a bad file fails before training: 'sample' "
+                            f"({CHECK_SAMPLE} evenly spaced per split), 'all', or 'none' (default: sample; "
+                            "tools/verify_data.py checks every file)")
     group.add_argument("--chexpert_uncertain", default=DEFAULT_UNCERTAIN, type=str,
                        help="CheXpert uncertain (-1) labels: 'ones', 'zeros' or per finding 'Edema=ones,...' "
                             "(default: U-Ones for Atelectasis and Edema, U-Zeros for the rest)")
@@ -261,6 +268,20 @@ def draw_by_patient(patients: np.ndarray, fraction: float, seed: int) -> np.ndar
     return chosen[inverse]
 
 
+def check_decodes(split: Split, policy: str) -> None:
+    """--check_images: decode a sample (or all) of a split's images now, naming every one that fails."""
+    if policy == "none" or not len(split):
+        return
+    picks = (range(len(split)) if policy == "all" else
+             np.unique(np.linspace(0, len(split) - 1, min(CHECK_SAMPLE, len(split))).astype(int)))
+    bad = [(p, why) for p in (split.paths[i].decode() for i in picks) if (why := decode_problem(p))]
+    if bad:
+        listing = "\n  ".join(f"{p}: {why}" for p, why in bad[:10])
+        raise ValueError(f"{len(bad)} of {len(picks)} checked images of the {split.role} list {split.source} do not "
+                         f"decode:\n  {listing}\nReplace them or remove their lines (--check_images all checks every "
+                         "image; tools/verify_data.py lists them without training)")
+
+
 def build_splits(args) -> dict[str, Split]:
     """train/val/test for --dataset, checked: every file present, no patient in two splits. The test split holds
     names only; load_labels reads its labels after training."""
@@ -281,6 +302,8 @@ def build_splits(args) -> dict[str, Split]:
                 + "\n  ".join(missing[:10]) + ("\n  ..." if len(missing) > 10 else "")
                 + "\nCheck --data_path and the list.")
     check_disjoint(splits)
+    for split in splits.values():
+        check_decodes(split, args.check_images)
     return splits
 
 

@@ -235,3 +235,27 @@ def test_tool_mistakes_are_one_line_naming_the_flag(runs, tmp_path, case, argv, 
     proc = run_tool_in_process(*argv(tmp_path, runs))
     assert proc.returncode != 0 and re.search(message, proc.stderr + proc.stdout), proc.stderr
     assert "Traceback" not in proc.stderr and md5s(tmp_path) == before
+
+
+@pytest.mark.parametrize("role, damage", [("test", "truncated"), ("val", "empty")])
+def test_an_undecodable_image_of_any_split_fails_at_start_up(nih, tmp_path, caplog, role, damage):
+    root, lists = nih
+    copy = tmp_path / "nih"
+    shutil.copytree(root, copy)
+    name = open(lists[role]).read().split()[0]
+    image = next(copy.rglob(name))
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 3] if damage == "truncated" else b"")
+    code, text = run_finetune(finetune_flags(lists, str(copy), tmp_path / "out"), caplog)
+    assert code == 1 and f"of the {role} list" in text and name in text and "do not decode" in text, text
+    assert "Epoch: [0]" not in text
+
+
+def test_eval_with_other_transforms_than_its_run_is_refused(nih, finished, tmp_path, caplog):
+    root, lists = nih
+    code, text = run_finetune(finetune_flags(lists, root, tmp_path / "eval", eval=True, build_timm_transform=True,
+                                             resume=finished / "checkpoint-best.pth"), caplog)
+    assert code == 1 and "--build_timm_transform False in its run, True now" in text, text
+    assert not (tmp_path / "eval" / "results.json").exists()
+    code, text = run_finetune(finetune_flags(lists, root, tmp_path / "eval", eval=True,
+                                             resume=finished / "checkpoint-best.pth"), caplog)
+    assert code == 0 and (tmp_path / "eval" / "results.json").is_file(), text

@@ -1,5 +1,5 @@
 # Two commands set up and run everything on a fresh machine (Python 3.11 with pip):
-#   make demo   install, build demo data, pre-train ViT-S on CPU (< 5 min), write checkpoints + PNGs
+#   make demo   install, build demo data, pre-train ViT-S on CPU (time: README), write checkpoints + PNGs
 #   make test   install, run the test suite (make test-fast: the unit tests alone, in under a minute)
 # make finetune-demo: fine-tune make demo's checkpoint (pre-training a short one first if there is none) on demo
 # labelled lists and print the test AUROC table with confidence intervals, in a few minutes on CPU.
@@ -34,7 +34,7 @@ demo: install
 	    --epochs $(DEMO_EPOCHS) --warmup_epochs 2 --blr 1.5e-3 --weight_decay 0.05 --num_workers 1 \
 	    --input_size 112 --random_resize_range 0.5 1.0 --datasets_names chexpert chestxray_nih mimic_cxr \
 	    --data_path $(DEMO_DIR)/data --train_list $(DEMO_DIR)/data/nih_chestxray/train_official_subset.txt \
-	    --device cpu --save_freq 5 --vis_freq 5 --print_freq 5
+	    --device cpu --save_freq 5 --keep_last 1 --vis_freq 5 --print_freq 5
 	@echo "Demo done: see $(DEMO_DIR)/output (reconstruction-*.png, loss_curve.png, log.txt, checkpoints)"
 
 finetune-demo: install

@@ -6,7 +6,7 @@ One process, CPU or one GPU:
         --data_path data/nih_chestxray --output_dir out --log_dir out
 One node, 8 GPUs: the reference's FINETUNE.md commands (python -m torch.distributed.launch --use_env), or
     torchrun --nproc_per_node=8 main_finetune_chestxray.py ...
-SLURM: RECIPE=finetune_vit_s sbatch scripts/pretrain_1node.sbatch (FINETUNE.md section 4).
+SLURM: RECIPE=finetune_vit_s sbatch scripts/pretrain_1node.sbatch (FINETUNE.md section 5).
 The checkpoint is selected by validation AUROC; the test list is scored once, at the end (FINETUNE.md).
 """
 import argparse

@@ -34,7 +34,9 @@ def add_image_args(group, data_path_help: str) -> None:
                             "(default: dataset)")
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
+def add_data_args(parser: argparse.ArgumentParser, training: bool = True) -> None:
+    """The Data group: what the sources are and where (every script and data tool), and with `training` how the
+    training pipeline reads them (augmentation, prepared data, decoding, start-up checks, the index cache)."""
     g = parser.add_argument_group("Data")
     add_image_args(g, "root holding the datasets in the reference layout: CheXpert-v1.0-small/, nih_chestxray/, "
                       "mimic_cxr/")
@@ -44,8 +46,6 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{name}_root", default=None, type=str,
                        help=f"folder of {name}, overriding --data_path/{source.default_dir}")
         source.add_args(g)
-    g.add_argument("--random_resize_range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="RandomResizedCrop scale range, e.g. 0.5 1.0; unset means a plain resize (default: unset)")
     g.add_argument("--views", action="append", default=[], metavar="SOURCE=V1,V2",
                    help="view filter per source, e.g. chexpert=AP,PA or mimic_cxr=all; defaults: chexpert frontal, "
                         "mimic_cxr AP,PA (repeatable)")
@@ -56,26 +56,30 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bad_files", default="error", choices=BAD_FILE_POLICIES,
                    help="a missing or undecodable image: 'error' stops with its path; 'skip' replaces it, "
                         "counts it and logs its path (default: error)")
-    g.add_argument("--prepared_dir", default=None, type=str,
-                   help="train from a folder written by tools/prepare_data.py instead of the original files "
-                        "(same images, same order; default: off)")
-    add_bool_flag(g, "jpeg_draft", False,
-                  "decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when the crop does not need full "
-                  "resolution; about 1.5x the full-size pipeline on full-resolution quality-95 JPEGs, where entropy "
-                  "decoding dominates (benchmarks/RESULTS.md)")
-    add_bool_flag(g, "gpu_augment", False,
-                  "run crop, resize, flip and normalise on the training device as one batched operation; the "
-                  "workers only place the decoded image on a fixed canvas")
-    g.add_argument("--gpu_augment_canvas", default=416, type=int,
-                   help="canvas side for --gpu_augment; larger images are shrunk to fit (default: 416, for data "
-                        "prepared at 320)")
-    g.add_argument("--startup_check", default=16, type=int,
-                   help="decode this many images of each source at start-up, so unreadable files fail before "
-                        "training (default: 16; tools/verify_data.py checks every file)")
     add_bool_flag(g, "leakage_check", True, "fail if a pre-training patient is in a source's own test/validation split")
-    g.add_argument("--rebuild_index", action="store_true",
-                   help="index and check every image again even if output_dir/index_cache.npz is valid (it is "
-                        "rebuilt anyway when a metadata file, list, image folder or data flag changes)")
+    if training:  # how training reads the data; the data tools index and check it without these
+        g.add_argument("--rebuild_index", action="store_true",
+                       help="index and check every image again even if output_dir/index_cache.npz is valid (it is "
+                            "rebuilt anyway when a metadata file, list, image folder or data flag changes)")
+        g.add_argument("--random_resize_range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                       help="RandomResizedCrop scale range, e.g. 0.5 1.0; unset means a plain resize "
+                            "(default: unset)")
+        g.add_argument("--prepared_dir", default=None, type=str,
+                       help="train from a folder written by tools/prepare_data.py instead of the original files "
+                            "(same images, same order; default: off)")
+        add_bool_flag(g, "jpeg_draft", False,
+                      "decode JPEGs at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when the crop does not need full "
+                      "resolution; about 1.5x the full-size pipeline on full-resolution quality-95 JPEGs, where "
+                      "entropy decoding dominates (benchmarks/RESULTS.md)")
+        add_bool_flag(g, "gpu_augment", False,
+                      "run crop, resize, flip and normalise on the training device as one batched operation; the "
+                      "workers only place the decoded image on a fixed canvas")
+        g.add_argument("--gpu_augment_canvas", default=416, type=int,
+                       help="canvas side for --gpu_augment; larger images are shrunk to fit (default: 416, for data "
+                            "prepared at 320)")
+        g.add_argument("--startup_check", default=16, type=int,
+                       help="decode this many images of each source at start-up, so unreadable files fail before "
+                            "training (default: 16; tools/verify_data.py checks every file)")
 
 
 def _data_flag_defaults() -> dict:

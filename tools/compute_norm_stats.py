@@ -31,7 +31,7 @@ def pixel_stats(paths: list[str], size: int) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_data_args(parser)
+    data.add_data_args(parser, training=False)
     parser.add_argument("--max_images", type=int, default=5000,
                         help="a fixed random sample of this size (default: 5000)")
     parser.add_argument("--out", required=True, help="JSON file to write ({'mean': m, 'std': s, ...})")

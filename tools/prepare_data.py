@@ -18,7 +18,7 @@ from data.prepared import PreparedStore, prepare
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_data_args(parser)
+    data.add_data_args(parser, training=False)
     parser.add_argument("--out", required=True, help="folder to write (resumes if it holds a partial preparation)")
     parser.add_argument("--prepare_size", type=int, default=320,
                         help="shorter side after resizing, as the reference's resized MIMIC copy (default: 320)")
@@ -33,8 +33,6 @@ def main() -> int:
         return 1 if bad else 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     problems = data.check_data_args(args)
-    if args.prepared_dir:
-        problems.append("--prepared_dir: prepare from the original files, not from another preparation")
     if args.prepare_size < 16:
         problems.append(f"--prepare_size {args.prepare_size}: the shorter side in pixels, at least 16 (the reference "
                         "resized to 320)")

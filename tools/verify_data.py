@@ -36,7 +36,7 @@ def check_all(paths: list[str], workers: int) -> list[tuple[str, str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_data_args(parser)
+    data.add_data_args(parser, training=False)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     parser.add_argument("--report", default=None, help="also write the findings to this JSON file")
     args = parser.parse_args()
@@ -59,7 +59,8 @@ def main() -> int:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
     bad = sum(len(v) for v in report.values())
-    print(f"{'OK' if not bad else 'FAILED'}: {bad} bad file(s) in {len(report)} source(s)")
+    sources_with_bad = sum(1 for v in report.values() if v)
+    print(f"{'OK' if not bad else 'FAILED'}: {bad} bad file(s) in {sources_with_bad} of {len(report)} source(s)")
     return 1 if bad else 0
 
 

@@ -129,3 +129,55 @@ def test_reference_command_runs_with_sizes_shrunk(reference_cwd, tmp_path, free_
     assert "chestxray_nih: 75312 images" in proc.stdout and "train_official.txt: 75312" in proc.stdout, output
     assert ("mimic_cxr: " in proc.stdout) == ("mimic_cxr" in REFERENCE_COMMANDS[recipe])
     assert (save_dir / "checkpoint-0.pth").is_file() and (save_dir / "log.txt").is_file(), output
+
+
+# ---- every flag documented -------------------------------------------------------------------------------------
+
+def _section(doc: str, title: str) -> str:
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    start = text.index(title)
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def _flags(parser: argparse.ArgumentParser) -> dict[str, object]:
+    """--flag -> default, for every flag --help shows (the underscore spelling where there are two)."""
+    out = {}
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings or "--help" in action.option_strings:
+            continue
+        out[sorted(action.option_strings, key=lambda o: ("_" not in o, -len(o)))[0]] = action.default
+    return out
+
+
+def test_every_flag_of_every_entry_script_is_documented():
+    """Pre-training flags in PRETRAIN.md section 8; fine-tuning and probe flags in FINETUNE.md section 7, or, for the
+    flags the engine shares, in PRETRAIN.md section 8 with the same default."""
+    import main_finetune_chestxray as ft_main
+
+    pretrain_doc = _section("PRETRAIN.md", "## 8. Every flag")
+    finetune_doc = _section("FINETUNE.md", "## 7. Every flag")
+    pretrain = {**_flags(vit_main.get_args_parser()), **_flags(cnn_main.get_args_parser())}
+    missing = [f for f in pretrain if f"`{f}" not in pretrain_doc]
+    for linear_probe in (False, True):
+        for flag, default in _flags(ft_main.get_args_parser(linear_probe)).items():
+            shared = flag in pretrain and pretrain[flag] == default and f"`{flag}" in pretrain_doc
+            if f"`{flag}" not in finetune_doc and not shared:
+                missing.append(f"{flag} ({'probe' if linear_probe else 'fine-tuning'})")
+    assert not missing, f"flags with no row in the docs: {sorted(set(missing))}"
+
+
+@pytest.mark.parametrize("tool", ["verify_data", "prepare_data", "compute_norm_stats", "export_encoder",
+                                  "visualize_reconstruction", "make_demo_data"])
+def test_every_flag_of_every_tool_is_documented(tool):
+    """Each flag a tool's --help lists is in PRETRAIN.md (its row of the tools table, or section 1's data flags)."""
+    from tests.helpers import run_tool_in_process
+
+    proc = run_tool_in_process(f"{tool}.py", "--help")
+    assert proc.returncode == 0, proc.stderr
+    shown = set(re.findall(r"(--[a-z][a-z0-9_]*)", proc.stdout)) - {"--help"}
+    doc = (ROOT / "PRETRAIN.md").read_text(encoding="utf-8")
+    data_section = _section("PRETRAIN.md", "## 1. Data") + _section("PRETRAIN.md", "## 8. Every flag")
+    row = next(line for line in doc.splitlines() if line.startswith(f"| `python -m tools.{tool}`"))
+    missing = sorted(f for f in shown if f"`{f}" not in row and f"`{f}" not in data_section)
+    assert not missing, f"tools.{tool}: {missing} not in PRETRAIN.md"

@@ -215,6 +215,9 @@ TOOL_CASES = [
     ("compute_norm_stats, --bad_files skip",
      lambda t, runs: ("compute_norm_stats.py", "--out", str(t / "s.json"), "--bad_files", "skip"),
      r"--bad_files skip: the statistics must come from images that decode"),
+    ("prepare_data, --verify where nothing was prepared",
+     lambda t, runs: ("prepare_data.py", "--out", str(t / "none"), "--verify"),
+     r"--out \S+none holds no preparation \(no manifest.json\) to verify"),
     ("visualize, an encoder export",
      lambda t, runs: ("visualize_reconstruction.py", "--checkpoint", str(t / "encoder.pth"), "--images", "x.png",
                       "--out", str(t / "v")), r"is not a pre-training checkpoint"),
@@ -259,3 +262,19 @@ def test_eval_with_other_transforms_than_its_run_is_refused(nih, finished, tmp_p
     code, text = run_finetune(finetune_flags(lists, root, tmp_path / "eval", eval=True,
                                              resume=finished / "checkpoint-best.pth"), caplog)
     assert code == 0 and (tmp_path / "eval" / "results.json").is_file(), text
+
+
+def test_verify_data_checks_a_fine_tuning_datasets_three_lists(nih, tmp_path):
+    """What the start-up message suggests for a bad image of a fine-tuning list: verify_data --dataset finds it,
+    and every other bad file, without training."""
+    root, lists = nih
+    copy = tmp_path / "nih"
+    shutil.copytree(root, copy)
+    name = open(lists["test"]).read().split()[0]
+    image = next(copy.rglob(name))
+    image.write_bytes(image.read_bytes()[:100])
+    proc = run_tool_in_process("verify_data.py", "--dataset", "chestxray", "--data_path", str(copy), "--train_list",
+                               lists["train"], "--val_list", lists["val"], "--test_list", lists["test"],
+                               "--workers", "1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"BAD {image}" in proc.stdout and "FAILED: 1 bad file(s) in 1 of 3 list(s)" in proc.stdout, proc.stdout

@@ -14,6 +14,7 @@ import sys
 
 import data
 from data.prepared import PreparedStore, prepare
+from tools.reporting import run_tool
 
 
 def main() -> int:
@@ -28,6 +29,9 @@ def main() -> int:
                         help="only check every shard of --out against the checksums in its manifest, then exit")
     args = parser.parse_args()
     if args.verify:
+        if not os.path.isfile(os.path.join(args.out, "manifest.json")):
+            print(f"error: --out {args.out} holds no preparation (no manifest.json) to verify", file=sys.stderr)
+            return 1
         bad = PreparedStore(args.out).verify()
         print("all shards match the manifest" if not bad else f"checksum mismatch: {', '.join(bad)}")
         return 1 if bad else 0
@@ -40,11 +44,11 @@ def main() -> int:
         problems.append("--workers and --shard_images must be >= 1")
     if problems:
         parser.error("; ".join(problems))
-    try:
-        indexes = data.build_indexes(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}")
-        return 1
+    return run_tool(lambda: prepare_all(args))
+
+
+def prepare_all(args) -> int:
+    indexes = data.build_indexes(args)
     print(data.format_count_tree(data.count_tree(indexes)))
     manifest = prepare(indexes, args.out, args.prepare_size, args.workers, args.shard_images)
     print(f"done: {manifest['images']} images in {len(manifest['shards'])} shard(s) under {args.out}")

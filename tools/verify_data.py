@@ -2,19 +2,23 @@
 CSVs without the expected columns, leakage into held-out splits. Exit code 1 if anything is wrong.
 
     python -m tools.verify_data --data_path data --datasets_names chexpert chestxray_nih mimic_cxr [--workers 8]
+    python -m tools.verify_data --dataset chestxray --data_path data/nih_chestxray [--train_list ... --val_list ...]
 
-Takes the same data flags as the training scripts.
+Takes the data flags of the training scripts that say what the sources are and where; with --dataset, a fine-tuning
+dataset's three lists instead (their labels, duplicates and patients are checked as fine-tuning checks them).
 """
 import argparse
 import datetime
-import json
 import multiprocessing
 import os
 import sys
 import time
 
 import data
+from data import labelled
 from data.image_io import decode_problem
+from tools.reporting import run_tool
+from util.log import write_json
 
 
 def _check(path: str):
@@ -37,30 +41,47 @@ def check_all(paths: list[str], workers: int) -> list[tuple[str, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_data_args(parser, training=False)
+    parser.add_argument("--dataset", default=None, choices=labelled.DATASETS,
+                        help="check a fine-tuning dataset instead of the pre-training pool: the lists (labels, "
+                             "duplicates, shared patients) and every image of --train_list, --val_list and "
+                             "--test_list, with main_finetune_chestxray.py's defaults (default: the pool)")
+    parser.add_argument("--val_list", default=None,
+                        help="with --dataset: the validation list (default: as fine-tuning)")
+    parser.add_argument("--test_list", default=None, help="with --dataset: the test list (default: as fine-tuning)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     parser.add_argument("--report", default=None, help="also write the findings to this JSON file")
     args = parser.parse_args()
     problems = data.check_data_args(args)
     if problems:
         parser.error("; ".join(problems))
+    return run_tool(lambda: verify(args))
+
+
+def image_sets(args) -> dict[str, tuple[str, list[str]]]:
+    """name -> (where, image paths) of what to check: the pool's sources, or a fine-tuning dataset's three lists."""
+    if args.dataset is None:
+        return {idx.name: (idx.root, sorted({p.decode() for p in idx.paths}))
+                for idx in data.build_indexes(args, check_files=False)}
+    lists = argparse.Namespace(dataset=args.dataset, data_path=args.data_path, train_list=args.train_list,
+                               val_list=args.val_list, test_list=args.test_list, fraction_seed=0,
+                               chexpert_uncertain=labelled.DEFAULT_UNCERTAIN, check_images="none")
+    return {f"{args.dataset} {role}": (split.source, sorted({p.decode() for p in split.paths}))
+            for role, split in labelled.build_splits(lists).items()}
+
+
+def verify(args) -> int:
     report = {}
-    try:
-        indexes = data.build_indexes(args, check_files=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}")
-        return 1
-    for idx in indexes:
-        paths = sorted({p.decode() for p in idx.paths})
-        print(f"{idx.name}: checking {len(paths)} images under {idx.root}")
-        report[idx.name] = [{"path": p, "problem": why} for p, why in check_all(paths, max(args.workers, 1))]
-        for item in report[idx.name]:
+    for name, (where, paths) in image_sets(args).items():
+        print(f"{name}: checking {len(paths)} images of {where}")
+        report[name] = [{"path": p, "problem": why} for p, why in check_all(paths, max(args.workers, 1))]
+        for item in report[name]:
             print(f"  BAD {item['path']}: {item['problem']}")
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.report, report)
     bad = sum(len(v) for v in report.values())
-    sources_with_bad = sum(1 for v in report.values() if v)
-    print(f"{'OK' if not bad else 'FAILED'}: {bad} bad file(s) in {sources_with_bad} of {len(report)} source(s)")
+    with_bad = sum(1 for v in report.values() if v)
+    print(f"{'OK' if not bad else 'FAILED'}: {bad} bad file(s) in {with_bad} of {len(report)} "
+          f"{'list(s)' if args.dataset else 'source(s)'}")
     return 1 if bad else 0
 
 

@@ -24,7 +24,8 @@ class PreemptionFlag:
 
     def _handle(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
-        logger.warning("received %s: finishing the current step, then writing checkpoint-last", self.signal_name)
+        logger.warning("received %s: training stops after the current step, with checkpoint-last written first "
+                       "(outside a training step, such as while scoring, the run finishes that work)", self.signal_name)
 
     @property
     def set(self) -> bool:

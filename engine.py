@@ -492,10 +492,10 @@ def resume_source(task: "Task", args) -> tuple[str, dict] | None:
         if existing:
             raise SetupError(f"--eval writes results.json and the predictions into --output_dir, which holds a run "
                              f"({existing}); give the evaluation its own --output_dir")
-        return args.resume, ckpt_lib.load_checkpoint(args.resume)
+        return args.resume, ckpt_lib.load_checkpoint(args.resume, args.unsafe_full_unpickle)
     now = run_identity(task, args)
     if args.resume and inside(args.resume, out):  # this run's own checkpoint, chosen by hand
-        ckpt = ckpt_lib.load_checkpoint(args.resume)
+        ckpt = ckpt_lib.load_checkpoint(args.resume, args.unsafe_full_unpickle)
         check_same_run(args.resume, ckpt, now, args)
         return args.resume, ckpt
     if existing and args.auto_resume:
@@ -509,7 +509,7 @@ def resume_source(task: "Task", args) -> tuple[str, dict] | None:
         raise SetupError(f"--output_dir {out} holds a run ({existing}) and --no_auto_resume would start over it; "
                          "give this run another --output_dir")
     if args.resume:
-        return args.resume, ckpt_lib.load_checkpoint(args.resume)
+        return args.resume, ckpt_lib.load_checkpoint(args.resume, args.unsafe_full_unpickle)
     return None
 
 

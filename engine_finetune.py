@@ -27,6 +27,7 @@ from engine import Selection, SelectionState, Task, TaskData, checkpointed, file
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
 from util.errors import SetupError
+from util.lars import Lars
 from util.log import MetricLogger, git_commit, write_json
 from util.metrics import bootstrap_auroc, mean_auroc, per_finding_auroc
 from util.model_api import Classifier
@@ -48,12 +49,13 @@ class ClassificationState(SelectionState):
 
 
 def build_optimizer(args, classifier: Classifier, linear_probe: bool) -> torch.optim.Optimizer:
-    """MAE's choices through timm: LARS on the head for a linear probe; AdamW with no decay on biases, norms and
-    position embeddings, and for ViTs layer-wise LR decay (each group's lr_scale), for fine-tuning."""
+    """MAE's choices: its LARS on the head for a linear probe (util/lars.py: timm's Lars applies the rule
+    differently); through timm, AdamW with no decay on biases, norms and position embeddings, and for ViTs layer-wise
+    LR decay (each group's lr_scale), for fine-tuning."""
     model = classifier.model
     if linear_probe:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        return create_optimizer_v2(trainable, "lars", lr=args.lr, weight_decay=args.weight_decay, momentum=0.9)
+        return Lars(trainable, lr=args.lr, weight_decay=args.weight_decay)
     layer_decay = args.layer_decay if classifier.layer_decay else None
     return create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay, layer_decay=layer_decay)
 
@@ -177,7 +179,7 @@ class ClassificationTask(Task):
             logger.info("no --finetune checkpoint: the model starts from random initialisation")
             return
         try:
-            report = self.classifier.load_pretrained(ckpt_lib.load_checkpoint(args.finetune))
+            report = self.classifier.load_pretrained(ckpt_lib.load_checkpoint(args.finetune, args.unsafe_full_unpickle))
         except (OSError, ValueError, SetupError) as e:
             raise SetupError(f"--finetune {args.finetune}: {e}") from e
         log_load_report(f"--finetune {args.finetune} ({args.checkpoint_type or 'format found from its keys'})",
@@ -244,8 +246,10 @@ class ClassificationTask(Task):
             self.after_epoch_plots(out)
 
     def set_train_mode(self, run) -> None:
+        """The whole model in train mode, as the reference's probe runs it (drop path and dropout act in the frozen
+        encoder; a CNN's BatchNorm statistics move); --frozen_encoder_eval keeps the frozen encoder in eval mode."""
         run.model.train()
-        if self.linear_probe:  # frozen backbone: its BatchNorm statistics and dropout stay as pre-trained
+        if self.linear_probe and run.args.frozen_encoder_eval:
             run.model_without_ddp.eval()
             self.classifier.head.train()
 

@@ -105,7 +105,8 @@ class PretrainTask(Task):
         if not path:
             return
         try:
-            report = run.model_without_ddp.load_pretrained(ckpt_lib.load_checkpoint(path))
+            checkpoint = ckpt_lib.load_checkpoint(path, run.args.unsafe_full_unpickle)
+            report = run.model_without_ddp.load_pretrained(checkpoint)
         except (OSError, ValueError, SetupError) as e:
             raise SetupError(f"--init_from {path}: {e}") from e
         log_load_report(f"--init_from {path}", report)

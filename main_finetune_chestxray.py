@@ -41,8 +41,13 @@ def get_args_parser(linear_probe: bool = False) -> argparse.ArgumentParser:
                             "(smp_encoder: a CNN encoder, the reference's CNN checkpoints) (default: from the keys)")
     group.add_argument("--nb_classes", default=14, type=int,
                        help="number of findings: 14 for NIH, 5 for CheXpert (default: 14)")
-    group.add_argument("--drop_path", type=float, default=0.0 if linear_probe else 0.1,
-                       help=f"ViT stochastic depth rate (default: {0.0 if linear_probe else 0.1})")
+    group.add_argument("--drop_path", type=float, default=0.1,
+                       help="ViT stochastic depth rate; 0 for a CNN (default: 0.1, the reference's for both scripts)")
+    if linear_probe:
+        group.add_argument("--frozen_encoder_eval", action="store_true",
+                           help="keep the frozen encoder in eval mode while the head trains (no drop path or dropout "
+                                "in it, a CNN's BatchNorm statistics fixed); the reference trains the whole model in "
+                                "train mode (default: off)")
     group.add_argument("--vit_dropout_rate", type=float, default=0.0,
                        help="dropout rate: timm's drop_rate for ViTs, the DenseNet's drop_rate (default: 0)")
     group.add_argument("--global_pool", dest="global_pool", action="store_true", default=not linear_probe,

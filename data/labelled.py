@@ -33,7 +33,8 @@ from util.errors import SetupError
 
 DATASETS = ("chestxray", "chexpert")
 SOURCE_OF = {"chestxray": "chestxray_nih", "chexpert": "chexpert"}  # per-dataset mean/std (data/transforms.py)
-CHEXPERT_FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+# the reference's order (its CheXpert dataset's columns), so a CheXpert head moves between the two codebases
+CHEXPERT_FINDINGS = ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"]
 # the CheXpert paper's best policy per finding: U-Ones for Atelectasis and Edema, U-Zeros for the others
 DEFAULT_UNCERTAIN = "Atelectasis=ones,Edema=ones,Cardiomegaly=zeros,Consolidation=zeros,Pleural Effusion=zeros"
 UNCERTAIN_POLICIES = ("ones", "zeros")

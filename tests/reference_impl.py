@@ -95,3 +95,24 @@ def reference_param_groups(model, weight_decay):
         else:
             decay.append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def reference_lars_steps(weights: list, grads_per_step: list, lrs: list, weight_decay: float,
+                         momentum: float = 0.9, trust: float = 0.001) -> list:
+    """MAE's LARS rule, element by element in float64 Python: for a tensor of 2+ dimensions the direction is
+    grad + wd * w, times trust * |w| / |direction| when both norms are positive; 0/1-D tensors take the bare gradient;
+    then mu = momentum * mu + direction and w = w - lr * mu. Returns the weights after each step."""
+    ws = [w.double().clone() for w in weights]
+    mus = [torch.zeros_like(w) for w in ws]
+    after = []
+    for grads, lr in zip(grads_per_step, lrs):
+        for w, g, mu in zip(ws, grads, mus):
+            d = g.double().clone()
+            if w.ndim > 1:
+                d = d + weight_decay * w
+                wn, dn = float(w.pow(2).sum().sqrt()), float(d.pow(2).sum().sqrt())
+                d = d * (trust * wn / dn if wn > 0 and dn > 0 else 1.0)
+            mu.mul_(momentum).add_(d)
+            w.sub_(lr * mu)
+        after.append([w.clone() for w in ws])
+    return after

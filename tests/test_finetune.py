@@ -114,6 +114,9 @@ def test_chexpert_findings_uncertainty_policy_and_held_out_validation(tmp_path):
             seen_uncertain |= {name} if cell == "-1.0" else set()
             assert value == expected, (path, name, cell)
     assert {"Edema", "Atelectasis"} <= seen_uncertain  # both policies were exercised
+    # the logits' order is the reference's, so a CheXpert head moves between the codebases
+    reference_order = ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"]
+    assert labelled.findings("chexpert") == reference_order
     assert labelled.uncertain_policy(labelled.DEFAULT_UNCERTAIN) == {
         "Atelectasis": "ones", "Cardiomegaly": "zeros", "Consolidation": "zeros", "Edema": "ones",
         "Pleural Effusion": "zeros"}
@@ -420,3 +423,43 @@ def test_reference_finetune_command_runs_with_sizes_shrunk(nih, runs, tmp_path, 
         # scoring again into the fine-tuning folder would overwrite its results: refused before any compute
         assert ft_main.main([*flags, "--eval", "--resume", str(save / "checkpoint-best.pth"), "--device", "cpu"]) == 1
         assert "give the evaluation its own --output_dir" in caplog.text and "holds a run" in caplog.text
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_linear_probe_lars_is_maes_rule_after_one_and_three_steps(weight_decay):
+    """The probe's head after one and three LARS steps equals a transcription of MAE's rule to 1e-6, also at weight
+    decay 0 (where timm's Lars leaves out the trust ratio, and the first step is orders of magnitude larger)."""
+    from tests.reference_impl import reference_lars_steps
+
+    args = parse(["--model", "vit_debug_patch16", "--input_size", "32", "--weight_decay", str(weight_decay)],
+                 linear_probe=True)
+    args.lr = 0.1 * 512 / 256
+    torch.manual_seed(0)
+    probe = ft_main.build_classifier(args, linear_probe=True)
+    optimizer = engine_finetune.build_optimizer(args, probe, linear_probe=True)
+    head = [p for p in probe.model.parameters() if p.requires_grad]
+    assert {p.ndim for p in head} == {1, 2}  # a weight (trust ratio) and a bias (none)
+    start = [p.detach().clone() for p in head]
+    images, targets = torch.randn(8, 3, 32, 32), (torch.rand(8, 14) > 0.7).float()
+    grads, lrs = [], [args.lr, args.lr * 0.9, args.lr * 0.5]
+    for lr in lrs:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(probe.model(images), targets).backward()
+        grads.append([p.grad.detach().clone() for p in head])
+        optimizer.step()
+        if len(grads) in (1, 3):
+            expected = reference_lars_steps(start, grads, lrs[:len(grads)], weight_decay)[-1]
+            for ours, theirs in zip(head, expected):
+                torch.testing.assert_close(ours.detach().double(), theirs, rtol=0, atol=1e-6)
+    if weight_decay == 0.0:  # timm's Lars, for contrast: no trust ratio at weight decay 0, a far larger first step
+        from timm.optim import Lars as TimmLars
+
+        copies = [w.clone().requires_grad_(True) for w in start]
+        timm_lars = TimmLars(copies, lr=lrs[0], weight_decay=0.0, momentum=0.9)
+        for w, g in zip(copies, grads[0]):
+            w.grad = g.clone()
+        timm_lars.step()
+        ours_first = reference_lars_steps(start, grads[:1], lrs[:1], 0.0)[-1][0]
+        assert (copies[0].detach() - start[0]).norm() > 10 * (ours_first.float() - start[0]).norm()

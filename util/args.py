@@ -79,6 +79,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs:
     ckpt.add_argument("--resume", default="", help="resume from this checkpoint (default: none; see --auto_resume)")
     ckpt.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (default: 0)")
     add_bool_flag(ckpt, "auto_resume", True, "continue from the newest good checkpoint in output_dir")
+    ckpt.add_argument("--unsafe_full_unpickle", action="store_true",
+                      help="load --resume, --finetune and --init_from files with any pickled object allowed "
+                           "(torch.load weights_only=False), which can run code: only for a file you trust that the "
+                           "safe loader refuses, naming the object (default: off)")
     ckpt.add_argument("--resume_with_changes", action="store_true",
                       help="continue the run in --output_dir although this command changes what it trains or scores "
                            "(model, data lists or their content, task settings); without it such a rerun is refused, "

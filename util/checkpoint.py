@@ -125,19 +125,45 @@ def assemble(model, optimizer, scaler_state: dict, args, epoch: int, step: int, 
             "args": plain_args, "step": step, **extra, "format": FORMAT}
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load with weights_only=True; args saved as a Namespace (reference files) come back as a dict."""
+def _numpy_globals() -> list:
+    """What a checkpoint pickles when its args or metrics hold numpy values (the reference's misc.save_model stores
+    the parsed args, and numpy scalars can end up in them): the scalar constructor, under its numpy 2 name and the
+    numpy 1 name older files use, np.dtype, and the dtype classes of the usual numeric types."""
+    scalar = np._core.multiarray.scalar
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8,
+                                          np.uint8, np.bool_)]
+    return [argparse.Namespace, np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"), *dtypes]
+
+
+def load_checkpoint(path: str, trust_pickle: bool = False) -> dict:
+    """Load with weights_only=True and an allow-list of the plain types checkpoints of this project and the reference
+    pickle (argparse.Namespace, numpy scalars and dtypes); args saved as a Namespace come back as a dict.
+
+    trust_pickle (--unsafe_full_unpickle) loads any pickled object instead, which can run code: only for a file the
+    user trusts, with a warning."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if trust_pickle:
+            logger.warning("--unsafe_full_unpickle: loading %s with every pickled object allowed; a file from an "
+                           "untrusted source can run code this way", path)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_numpy_globals()):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # a damaged or foreign file, not a disallowed object
+            raise ValueError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]})") from e
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise UnsafeCheckpointError(
-            f"refused to load {path}: it contains objects other than tensors and plain data, which could run "
-            f"code when unpickled. Checkpoints from this project and from the reference never do. "
-            f"Details: {str(e).splitlines()[0]}"
+            f"refused to load {path}: it contains objects other than tensors and plain data "
+            f"({found.group(1) if found else str(e).splitlines()[0]}), which could run code when unpickled. "
+            "Checkpoints of this project and the reference's hold none. If you trust the file, "
+            "--unsafe_full_unpickle loads it anyway."
         ) from e
+    except (RuntimeError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated, or not a torch.save file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}); was it copied completely?") from e
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if isinstance(ckpt.get("args"), argparse.Namespace):

@@ -5,6 +5,7 @@ import os
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,8 +44,37 @@ def test_reference_checkpoint_with_namespace_args_loads(tmp_path):
     other = tmp_path / "reference-with-a-date.pth"
     torch.save({"model": model.state_dict(), "epoch": 19, "args": argparse.Namespace(model="x"),
                 "saved_at": datetime.date(2022, 5, 1)}, other)
-    with pytest.raises(ckpt_lib.UnsafeCheckpointError, match=rf"refused to load {re.escape(str(other))}: it contains"):
+    with pytest.raises(ckpt_lib.UnsafeCheckpointError, match=rf"refused to load {re.escape(str(other))}: it contains"
+                                                          r".*datetime.*--unsafe_full_unpickle"):
         ckpt_lib.load_checkpoint(str(other))
+    assert ckpt_lib.load_checkpoint(str(other), trust_pickle=True)["saved_at"] == datetime.date(2022, 5, 1)
+
+
+def test_reference_checkpoint_with_numpy_values_loads(tmp_path):
+    """As the reference's misc.save_model writes them: model, optimizer, epoch, scaler and the parsed args as a
+    Namespace, whose values (and other keys) may be numpy scalars and dtypes: all on the allow-list, no flag needed."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    args = argparse.Namespace(model="mae_vit_small_patch16", blr=np.float64(1.5e-4), mask_ratio=np.float32(0.9),
+                              batch_size=np.int64(256), norm_pix_loss=np.bool_(False), dtype=np.dtype("float32"))
+    path = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": np.int64(799),
+                "scaler": {"scale": np.float64(65536.0)}, "args": args}, path)
+    ckpt = ckpt_lib.load_checkpoint(str(path))
+    assert ckpt["args"]["blr"] == pytest.approx(1.5e-4) and ckpt["args"]["dtype"] == np.dtype("float32")
+    assert int(ckpt["epoch"]) == 799 and torch.equal(ckpt["model"]["weight"], model.weight)
+
+
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
+    text, truncated = tmp_path / "notes.pth", tmp_path / "half.pth"
+    text.write_text("not a checkpoint\n")
+    torch.save({"model": {"w": torch.ones(100)}}, tmp_path / "whole.pth")
+    truncated.write_bytes((tmp_path / "whole.pth").read_bytes()[:200])
+    for path in (text, truncated):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not a readable checkpoint"):
+            ckpt_lib.load_checkpoint(str(path))
 
 
 def test_atomic_save_failure_keeps_previous(tmp_path):

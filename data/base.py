@@ -3,8 +3,10 @@
 A source only indexes: it reads metadata once and returns plain numpy arrays (path, patient,
 view), so no DataFrame is carried into __getitem__ or copied into every worker.
 """
+import contextlib
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,10 +178,26 @@ class XrayDataset(Dataset):
         image, replaced = self.decode(i)
         if seed is None:
             return self.transform(image), replaced
-        # A per-sample seed makes the augmentation independent of worker assignment and resume point.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):  # the augmentation is independent of worker assignment and resume point
             return self.transform(image), replaced
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """One sample's augmentation, seeded: torch's CPU generator (torchvision), Python's `random` (timm's RandAugment
+    magnitudes, its crops) and NumPy's global generator (RandAugment's choice of operations) take `seed`, and all
+    three are restored afterwards. The CUDA generators are left alone: torch.manual_seed would reseed them too, which
+    with --num_workers 0 (augmentation in the training process) would clobber the training's CUDA stream."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class ConcatSources(torch.utils.data.ConcatDataset):

@@ -15,7 +15,6 @@ kept and its images decoded only once, after training (load_labels).
 """
 import math
 import os
-import random
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 
 from data import chestxray_nih as nih
 from data import chexpert
-from data.base import SourceIndex, XrayDataset, find_given_file, require_columns
+from data.base import SourceIndex, XrayDataset, find_given_file, require_columns, seeded
 from data.checks import files_exist
 from data.config import add_image_args
 from data.image_io import decode_problem
@@ -382,13 +381,5 @@ class LabelledDataset(XrayDataset):
         image, _ = self.decode(i)
         if seed is None:
             return self.transform(image), self.labels[i], i
-        # seeded per sample (timm's RandAugment draws from `random`, torchvision from torch), so a resumed epoch
-        # augments as the interrupted one did
-        state = random.getstate()
-        try:
-            random.seed(seed)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self.transform(image), self.labels[i], i
-        finally:
-            random.setstate(state)
+        with seeded(seed):  # so a resumed epoch augments as the interrupted one did, RandAugment's choices too
+            return self.transform(image), self.labels[i], i

@@ -463,3 +463,33 @@ def test_linear_probe_lars_is_maes_rule_after_one_and_three_steps(weight_decay):
         timm_lars.step()
         ours_first = reference_lars_steps(start, grads[:1], lrs[:1], 0.0)[-1][0]
         assert (copies[0].detach() - start[0]).norm() > 10 * (ours_first.float() - start[0]).norm()
+
+
+def test_randaugment_is_seeded_per_sample_so_a_resumed_epoch_augments_the_same(nih):
+    """With --build_timm_transform and --aa, an item's augmentation depends on its per-sample seed alone: the same
+    seed gives the same tensor whatever the global RNGs hold (as after a resume), RandAugment's choice of operations
+    (NumPy) included; another seed gives another; and the global RNGs are left as they were."""
+    import random
+
+    root, lists = nih
+    args = parse(nih_flags(lists, root, "unused", build_timm_transform=True, aa="rand-m9-mstd0.5-inc1", reprob=0.0))
+    split = labelled.build_splits(args)["train"]
+    dataset = labelled.LabelledDataset(split, labelled.build_transform(args, is_train=True), args.dataset)
+
+    def item(seed: int, global_seed: int) -> torch.Tensor:
+        random.seed(global_seed)  # whatever the process's RNGs hold when the sample comes (a resume, a worker)
+        np.random.seed(global_seed)
+        torch.manual_seed(global_seed)
+        return dataset[(0, seed)][0]
+
+    seeds = range(12)  # RandAugment skips each chosen operation half the time: several seeds exercise the choice
+    for seed in seeds:
+        assert torch.equal(item(seed, 1), item(seed, 2)), seed
+    assert len({item(seed, 1).sum().item() for seed in seeds}) > 1  # the seed does change the augmentation
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    dataset[(0, 1234)]
+    after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])

@@ -22,23 +22,24 @@ from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2
 
-from data import labelled
+from data import covidx, labelled
 from engine import Selection, SelectionState, Task, TaskData, checkpointed, file_fingerprint, log_load_report
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
 from util.errors import SetupError
 from util.lars import Lars
 from util.log import MetricLogger, git_commit, write_json
-from util.metrics import bootstrap_auroc, mean_auroc, per_finding_auroc
+from util.metrics import bootstrap_auroc, bootstrap_single_label, mean_auroc, per_finding_auroc, single_label_metrics
 from util.model_api import Classifier
 from util.precision import autocast
-from util.vis import roc_path, save_loss_curve, save_roc_curves
+from util.vis import roc_path, save_confusion_matrix, save_loss_curve, save_roc_curves
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("finetune", "linprobe")
 RESULTS_NAME = "results.json"  # written last: its presence means the run is complete and its test list scored
 PREDICTIONS_NAME = "test_predictions.csv"
+CONFUSION_NAME = "confusion_matrix.png"
 # what decides how a checkpoint's test images are prepared: --eval must score with its run's values
 EVAL_SETTINGS = ("dataset", "input_size", "in_chans", "norm_stats", "build_timm_transform", "global_pool")
 
@@ -60,12 +61,12 @@ def build_optimizer(args, classifier: Classifier, linear_probe: bool) -> torch.o
     return create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay, layer_decay=layer_decay)
 
 
-def build_mixup(args, num_classes: int) -> Mixup | None:
+def build_mixup(args, num_classes: int, multi_label: bool = True) -> Mixup | None:
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax):
         return None
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=args.smoothing, num_classes=num_classes, multi_label=True)
+                 label_smoothing=args.smoothing, num_classes=num_classes, multi_label=multi_label)
 
 
 def shared_splits(args, info, device) -> dict:
@@ -113,6 +114,7 @@ class ClassificationTask(Task):
     name is "finetune" or "linprobe" (a linear probe trains the head alone, with LARS, on a frozen encoder)."""
 
     state_class = ClassificationState
+    multi_label = True
     weights_flag = "--finetune"
     selection = Selection("val_auroc", higher_is_better=True, description="mean validation AUROC")
 
@@ -157,7 +159,7 @@ class ClassificationTask(Task):
         fraction = f", --label_fraction {args.label_fraction:g}" if args.label_fraction < 1 else ""
         return TaskData(train=train_set, name=f"the training list ({len(train_set)} images{fraction})",
                         batch_bytes=args.batch_size * (image_bytes + 4 * len(self.findings) + 8),
-                        extra=build_mixup(args, args.nb_classes))
+                        extra=build_mixup(args, args.nb_classes, self.multi_label))
 
     def describe_data(self, args, info, data: TaskData) -> None:
         for split in self.splits.values():
@@ -242,7 +244,7 @@ class ClassificationTask(Task):
             save_roc_curves(scores, labels, self.findings, aurocs, os.path.join(out, "roc"),
                             f"{results['model']}, test, epoch {results['selected_epoch']}")
             logger.info("roc/*.png were missing: drawn again from %s", PREDICTIONS_NAME)
-        if not os.path.isfile(os.path.join(out, "val_auroc.png")):
+        if not os.path.isfile(os.path.join(out, f"{self.selection.metric}.png")):
             self.after_epoch_plots(out)
 
     def set_train_mode(self, run) -> None:
@@ -261,12 +263,18 @@ class ClassificationTask(Task):
         if mixup is not None:
             images, targets = mixup(images, targets)
         elif run.args.smoothing:
-            targets = mixup_target(targets, targets.shape[1], 1.0, run.args.smoothing, multi_label=True)
+            targets = mixup_target(targets, len(self.findings), 1.0, run.args.smoothing, multi_label=self.multi_label)
         return images, targets
 
     def loss(self, run, batch: tuple) -> torch.Tensor:
+        """BCE on each finding's logit (multi-label)."""
         images, targets = batch
         return torch.nn.functional.binary_cross_entropy_with_logits(run.model(images).float(), targets)
+
+    @staticmethod
+    def activation(logits: torch.Tensor) -> torch.Tensor:
+        """Scores from logits: each finding's sigmoid (multi-label)."""
+        return torch.sigmoid(logits)
 
     def evaluate(self, run, state, epoch: int, last: bool) -> dict:
         if epoch % run.args.eval_interval == 0 or last:
@@ -279,10 +287,11 @@ class ClassificationTask(Task):
     def after_epoch(self, run, state) -> None:
         self.after_epoch_plots(run.args.output_dir)
 
-    @staticmethod
-    def after_epoch_plots(out: str) -> None:
-        save_loss_curve(os.path.join(out, "log.txt"), os.path.join(out, "val_auroc.png"), keys=("val_auroc",),
-                        ylabel="mean validation AUROC")
+    def after_epoch_plots(self, out: str) -> None:
+        """The selecting metric per epoch: val_auroc.png (val_accuracy.png for single-label tasks)."""
+        metric = self.selection.metric
+        save_loss_curve(os.path.join(out, "log.txt"), os.path.join(out, f"{metric}.png"), keys=(metric,),
+                        ylabel=self.selection.description)
 
     def finish(self, run, state: ClassificationState) -> None:
         if state.best_epoch is None:
@@ -294,7 +303,7 @@ class ClassificationTask(Task):
 
     @torch.no_grad()
     def predict(self, run, split: labelled.Split) -> np.ndarray | None:
-        """Sigmoid scores [N, K] of a split in list order on rank 0 (None elsewhere). Each rank scores every
+        """Scores [N, K] (self.activation) of a split in list order on rank 0 (None elsewhere). Each rank scores every
         world_size-th image (no padding, so no image counts twice) and rank 0 gathers them all."""
         args, info = run.args, run.info
         dataset = labelled.LabelledDataset(split, labelled.build_transform(args, is_train=False), args.dataset)
@@ -310,7 +319,7 @@ class ClassificationTask(Task):
                                                              len(loader)):
             with autocast(run.precision, run.device):
                 logits = model(images.to(run.device, non_blocking=True))
-            scores.append(torch.sigmoid(logits.float()).cpu())
+            scores.append(self.activation(logits.float()).cpu())
             positions.append(index)
         part = (torch.cat(positions).numpy(), torch.cat(scores).numpy())
         parts = [part]
@@ -427,3 +436,144 @@ def _fmt(value) -> str:
 
 def _fmt_ci(ci) -> str:
     return "" if not ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+class SingleLabelTask(ClassificationTask):
+    """Single-label classification (one class per image, --dataset covidx): cross-entropy on the logits, the
+    checkpoint selected by validation accuracy, and on the test list the reference's report: the accuracy of the
+    argmax over all logits, and after merging classes as the dataset says (data/covidx.py MERGE) a confusion matrix
+    with each class's sensitivity and PPV, plus each class's one-vs-rest AUROC, with patient-bootstrap intervals."""
+
+    multi_label = False
+    selection = Selection("val_accuracy", higher_is_better=True, description="validation accuracy")
+
+    def loss(self, run, batch: tuple) -> torch.Tensor:
+        """Cross-entropy: class indices, or the soft targets of mixup and label smoothing."""
+        images, targets = batch
+        return torch.nn.functional.cross_entropy(run.model(images).float(), targets)
+
+    @staticmethod
+    def activation(logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=1)
+
+    def describe_data(self, args, info, data: TaskData) -> None:
+        """Each split's images, patients and class counts (the test list's read from its file, not kept)."""
+        for split in self.splits.values():
+            labels = split.labels
+            if labels is None and args.dataset == "covidx":
+                labels = covidx.parse_file(split.source, "--test_list", "")[2]
+            counts = np.bincount(labels, minlength=len(self.findings))
+            logger.info("%s list %s: %d images, %d patients; %s", split.role, split.source, len(split),
+                        len(np.unique(split.patients)), ", ".join(f"{n} {c}" for n, c in zip(self.findings, counts)))
+
+    def evaluate(self, run, state, epoch: int, last: bool) -> dict:
+        if epoch % run.args.eval_interval == 0 or last:
+            return {"val_accuracy": self.validate(run, epoch)}
+        return {}
+
+    def validate(self, run, epoch: int) -> float:
+        """Accuracy on the validation list, the same value on every rank."""
+        val = self.splits["val"]
+        probabilities = self.predict(run, val)
+        value = torch.zeros(1, device=run.device)
+        if run.info.is_main:
+            metrics = single_label_metrics(probabilities, val.labels)
+            value[0] = metrics["accuracy"]
+            logger.info("epoch %d: validation accuracy %.4f (sensitivity %s)", epoch, metrics["accuracy"], ", ".join(
+                f"{name} {_fmt(s)}" for name, s in zip(self.findings, metrics["sensitivity"])))
+        dist_lib.all_reduce(value)
+        run.run_log.scalar("val_accuracy", float(value[0]), (epoch + 1) * 1000)
+        return float(value[0])
+
+    def finish(self, run, state) -> None:
+        self.score_test(run, state, os.path.join(run.args.output_dir, ckpt_lib.BEST_NAME))
+
+    def merge(self, dataset: str) -> tuple[list[int], list[str]]:
+        """How the report merges classes, and the merged names (each class its own where the dataset says none)."""
+        if dataset == "covidx":
+            return covidx.MERGE, covidx.MERGED_CLASSES
+        return list(range(len(self.findings))), list(self.findings)
+
+    def score_test(self, run, state, weights: str | None) -> None:
+        args = run.args
+        if weights is not None:
+            run.model_without_ddp.load_state_dict(ckpt_lib.load_checkpoint(weights)["model"])
+        weights = weights or args.resume
+        test = labelled.load_labels(args, self.splits["test"])
+        logger.info("scoring the test list %s once (%d images), with %s", test.source, len(test), weights)
+        probabilities = self.predict(run, test)
+        if not run.info.is_main:
+            return
+        merge, merged_names = self.merge(args.dataset)
+        metrics = single_label_metrics(probabilities, test.labels, merge)
+        start = time.time()
+        ci = (bootstrap_single_label(probabilities, test.labels, test.patients, args.bootstrap, merge, seed=args.seed)
+              if args.bootstrap else None)
+        if ci:
+            logger.info("bootstrap: %d patient resamples in %.1f s", args.bootstrap, time.time() - start)
+        out, train = args.output_dir, self.splits["train"]
+        counts = {role: np.bincount(s.labels if s.labels is not None else test.labels,
+                                    minlength=len(self.findings)).tolist()
+                  for role, s in (("train", train), ("val", self.splits["val"]), ("test", test))}
+        results = {
+            "task": self.name, "kind": "single-label", "model": args.model, "dataset": args.dataset,
+            "classes": self.findings, "checkpoint": os.path.abspath(weights),
+            "selected_epoch": state.best_epoch, "selected_by": self.selection.description,
+            "val_accuracy": state.best_score, "val_history": state.val_history, "val_list": self.splits["val"].source,
+            "class_counts": counts,
+            "test": {
+                "list": test.source, "images": len(test), "patients": int(len(np.unique(test.patients))),
+                "accuracy": metrics["accuracy"], "accuracy_ci95": ci["accuracy"] if ci else None,
+                "accuracy_over": f"the argmax of all {len(self.findings)} logits",
+                "merged_classes": merged_names, "confusion_matrix": metrics["confusion_matrix"],
+                "confusion_matrix_axes": "rows: true class, columns: predicted, after the merge",
+                "per_class": {name: {"sensitivity": metrics["sensitivity"][k],
+                                     "sensitivity_ci95": ci["sensitivity"][k] if ci else None,
+                                     "ppv": metrics["ppv"][k], "ppv_ci95": ci["ppv"][k] if ci else None}
+                              for k, name in enumerate(merged_names)},
+                "auroc": dict(zip(self.findings, metrics["auroc"])),
+            },
+            "bootstrap": {"resamples": args.bootstrap, "unit": "patient", "seed": args.seed, "level": 0.95},
+            "label_fraction": args.label_fraction, "train_list": train.source, "train_images": len(train),
+            "input_size": args.input_size, "in_chans": args.in_chans, "pretrained": args.finetune or None,
+            "pretrained_keys": state.pretrained_keys, "world_size": run.info.world_size, "git": git_commit(),
+        }
+        table = {"image": [os.path.basename(p.decode()) for p in test.paths],
+                 "patient": [p.decode() for p in test.patients], "label": [self.findings[k] for k in test.labels],
+                 "predicted": [self.findings[k] for k in probabilities.argmax(axis=1)]}
+        for k, name in enumerate(self.findings):
+            table[f"{name} probability"] = probabilities[:, k]
+        predictions = os.path.join(out, PREDICTIONS_NAME)
+        pd.DataFrame(table).to_csv(f"{predictions}.tmp", index=False)
+        os.replace(f"{predictions}.tmp", predictions)
+        save_confusion_matrix(metrics["confusion_matrix"], merged_names, os.path.join(out, CONFUSION_NAME),
+                              f"{args.model}, test, epoch {state.best_epoch}")
+        write_json(os.path.join(out, RESULTS_NAME), results)  # last: the run is complete only when all exist
+        logger.info("%s", single_label_table(results))
+        logger.info("wrote %s, %s and %s", os.path.join(out, RESULTS_NAME), PREDICTIONS_NAME, CONFUSION_NAME)
+
+    def complete_outputs(self, out: str) -> None:
+        if not os.path.isfile(os.path.join(out, CONFUSION_NAME)):
+            with open(os.path.join(out, RESULTS_NAME), encoding="utf-8") as f:
+                results = json.load(f)
+            test = results["test"]
+            save_confusion_matrix(test["confusion_matrix"], test["merged_classes"], os.path.join(out, CONFUSION_NAME),
+                                  f"{results['model']}, test, epoch {results['selected_epoch']}")
+            logger.info("%s was missing: drawn again from %s", CONFUSION_NAME, RESULTS_NAME)
+        if not os.path.isfile(os.path.join(out, f"{self.selection.metric}.png")):
+            self.after_epoch_plots(out)
+
+
+def single_label_table(results: dict) -> str:
+    test = results["test"]
+    ci = test["accuracy_ci95"]
+    lines = [f"test accuracy on {test['list']} ({test['images']} images, {test['patients']} patients), "
+             f"{results['task']} {results['model']}, checkpoint of epoch {results['selected_epoch']} (selected by "
+             f"validation accuracy {_fmt(results['val_accuracy'])}): {_fmt(test['accuracy'])} {_fmt_ci(ci)}"]
+    width = max(len(n) for n in test["merged_classes"])
+    lines.append(f"  {'class':<{width}}  sensitivity                 PPV")
+    for name, row in test["per_class"].items():
+        lines.append(f"  {name:<{width}}  {_fmt(row['sensitivity'])} {_fmt_ci(row['sensitivity_ci95']):<18}  "
+                     f"{_fmt(row['ppv'])} {_fmt_ci(row['ppv_ci95'])}")
+    lines.append("  confusion matrix (rows true, columns predicted): " + str(test["confusion_matrix"]))
+    return "\n".join(lines)

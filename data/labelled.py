@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from data import chestxray_nih as nih
-from data import chexpert
+from data import chexpert, covidx
 from data.base import SourceIndex, XrayDataset, find_given_file, require_columns, seeded
 from data.checks import files_exist
 from data.config import add_image_args
@@ -30,8 +30,10 @@ from data.image_io import decode_problem
 from data.transforms import build_finetune_transform, check_norm_policy, norm_stats_for
 from util.errors import SetupError
 
-DATASETS = ("chestxray", "chexpert")
-SOURCE_OF = {"chestxray": "chestxray_nih", "chexpert": "chexpert"}  # per-dataset mean/std (data/transforms.py)
+DATASETS = ("chestxray", "chexpert", "covidx")
+SINGLE_LABEL = ("covidx",)  # one class per image (cross-entropy, accuracy); the others are multi-label
+# per-dataset mean/std (data/transforms.py; a dataset not in its table takes the chest X-ray values)
+SOURCE_OF = {"chestxray": "chestxray_nih", "chexpert": "chexpert", "covidx": "covidx"}
 # the reference's order (its CheXpert dataset's columns), so a CheXpert head moves between the two codebases
 CHEXPERT_FINDINGS = ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"]
 # the CheXpert paper's best policy per finding: U-Ones for Atelectasis and Edema, U-Zeros for the others
@@ -45,7 +47,8 @@ CHECK_SAMPLE = 16  # images decoded per split at start-up under --check_images s
 def add_data_args(parser) -> None:
     group = parser.add_argument_group("Data")
     group.add_argument("--dataset", default="chestxray", choices=DATASETS,
-                       help="chestxray: NIH ChestX-ray14, 14 findings; chexpert: CheXpert, 5 competition findings "
+                       help="chestxray: NIH ChestX-ray14, 14 findings; chexpert: CheXpert, 5 competition findings; "
+                            "covidx: COVIDx, 4 classes, single-label "
                             "(default: chestxray)")
     add_image_args(group, "the dataset's folder (NIH: images/ or images_*/images/ inside, or a folder holding "
                           "nih_chestxray/; CheXpert: the folder of train.csv, or one holding CheXpert-v1.0-small/)")
@@ -97,7 +100,9 @@ def build_transform(args, is_train: bool):
 
 
 def findings(dataset: str) -> list[str]:
-    return list(nih.FINDINGS) if dataset == "chestxray" else list(CHEXPERT_FINDINGS)
+    """The findings (multi-label) or classes (single-label) of --dataset, in the order of the logits."""
+    names = {"chestxray": nih.FINDINGS, "chexpert": CHEXPERT_FINDINGS, "covidx": covidx.CLASSES}
+    return list(names[dataset])
 
 
 @dataclass
@@ -255,6 +260,33 @@ def _chexpert_splits(args, seed: int) -> dict[str, Split]:
     return {"train": train, "val": val, "test": test}
 
 
+# ---- COVIDx -------------------------------------------------------------------------------------------------------
+
+def _covidx_split(role: str, path: str, flag: str, image_dir: str, with_labels: bool) -> Split:
+    paths, patients, labels, lines = covidx.parse_file(path, flag, image_dir)  # every label checked now
+    sources = [line.split()[-1] for line in lines]
+    # patient ids are only unique within a source: the patient is (source, id)
+    patients = np.array([f"{s}/{p.decode()}" for s, p in zip(sources, patients)], dtype=np.bytes_)
+    return Split(role, path, paths, patients, lines, labels if with_labels else None)
+
+
+def _covidx_splits(args, seed: int) -> dict[str, Split]:
+    train_dir, test_dir = os.path.join(args.data_path, "train"), os.path.join(args.data_path, "test")
+    train = _covidx_split("train", covidx.label_file(args.train_list, args.data_path, covidx.TRAIN_FILE,
+                                                     "--train_list"), "--train_list", train_dir, True)
+    if args.val_list:
+        val = _covidx_split("val", covidx.label_file(args.val_list, args.data_path, "", "--val_list"), "--val_list",
+                            train_dir, True)
+    else:  # COVIDx has no validation list: hold out part of the training patients for selection
+        held = draw_by_patient(train.patients, covidx.VAL_FRACTION, seed)
+        val = replace(train.subset(held, f"{train.source}, {covidx.VAL_FRACTION:.0%} of patients (seed {seed})"),
+                      role="val")
+        train = train.subset(~held, f"{train.source} minus the validation patients")
+    test = _covidx_split("test", covidx.label_file(args.test_list, args.data_path, covidx.TEST_FILE, "--test_list"),
+                         "--test_list", test_dir, False)
+    return {"train": train, "val": val, "test": test}
+
+
 # ---- both ---------------------------------------------------------------------------------------------------------
 
 def draw_by_patient(patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -288,6 +320,8 @@ def build_splits(args) -> dict[str, Split]:
     seed = args.fraction_seed
     if args.dataset == "chestxray":
         splits = _nih_splits(args)
+    elif args.dataset == "covidx":
+        splits = _covidx_splits(args, seed)
     else:
         splits = _chexpert_splits(args, seed)
     for split in splits.values():
@@ -358,6 +392,9 @@ def load_labels(args, test: Split) -> Split:
         lines = _nih_lines(test.source)
         names, labels = [line.split(maxsplit=1)[0] for line in lines], _nih_labels(test.source, lines, "--test_list")
         unchanged = names == list(test.rows)
+    elif args.dataset == "covidx":
+        paths, _, labels, _ = covidx.parse_file(test.source, "--test_list", os.path.join(args.data_path, "test"))
+        unchanged = np.array_equal(paths, test.paths)
     else:
         df = _chexpert_frontal(test.source)
         labels = chexpert_labels(df, uncertain_policy(args.chexpert_uncertain), test.source)

@@ -1,4 +1,4 @@
-"""Multi-label AUROC and its patient-level bootstrap confidence intervals, both from scikit-learn.
+"""Multi-label AUROC, single-label accuracy and rates, and their patient-level bootstrap intervals (scikit-learn).
 
 scikit-learn is imported inside the functions: importing it costs every rank about 1.5 s of start-up, and
 pre-training needs it only for the optional online probe."""
@@ -44,11 +44,11 @@ def mean_auroc(values: list[float | None]) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
-def bootstrap_auroc(scores: np.ndarray, labels: np.ndarray, patients: np.ndarray, resamples: int, seed: int = 0,
-                    level: float = 0.95) -> dict:
-    """Percentile confidence intervals of each finding's AUROC and of the mean, resampling whole patients with
-    replacement (sklearn.utils.resample): a patient's images are correlated, so resampling images would make the
-    intervals too narrow. {'per_finding': [(lo, hi) | None], 'mean': (lo, hi) | None, 'resamples': n}."""
+def patient_bootstrap(statistic, patients: np.ndarray, resamples: int, seed: int = 0, level: float = 0.95,
+                      what: str = "statistics") -> list[tuple[float, float] | None]:
+    """Percentile confidence intervals of each value of statistic(rows) -> [V] floats (NaN where undefined), over
+    resamples of whole patients with replacement (sklearn.utils.resample): a patient's images are correlated, so
+    resampling images would make the intervals too narrow. Progress with an ETA."""
     from sklearn.utils import resample
 
     unique, inverse = np.unique(patients, return_inverse=True)
@@ -56,23 +56,67 @@ def bootstrap_auroc(scores: np.ndarray, labels: np.ndarray, patients: np.ndarray
     starts = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
     rows_of = [order[starts[p]:starts[p + 1]] for p in range(len(unique))]
     rng = np.random.RandomState(seed)
-    per_draw = np.full((resamples, labels.shape[1]), np.nan)
+    draws = []
     start, report_every = time.time(), max(1, resamples // 10)
     for b in range(resamples):
         drawn = resample(np.arange(len(unique)), replace=True, random_state=rng)
-        rows = np.concatenate([rows_of[p] for p in drawn])
-        per_draw[b] = [np.nan if v is None else v for v in per_finding_auroc(scores[rows], labels[rows])]
+        draws.append(np.asarray(statistic(np.concatenate([rows_of[p] for p in drawn])), dtype=np.float64))
         if (b + 1) % report_every == 0 and b + 1 < resamples:
             eta = (time.time() - start) / (b + 1) * (resamples - b - 1)
-            logger.info("bootstrap: %d/%d patient resamples, eta %s", b + 1, resamples,
+            logger.info("bootstrap of the %s: %d/%d patient resamples, eta %s", what, b + 1, resamples,
                         datetime.timedelta(seconds=int(eta)))
     tail = 100 * (1 - level) / 2
-
-    def interval(values: np.ndarray):
+    out = []
+    for values in np.array(draws).T:
         values = values[np.isfinite(values)]
-        return (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))) if len(values) else None
+        out.append((float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))) if len(values)
+                   else None)
+    return out
 
-    defined = np.isfinite(per_draw).any(axis=0)
-    means = np.nanmean(per_draw[:, defined], axis=1) if defined.any() else np.array([])
-    return {"per_finding": [interval(per_draw[:, k]) for k in range(labels.shape[1])], "mean": interval(means),
+
+def bootstrap_auroc(scores: np.ndarray, labels: np.ndarray, patients: np.ndarray, resamples: int, seed: int = 0,
+                    level: float = 0.95) -> dict:
+    """Patient-bootstrap intervals of each finding's AUROC and of their mean.
+    {'per_finding': [(lo, hi) | None], 'mean': (lo, hi) | None, 'resamples': n}."""
+    def statistic(rows):
+        values = [np.nan if v is None else v for v in per_finding_auroc(scores[rows], labels[rows])]
+        defined = [v for v in values if np.isfinite(v)]
+        return [*values, np.mean(defined) if defined else np.nan]
+
+    intervals = patient_bootstrap(statistic, patients, resamples, seed, level, "AUROC")
+    return {"per_finding": intervals[:-1], "mean": intervals[-1], "resamples": resamples, "level": level}
+
+
+def single_label_metrics(probabilities: np.ndarray, labels: np.ndarray, merge: list[int] | None = None) -> dict:
+    """Single-label classification from [N, C] class probabilities and [N] class indices: accuracy of the C-way
+    argmax; the confusion matrix (rows: true class, columns: predicted; scikit-learn) after mapping classes through
+    `merge` (class c counts as merge[c]); each merged class's sensitivity (recall) and PPV (precision), None where
+    undefined; and each of the C classes' one-vs-rest AUROC."""
+    from sklearn.metrics import confusion_matrix
+
+    predicted = probabilities.argmax(axis=1)
+    merge = np.arange(probabilities.shape[1]) if merge is None else np.asarray(merge)
+    merged_count = int(merge.max()) + 1
+    matrix = confusion_matrix(merge[labels], merge[predicted], labels=np.arange(merged_count))
+    true, called = matrix.sum(axis=1), matrix.sum(axis=0)
+    diagonal = np.diag(matrix)
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "confusion_matrix": matrix.tolist(),
+        "sensitivity": [float(d / t) if t else None for d, t in zip(diagonal, true)],
+        "ppv": [float(d / c) if c else None for d, c in zip(diagonal, called)],
+        "auroc": [auroc(probabilities[:, k], labels == k) for k in range(probabilities.shape[1])],
+    }
+
+
+def bootstrap_single_label(probabilities: np.ndarray, labels: np.ndarray, patients: np.ndarray, resamples: int,
+                           merge: list[int] | None = None, seed: int = 0, level: float = 0.95) -> dict:
+    """Patient-bootstrap intervals of single_label_metrics' accuracy, sensitivities and PPVs."""
+    def statistic(rows):
+        m = single_label_metrics(probabilities[rows], labels[rows], merge)
+        return [m["accuracy"], *[np.nan if v is None else v for v in m["sensitivity"] + m["ppv"]]]
+
+    intervals = patient_bootstrap(statistic, patients, resamples, seed, level, "accuracy and rates")
+    classes = (len(intervals) - 1) // 2
+    return {"accuracy": intervals[0], "sensitivity": intervals[1:1 + classes], "ppv": intervals[1 + classes:],
             "resamples": resamples, "level": level}

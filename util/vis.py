@@ -154,3 +154,26 @@ def save_roc_curves(scores: np.ndarray, labels: np.ndarray, findings: list[str],
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def save_confusion_matrix(matrix, class_names: list[str], path: str, title: str) -> None:
+    """The confusion matrix as a picture (rows: true class, columns: predicted), each cell with its count and its
+    share of the row, so a reader sees both the numbers and which classes are confused."""
+    plt = _pyplot()
+    matrix = np.asarray(matrix)
+    rows = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(1.4 * len(class_names) + 1.5, 1.2 * len(class_names) + 1.2), dpi=100)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, f"{matrix[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center",
+                    color="white" if shares[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

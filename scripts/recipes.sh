@@ -18,6 +18,13 @@ case "${RECIPE:-vit_s}" in
     finetune_densenet121) SCRIPT=main_finetune_chestxray.py
            RECIPE_ARGS=("${FINETUNE_COMMON[@]}" --finetune "${PRETRAINED:?set PRETRAINED to the checkpoint to fine-tune}"
                         --checkpoint_type smp_encoder --model densenet121 --drop_path 0) ;;
+    finetune_covidx_vit_s) SCRIPT=main_finetune_chestxray.py  # no published command: the NIH ViT-S settings
+           RECIPE_ARGS=(--device cuda --batch_size "${BATCH_SIZE:-128}" --accum_iter "${ACCUM_ITER:-1}" --epochs 75
+                        --blr 2.5e-4 --weight_decay 0.05 --warmup_epochs 5 --mixup 0 --cutmix 0 --reprob 0
+                        --vit_dropout_rate 0 --num_workers "${NUM_WORKERS:-4}" --min_lr 1e-5 --eval_interval 10
+                        --build_timm_transform --aa rand-m6-mstd0.5-inc1 --dataset covidx --nb_classes 4
+                        --finetune "${PRETRAINED:?set PRETRAINED to the checkpoint to fine-tune}"
+                        --model vit_small_patch16 --layer_decay 0.55 --drop_path 0.2) ;;
     linprobe_vit_s) SCRIPT=main_linprobe_chestxray.py
            RECIPE_ARGS=(--device cuda --batch_size "${BATCH_SIZE:-512}" --accum_iter "${ACCUM_ITER:-1}" --epochs 90
                         --blr 0.1 --weight_decay 0 --warmup_epochs 10 --num_workers "${NUM_WORKERS:-8}"
@@ -32,8 +39,8 @@ case "${RECIPE:-vit_s}" in
            DATASETS=(chexpert chestxray_nih mimic_cxr); MODEL_ARGS=(--mask_strategy random) ;;
     densenet121) SCRIPT=main_pretrain_multi_datasets_xray_cnn.py; MODEL=densenet121; MASK=0.75
            DATASETS=(chexpert chestxray_nih); MODEL_ARGS=() ;;
-    *) echo "recipes.sh: RECIPE must be vit_s, vit_b, densenet121, finetune_vit_s, finetune_densenet121 or" \
-            "linprobe_vit_s, got '$RECIPE'" >&2; exit 2 ;;
+    *) echo "recipes.sh: RECIPE must be vit_s, vit_b, densenet121, finetune_vit_s, finetune_densenet121," \
+            "finetune_covidx_vit_s or linprobe_vit_s, got '$RECIPE'" >&2; exit 2 ;;
 esac
 # --device cuda: a GPU node with a broken CUDA install must fail at start-up, not train on its CPUs
 if [[ "$SCRIPT" == main_pretrain* ]]; then

@@ -26,6 +26,7 @@ import models_vit
 from data import labelled
 from data.synthetic import make_chexpert, make_nih_labelled
 from tests.helpers import ROOT, child_env, picture, run_cli, spawn, tensorboard_scalars, wait_for_line
+from util.args import validate_args
 from util.checkpoint import load_checkpoint
 
 FT_SCRIPT = str(ROOT / "main_finetune_chestxray.py")
@@ -370,6 +371,15 @@ def test_finetune_md_and_slurm_recipes_are_the_reference_commands():
         ours_args, ref = parse(out[1:]), _reference_args(name)
         differ = {k for k in vars(ref) if getattr(ours_args, k) != getattr(ref, k)} - where
         assert not differ, {k: (getattr(ours_args, k), getattr(ref, k)) for k in differ}
+    # COVIDx has no published command: its recipe is the ViT-S one on the covidx task, and passes every flag check
+    show = 'source scripts/recipes.sh && printf "%s\\n" "$SCRIPT" "${RECIPE_ARGS[@]}"'
+    env = {**os.environ, "RECIPE": "finetune_covidx_vit_s", "PRETRAINED": "w.pth"}
+    out = subprocess.run(["bash", "-c", show], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    covidx_args, vit_s = parse(out[1:]), _reference_args("vit_s")
+    differ = {k for k in vars(vit_s) if getattr(covidx_args, k) != getattr(vit_s, k)} - where
+    assert differ == {"dataset", "nb_classes"} and (covidx_args.dataset, covidx_args.nb_classes) == ("covidx", 4)
+    validate_args(covidx_args, engine_finetune.check_args(covidx_args) + ft_main.check_model_args(covidx_args))
 
 
 SHRUNK = {"--nproc_per_node=8": "--nproc_per_node=2", "--batch_size 128": "--batch_size 2",

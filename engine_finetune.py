@@ -40,6 +40,7 @@ TASKS = ("finetune", "linprobe")
 RESULTS_NAME = "results.json"  # written last: its presence means the run is complete and its test list scored
 PREDICTIONS_NAME = "test_predictions.csv"
 CONFUSION_NAME = "confusion_matrix.png"
+CSV_COLUMNS = ("path_column", "label_columns", "label_column", "classes", "patient_column")  # --dataset csv
 # what decides how a checkpoint's test images are prepared: --eval must score with its run's values
 EVAL_SETTINGS = ("dataset", "input_size", "in_chans", "norm_stats", "build_timm_transform", "global_pool")
 
@@ -140,7 +141,8 @@ class ClassificationTask(Task):
                 **{f"{r}_list": file_fingerprint(getattr(args, f"{r}_list")) for r in ("train", "val", "test")},
                 "label_fraction": args.label_fraction, "fraction_seed": args.fraction_seed,
                 "chexpert_uncertain": args.chexpert_uncertain if args.dataset == "chexpert" else None,
-                "build_timm_transform": args.build_timm_transform, "norm_stats": args.norm_stats}
+                "build_timm_transform": args.build_timm_transform, "norm_stats": args.norm_stats,
+                **({k: getattr(args, k) for k in CSV_COLUMNS} if args.dataset == "csv" else {})}
 
     def evaluation_only(self, args) -> bool:
         return args.eval
@@ -149,7 +151,7 @@ class ClassificationTask(Task):
         if args.eval and os.path.isfile(os.path.join(args.output_dir, RESULTS_NAME)):
             raise SetupError(f"--eval: {args.output_dir} already holds results.json; give the evaluation its own "
                              "--output_dir, so no result is overwritten")
-        self.findings = labelled.findings(args.dataset)
+        self.findings = labelled.findings(args)
         self.splits = shared_splits(args, info, device)
         self.splits["train"] = labelled.label_fraction(self.splits["train"], args.label_fraction, args.fraction_seed,
                                                        args.output_dir, write=info.is_main)
@@ -204,7 +206,7 @@ class ClassificationTask(Task):
                              f"--epochs {args.epochs} would train on and score the test list again, and the test set "
                              "is scored once. Start a new run in another --output_dir (--finetune with the new "
                              "--epochs), or leave --epochs as it was.")
-        self.findings = labelled.findings(args.dataset)
+        self.findings = labelled.findings(args)
         self.complete_outputs(args.output_dir)
         logger.info("this run is complete and its test list was scored: %s (the test set is scored once; "
                     "--eval --resume CHECKPOINT scores a checkpoint again, in another --output_dir)", results)
@@ -459,9 +461,7 @@ class SingleLabelTask(ClassificationTask):
     def describe_data(self, args, info, data: TaskData) -> None:
         """Each split's images, patients and class counts (the test list's read from its file, not kept)."""
         for split in self.splits.values():
-            labels = split.labels
-            if labels is None and args.dataset == "covidx":
-                labels = covidx.parse_file(split.source, "--test_list", "")[2]
+            labels = split.labels if split.labels is not None else labelled.load_labels(args, split).labels
             counts = np.bincount(labels, minlength=len(self.findings))
             logger.info("%s list %s: %d images, %d patients; %s", split.role, split.source, len(split),
                         len(np.unique(split.patients)), ", ".join(f"{n} {c}" for n, c in zip(self.findings, counts)))

@@ -16,7 +16,7 @@ import sys
 import engine
 import models_cnn
 import models_vit
-from data.labelled import SINGLE_LABEL, add_data_args
+from data.labelled import add_data_args, is_single_label
 from engine_finetune import ClassificationTask, SingleLabelTask
 from util.args import ExitCode, add_finetune_args
 from util.model_api import Classifier
@@ -100,7 +100,7 @@ def main(argv=None, linear_probe: bool = False) -> int:
     if args.model == "list":
         print("\n".join(model_names()))
         return ExitCode.OK
-    kind = SingleLabelTask if args.dataset in SINGLE_LABEL else ClassificationTask  # COVIDx: one class per image
+    kind = SingleLabelTask if is_single_label(args) else ClassificationTask  # COVIDx, a CSV's --label_column
     task = kind(functools.partial(build_classifier, linear_probe=linear_probe),
                 "linprobe" if linear_probe else "finetune", check_model_args)
     return engine.run(task, args)

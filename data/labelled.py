@@ -30,10 +30,9 @@ from data.image_io import decode_problem
 from data.transforms import build_finetune_transform, check_norm_policy, norm_stats_for
 from util.errors import SetupError
 
-DATASETS = ("chestxray", "chexpert", "covidx")
-SINGLE_LABEL = ("covidx",)  # one class per image (cross-entropy, accuracy); the others are multi-label
+DATASETS = ("chestxray", "chexpert", "covidx", "csv")
 # per-dataset mean/std (data/transforms.py; a dataset not in its table takes the chest X-ray values)
-SOURCE_OF = {"chestxray": "chestxray_nih", "chexpert": "chexpert", "covidx": "covidx"}
+SOURCE_OF = {"chestxray": "chestxray_nih", "chexpert": "chexpert", "covidx": "covidx", "csv": "csv"}
 # the reference's order (its CheXpert dataset's columns), so a CheXpert head moves between the two codebases
 CHEXPERT_FINDINGS = ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"]
 # the CheXpert paper's best policy per finding: U-Ones for Atelectasis and Edema, U-Zeros for the others
@@ -48,8 +47,8 @@ def add_data_args(parser) -> None:
     group = parser.add_argument_group("Data")
     group.add_argument("--dataset", default="chestxray", choices=DATASETS,
                        help="chestxray: NIH ChestX-ray14, 14 findings; chexpert: CheXpert, 5 competition findings; "
-                            "covidx: COVIDx, 4 classes, single-label "
-                            "(default: chestxray)")
+                            "covidx: COVIDx, 4 classes, single-label; csv: your own CSV files (--path_column and "
+                            "--label_columns or --label_column) (default: chestxray)")
     add_image_args(group, "the dataset's folder (NIH: images/ or images_*/images/ inside, or a folder holding "
                           "nih_chestxray/; CheXpert: the folder of train.csv, or one holding CheXpert-v1.0-small/)")
     group.add_argument("--train_list", default=None, type=str,
@@ -69,6 +68,20 @@ def add_data_args(parser) -> None:
                        help="decode images of every split at start-up, so a bad file fails before training: 'sample' "
                             f"({CHECK_SAMPLE} evenly spaced per split), 'all', or 'none' (default: sample; "
                             "tools/verify_data.py checks every file)")
+    csv = parser.add_argument_group("Your own data (--dataset csv)")
+    csv.add_argument("--path_column", default="path", type=str,
+                     help="column of the image paths, relative to --data_path or absolute; any image pre-training "
+                          "reads: PNG, JPEG, 16-bit PNG, DICOM (default: path)")
+    csv.add_argument("--label_columns", default=None, type=str, metavar="A,B,...",
+                     help="multi-label: these 0/1 columns, one logit each, BCE and AUROC (default: none)")
+    csv.add_argument("--label_column", default=None, type=str, metavar="C",
+                     help="single-label: this column holds one class per image, cross-entropy and accuracy; "
+                          "--classes gives the classes in the order of the logits (default: none)")
+    csv.add_argument("--classes", default=None, type=str, metavar="A,B,...",
+                     help="with --label_column: every class, in the order of the logits (default: none)")
+    csv.add_argument("--patient_column", default=None, type=str,
+                     help="column of the patient ids, for the bootstrap and the check that no patient is in two "
+                          "splits (default: none, each image its own patient)")
     group.add_argument("--chexpert_uncertain", default=DEFAULT_UNCERTAIN, type=str,
                        help="CheXpert uncertain (-1) labels: 'ones', 'zeros' or per finding 'Edema=ones,...' "
                             "(default: U-Ones for Atelectasis and Edema, U-Zeros for the rest)")
@@ -84,11 +97,36 @@ def check_data_args(args) -> list[str]:
     problem = check_norm_policy(args.norm_stats)
     if problem:
         problems.append(problem)
-    expected = len(findings(args.dataset))
+    if args.dataset == "csv":
+        problems += _check_csv_args(args)
+        if problems:
+            return problems
+    expected = len(findings(args))
     if args.nb_classes != expected:
         problems.append(f"--nb_classes {args.nb_classes}: --dataset {args.dataset} has {expected} findings "
-                        f"({', '.join(findings(args.dataset))}); pass --nb_classes {expected}")
+                        f"({', '.join(findings(args))}); pass --nb_classes {expected}")
     return problems
+
+
+def _check_csv_args(args) -> list[str]:
+    problems = []
+    if bool(args.label_columns) == bool(args.label_column):
+        problems.append("--dataset csv takes either --label_columns A,B,... (multi-label) or --label_column C "
+                        "(single-label), not both nor neither")
+    if args.label_column and not args.classes:
+        problems.append(f"--label_column {args.label_column} needs --classes A,B,...: the classes in the order of "
+                        "the logits")
+    if args.classes and not args.label_column:
+        problems.append("--classes goes with --label_column (single-label)")
+    for flag in ("train_list", "val_list", "test_list"):
+        if not getattr(args, flag):
+            problems.append(f"--dataset csv needs --{flag} (a CSV with a {args.path_column!r} column)")
+    return problems
+
+
+def is_single_label(args) -> bool:
+    """One class per image (cross-entropy, accuracy): COVIDx, and --dataset csv with --label_column."""
+    return args.dataset == "covidx" or (args.dataset == "csv" and bool(args.label_column))
 
 
 def build_transform(args, is_train: bool):
@@ -99,10 +137,15 @@ def build_transform(args, is_train: bool):
                                     aa, args.reprob, args.remode, args.recount)
 
 
-def findings(dataset: str) -> list[str]:
+def findings(args) -> list[str]:
     """The findings (multi-label) or classes (single-label) of --dataset, in the order of the logits."""
-    names = {"chestxray": nih.FINDINGS, "chexpert": CHEXPERT_FINDINGS, "covidx": covidx.CLASSES}
-    return list(names[dataset])
+    if args.dataset == "csv":
+        return _names(args.label_columns or args.classes)
+    return list({"chestxray": nih.FINDINGS, "chexpert": CHEXPERT_FINDINGS, "covidx": covidx.CLASSES}[args.dataset])
+
+
+def _names(spec: str) -> list[str]:
+    return [name.strip() for name in spec.split(",") if name.strip()]
 
 
 @dataclass
@@ -287,6 +330,44 @@ def _covidx_splits(args, seed: int) -> dict[str, Split]:
     return {"train": train, "val": val, "test": test}
 
 
+# ---- your own CSV files -------------------------------------------------------------------------------------------
+
+def _csv_split(role: str, args, with_labels: bool) -> Split:
+    """A split from --{role}_list: images in --path_column, labels in --label_columns (0/1 each) or --label_column
+    (one of --classes), patients in --patient_column. Every label is checked now, the test list's too."""
+    flag = f"--{role}_list"
+    path = getattr(args, f"{role}_list")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path} not found")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    single = bool(args.label_column)
+    columns = [args.path_column, *([args.label_column] if single else _names(args.label_columns)),
+               *([args.patient_column] if args.patient_column else [])]
+    require_columns(df, columns, path)
+    rel = df[args.path_column].str.strip().to_numpy()
+    paths = np.array([p if os.path.isabs(p) else os.path.join(args.data_path, p) for p in rel], dtype=np.bytes_)
+    patients = (df[args.patient_column].str.strip().to_numpy() if args.patient_column else rel).astype(np.bytes_)
+    if single:
+        classes = _names(args.classes)
+        values = df[args.label_column].str.strip()
+        unknown = sorted(set(values) - set(classes))
+        if unknown:
+            row = int(np.flatnonzero(~values.isin(classes).to_numpy())[0])
+            raise ValueError(f"{flag} {path}, row {row + 1}, column {args.label_column!r}: class {unknown[0]!r} is "
+                             f"not one of --classes {classes} ({len(unknown)} unknown value(s): {unknown[:5]})")
+        labels = np.array(values.map({c: k for k, c in enumerate(classes)}), dtype=np.int64)  # a writable copy
+    else:
+        names = _names(args.label_columns)
+        cells = df[names].apply(lambda column: column.str.strip())
+        bad = ~cells.isin(["0", "1", "0.0", "1.0"])
+        if bad.to_numpy().any():
+            row, col = (int(v[0]) for v in np.nonzero(bad.to_numpy()))
+            raise ValueError(f"{flag} {path}, row {row + 1}, column {names[col]!r}: label {cells.iat[row, col]!r}; "
+                             "every label must be 0 or 1")
+        labels = cells.isin(["1", "1.0"]).to_numpy(dtype=np.float32)
+    return Split(role, path, paths, patients, df, labels if with_labels else None)
+
+
 # ---- both ---------------------------------------------------------------------------------------------------------
 
 def draw_by_patient(patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -322,6 +403,8 @@ def build_splits(args) -> dict[str, Split]:
         splits = _nih_splits(args)
     elif args.dataset == "covidx":
         splits = _covidx_splits(args, seed)
+    elif args.dataset == "csv":
+        splits = {role: _csv_split(role, args, with_labels=role != "test") for role in ("train", "val", "test")}
     else:
         splits = _chexpert_splits(args, seed)
     for split in splits.values():
@@ -395,6 +478,9 @@ def load_labels(args, test: Split) -> Split:
     elif args.dataset == "covidx":
         paths, _, labels, _ = covidx.parse_file(test.source, "--test_list", os.path.join(args.data_path, "test"))
         unchanged = np.array_equal(paths, test.paths)
+    elif args.dataset == "csv":
+        read = _csv_split("test", args, with_labels=True)
+        labels, unchanged = read.labels, np.array_equal(read.paths, test.paths)
     else:
         df = _chexpert_frontal(test.source)
         labels = chexpert_labels(df, uncertain_policy(args.chexpert_uncertain), test.source)

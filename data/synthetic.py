@@ -424,3 +424,41 @@ def make_covidx(root: str, train: int = 60, test: int = 24, images_per_patient: 
         files[role] = os.path.join(root, f"{role}_COVIDx9A.txt")
         _write_lines(files[role], lines)
     return files
+
+
+def make_csv_dataset(root: str, patients=(8, 3, 3), images_per_patient: int = 2, size=(32, 32), seed: int = 0,
+                     first_patient: int = 0) -> dict[str, str]:
+    """A user's own data for --dataset csv: root/images/ with PNG, 16-bit PNG and DICOM files (every third image of a
+    patient in each of the other two formats), and root/{train,val,test}.csv with the columns path (relative to root),
+    patient, two 0/1 findings (`opacity`: a bright patch drawn in, `device`: random) and one class per image
+    (`view_class`: a, b or c, cycling by patient). Returns role -> CSV path."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    y, x = y / h, x / w
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    files, patient = {}, first_patient
+    for role, count in zip(("train", "val", "test"), patients):
+        rows = []
+        for _ in range(count):
+            for i in range(images_per_patient):
+                opacity = int(len(rows) % 2 == 0) if len(rows) < 2 else int(rng.random() < 0.5)
+                img = chest_image(h, w, seed=int(rng.integers(1 << 30))).astype(np.float32)
+                if opacity:
+                    img[((x - 0.35) / 0.12) ** 2 + ((y - 0.4) / 0.12) ** 2 < 1] += 90
+                pixels = np.clip(img, 0, 255).astype(np.uint8)
+                kind = ("png", "png16", "dcm")[(patient + i) % 3]
+                name = f"p{patient:05d}_{i}.{'dcm' if kind == 'dcm' else 'png'}"
+                path = os.path.join(root, "images", name)
+                if kind == "png":
+                    save_image(path, pixels)
+                elif kind == "png16":
+                    save_png16(path, pixels, full_range=True)
+                else:
+                    write_dicom(path, pixels.astype(np.uint16) * 16)
+                rows.append([f"images/{name}", f"P{patient:05d}", str(opacity), str(int(rng.random() < 0.3)),
+                             "abc"[patient % 3]])
+            patient += 1
+        files[role] = os.path.join(root, f"{role}.csv")
+        _write_csv(files[role], ["path", "patient", "opacity", "device", "view_class"], rows)
+    return files

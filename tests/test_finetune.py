@@ -117,7 +117,7 @@ def test_chexpert_findings_uncertainty_policy_and_held_out_validation(tmp_path):
     assert {"Edema", "Atelectasis"} <= seen_uncertain  # both policies were exercised
     # the logits' order is the reference's, so a CheXpert head moves between the codebases
     reference_order = ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"]
-    assert labelled.findings("chexpert") == reference_order
+    assert labelled.findings(argparse.Namespace(dataset="chexpert")) == reference_order
     assert labelled.uncertain_policy(labelled.DEFAULT_UNCERTAIN) == {
         "Atelectasis": "ones", "Cardiomegaly": "zeros", "Consolidation": "zeros", "Edema": "ones",
         "Pleural Effusion": "zeros"}

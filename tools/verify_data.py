@@ -41,7 +41,7 @@ def check_all(paths: list[str], workers: int) -> list[tuple[str, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_data_args(parser, training=False)
-    parser.add_argument("--dataset", default=None, choices=labelled.DATASETS,
+    parser.add_argument("--dataset", default=None, choices=[d for d in labelled.DATASETS if d != "csv"],
                         help="check a fine-tuning dataset instead of the pre-training pool: the lists (labels, "
                              "duplicates, shared patients) and every image of --train_list, --val_list and "
                              "--test_list, with main_finetune_chestxray.py's defaults (default: the pool)")

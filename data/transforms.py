@@ -93,11 +93,10 @@ def build_finetune_transform(is_train: bool, input_size: int, mean, std, in_chan
                              aa: str | None = None, reprob: float = 0.0, remode: str = "pixel", recount: int = 1):
     """Fine-tuning pipeline on the gray image. --build_timm_transform: timm's create_transform (RandomResizedCrop,
     flip, RandAugment --aa, random erasing --reprob; eval: resize to input/0.875 and centre crop) on the image as
-    RGB, the first channel kept for in_chans 1. Otherwise the reference pre-training resize + flip (train) and the
-    plain resize (eval)."""
+    RGB, the first channel kept for in_chans 1. Otherwise the reference's own fine-tuning transforms
+    (reference_finetune_transform)."""
     if not timm_transform:
-        build = build_train_transform(input_size, None, mean, std, in_chans) if is_train else None
-        return build or build_eval_transform(input_size, mean, std, in_chans)
+        return reference_finetune_transform(is_train, input_size, mean, std, in_chans)
     from timm.data import create_transform
 
     if in_chans == 1:  # timm's RandAugment and erasing work on RGB: the gray value stands in all three channels
@@ -109,6 +108,19 @@ def build_finetune_transform(is_train: bool, input_size: int, mean, std, in_chan
     if in_chans == 1:
         steps.append(transforms.Lambda(_first_channel))
     return transforms.Compose(steps)
+
+
+def reference_finetune_transform(is_train: bool, input_size: int, mean, std, in_chans: int = 3):
+    """The reference's fine-tuning transforms without --build_timm_transform, at torchvision's defaults (bilinear):
+    training RandomResizedCrop(input_size) (scale 0.08-1, aspect 3/4-4/3), horizontal flip, RandomRotation(7);
+    evaluation Resize(input_size * 256 / 224) of the shorter side, then CenterCrop(input_size) (224: 256 then 224).
+    On the gray image, the channels replicated after ToTensor (which equals converting to RGB first)."""
+    if is_train:
+        geometry = [transforms.RandomResizedCrop(input_size), transforms.RandomHorizontalFlip(),
+                    transforms.RandomRotation(7)]
+    else:
+        geometry = [transforms.Resize(input_size * 256 // 224), transforms.CenterCrop(input_size)]
+    return transforms.Compose([*geometry, GrayToNormalizedTensor(mean, std, in_chans)])
 
 
 def _to_rgb(image):

@@ -43,3 +43,33 @@ def test_plain_resize_matches_reference_transform(tmp_path):
         expected = reference(Image.open(path).convert("RGB"))
         torch.manual_seed(seed)
         torch.testing.assert_close(ours(data.image_io.load_gray(path)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_default_finetune_transforms_are_the_references(in_chans):
+    """Without --build_timm_transform, fine-tuning uses the reference's transforms: evaluation Resize(256) +
+    CenterCrop(224), training RandomResizedCrop(224) + flip + RandomRotation(7), at torchvision's defaults. Ours work
+    on the gray image; the reference's torchvision pipeline on its RGB copy gives the same tensors (the training one
+    under the same seed, so the same draws in the same order)."""
+    from torchvision import transforms as T
+
+    from data.transforms import build_finetune_transform
+
+    image = Image.fromarray(chest_image(300, 260, seed=1))
+    mean, std = [0.5056] * in_chans, [0.252] * in_chans
+
+    def reference(steps):
+        return T.Compose([*steps, T.ToTensor(), T.Normalize([0.5056] * 3, [0.252] * 3)])(image.convert("RGB"))
+
+    ours = build_finetune_transform(False, 224, mean, std, in_chans, timm_transform=False)(image)
+    torch.testing.assert_close(ours, reference([T.Resize(256), T.CenterCrop(224)])[:in_chans], atol=1e-5, rtol=0)
+    train = build_finetune_transform(True, 224, mean, std, in_chans, timm_transform=False)
+    crop, flip, rotation = train.transforms[:3]
+    assert (crop.size, crop.scale, crop.interpolation) == ((224, 224), (0.08, 1.0), T.InterpolationMode.BILINEAR)
+    assert flip.p == 0.5 and rotation.degrees == [-7.0, 7.0]
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ours = train(image)
+        torch.manual_seed(seed)
+        theirs = reference([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.RandomRotation(7)])
+        torch.testing.assert_close(ours, theirs[:in_chans], atol=1e-5, rtol=0)

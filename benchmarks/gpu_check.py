@@ -32,9 +32,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Dense (no sparsity) bf16 tensor-core peak from NVIDIA's data sheets, in FLOP/s; matched in this order.
-DENSE_BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-                   ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("L4", 121e12)]
+# Dense (no sparsity) bf16 tensor-core peak from NVIDIA's data sheets, in FLOP/s, by the exact name
+# torch.cuda.get_device_name reports: a substring match would give an H200 NVL the SXM part's peak, or an L40 the L4's.
+# A card not listed gets no MFU ("unknown"), never a neighbour's number.
+DENSE_BF16_PEAK = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12, "NVIDIA A10G": 70e12,
+}
 
 # name: (entry script kind, --model, --mask_ratio)
 FULL_MODELS = {"vit_s_dec512d2b": ("vit", "mae_vit_small_patch16_dec512d2b", 0.9),
@@ -47,7 +53,40 @@ def peak_flops(device: torch.device) -> tuple[str, float | None]:
     if device.type != "cuda":
         return platform.processor() or "cpu", None
     name = torch.cuda.get_device_name(device)
-    return name, next((peak for key, peak in DENSE_BF16_PEAK if key in name), None)
+    return name, peak_for(name)
+
+
+def peak_for(name: str) -> float | None:
+    """The card's dense bf16 peak by its exact name, or None (MFU not computed)."""
+    return DENSE_BF16_PEAK.get(name.strip())
+
+
+def gpu_signs() -> list[str]:
+    """What says this machine has a GPU, whatever torch thinks: the GPUs nvidia-smi lists, a CUDA_VISIBLE_DEVICES
+    that names devices."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        listed = ""  # no nvidia-smi, or it hangs: no sign from it; the variable below may still give one
+    signs = [f"nvidia-smi lists {line.strip()}" for line in listed.splitlines() if line.startswith("GPU ")]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible not in ("-1", "none", "NoDevFiles"):
+        signs.append(f"CUDA_VISIBLE_DEVICES={visible}")
+    return signs
+
+
+def cuda_diagnosis() -> str:
+    """Why torch may not see the GPU: the driver and card as nvidia-smi reports them, against torch's CUDA build and
+    the architectures it carries code for."""
+    try:
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=20).stdout.strip() or "nothing"
+    except (OSError, subprocess.SubprocessError) as e:
+        query = f"not run ({e})"
+    return (f"nvidia-smi reports (name, driver, compute capability): {query}; torch {torch.__version__} is built "
+            f"for CUDA {torch.version.cuda} with code for {torch.cuda.get_arch_list() or 'no architecture'}. A driver "
+            "older than this CUDA needs, a card whose capability is not in the list (a V100 is sm_70), or a "
+            "container started without --gpus all each look like this (PRETRAIN.md section 4).")
 
 
 def plan(smoke: bool) -> dict:
@@ -113,7 +152,8 @@ def measure_model_only(name, spec, device, precision, compiled, cfg) -> dict:
         result = {"error": f"the measuring process died (exit code {proc.exitcode})"}
     proc.join()
     return {"model": name, "mode": "model only", "precision": precision, "compiled": compiled,
-            "wall_s": time.time() - start, **result}
+            "wall_s": time.time() - start, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
+            **result}
 
 
 def make_prepared_data(work: Path, cfg) -> Path:
@@ -134,7 +174,8 @@ def measure_end_to_end(name, spec, device, gpu_augment, data_path: Path, work: P
     """The entry script for 2 epochs from --prepared_dir; the second epoch's log.txt line is the measurement."""
     kind, model, mask_ratio = spec
     script = "main_pretrain_multi_datasets_xray.py" if kind == "vit" else "main_pretrain_multi_datasets_xray_cnn.py"
-    out = work / f"e2e_{name}_{'gpu_augment' if gpu_augment else 'workers'}"
+    # a new folder every run: auto-resume into an earlier run's folder would report that run's numbers as new
+    out = work / f"e2e_{name}_{'gpu_augment' if gpu_augment else 'workers'}_{time.strftime('%Y%m%d-%H%M%S')}"
     subset = data_path / "nih_chestxray" / "train_official_subset.txt"
     weights = [f"{source}=8" for source in ("chexpert", "chestxray_nih", "mimic_cxr")]  # enough steps per epoch
     cmd = [sys.executable, script, "--model", model, "--mask_ratio", str(mask_ratio), "--batch_size",
@@ -149,7 +190,8 @@ def measure_end_to_end(name, spec, device, gpu_augment, data_path: Path, work: P
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     row = {"model": name, "mode": "end to end" + (", --gpu_augment" if gpu_augment else ", CPU augment"),
-           "precision": cfg["e2e_precision"], "compiled": False, "wall_s": time.time() - start}
+           "precision": cfg["e2e_precision"], "compiled": False, "wall_s": time.time() - start,
+           "measured_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)), "output_dir": str(out)}
     lines = (out / "log.txt").read_text().splitlines() if (out / "log.txt").exists() else []
     if proc.returncode != 0 or len(lines) < 2:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
@@ -172,7 +214,7 @@ def markdown(summary: dict) -> str:
     lines = [f"# gpu-check: {head['device_name']} ({head['mode']})", "",
              f"torch {head['torch']}, CUDA {head['cuda']}, batch {summary['plan']['batch']}, "
              f"{summary['plan']['input_size']} px, {summary['plan']['steps']} timed steps; dense bf16 peak "
-             f"{head['peak_tflops'] or 'n/a'} TFLOP/s; {summary['seconds']:.0f} s in all", "",
+             f"{head['peak_tflops'] or 'n/a'} TFLOP/s ({head['peak_source']}); {summary['seconds']:.0f} s in all", "",
              "| test | outcome | s |", "|---|---|---|"]
     lines += [f"| {t['name']} | {t['outcome']} | {t['seconds']:.1f} |" for t in summary["tests"]]
     lines += ["", "| model | mode | precision | compiled | images/s | data wait | peak memory | MFU |",
@@ -188,7 +230,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {r['model']} | {r['mode']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
                      f"{r['images_per_s']:.1f} | {r['data_wait_fraction']:.0%} | {memory} | {mfu} |")
     if head["mode"] == "CPU smoke mode":
-        lines += ["", "Smoke mode: toy sizes on CPU, to keep this script working. These numbers mean nothing."]
+        lines += ["", "**No GPU was tested.** Smoke mode: toy sizes on CPU, to keep this script working. These numbers "
+                  "mean nothing."]
     return "\n".join(lines) + "\n"
 
 
@@ -204,6 +247,12 @@ def main() -> int:
     args = parser.parse_args()
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    signs = gpu_signs()
+    if device.type != "cuda" and signs and not args.smoke:
+        print(f"gpu-check FAILED: this machine has a GPU ({'; '.join(signs)}) but torch sees no CUDA, so nothing "
+              f"could be tested on it. {cuda_diagnosis()} (--smoke runs the CPU checks anyway, and proves nothing "
+              "about the GPU.)", flush=True)
+        return 2
     smoke = args.smoke or device.type != "cuda"
     cfg = plan(smoke)
     out = Path(args.out).resolve()
@@ -211,7 +260,10 @@ def main() -> int:
     name, peak = peak_flops(device)
     environment = {"device_name": name, "mode": "CPU smoke mode" if smoke and device.type == "cpu" else
                    ("GPU smoke mode" if smoke else "full"), "torch": torch.__version__, "cuda": torch.version.cuda,
-                   "peak_tflops": peak / 1e12 if peak else None, "python": platform.python_version()}
+                   "peak_tflops": peak / 1e12 if peak else None, "python": platform.python_version(),
+                   "gpu_tested": device.type == "cuda",
+                   "peak_source": ("datasheet, by exact name" if peak else
+                                   f"unknown: {name!r} is not in DENSE_BF16_PEAK, MFU not computed")}
     print(f"gpu-check on {name} ({environment['mode']}), torch {torch.__version__}", flush=True)
     tests = [] if args.skip_tests else run_tests(device, out)
     rows = []
@@ -252,8 +304,9 @@ def main() -> int:
         [f"{r['model']} {r['mode']} {r['precision']}" for r in rows if "error" in r]
     if not tests and not args.skip_tests:
         failed.append("no test ran")
+    tested = "" if device.type == "cuda" else " (no GPU was tested: CPU smoke mode)"
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {time.time() - start:.0f} s; "
-          + (f"FAILED: {', '.join(failed)}" if failed else "every check passed"))
+          + (f"FAILED: {', '.join(failed)}" if failed else f"every check passed{tested}"))
     return 1 if failed else 0
 
 

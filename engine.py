@@ -249,22 +249,26 @@ PREFETCH_BATCHES = 4  # per worker, when they fit the budget below
 PREFETCH_BUDGET_BYTES = 2**30
 
 
-def prefetch_batches(args, batch_bytes: int, shm_free_bytes: int | None) -> int | None:
-    """Batches each DataLoader worker keeps ready (None without workers): PREFETCH_BATCHES, fewer when all workers'
-    batches would pass PREFETCH_BUDGET_BYTES or the free shared memory, at least 1. If one batch per worker does not
-    fit in the free shared memory, the run stops here (a DataLoader would die with a bus error mid-epoch)."""
+def prefetch_batches(args, batch_bytes: int, shm_free_bytes: int | None, ranks_per_node: int = 1) -> int | None:
+    """Batches each DataLoader worker keeps ready (None without workers): PREFETCH_BATCHES, fewer when this rank's
+    workers' batches would pass PREFETCH_BUDGET_BYTES, or when the node's ranks together would pass the free shared
+    memory (/dev/shm is one per node, shared by all its ranks), at least 1. If one batch per worker of every rank on
+    the node does not fit, the run stops here (a DataLoader would die with a bus error mid-epoch)."""
     if args.num_workers == 0:
         return None
-    per_round = args.num_workers * batch_bytes  # one ready batch per worker
+    per_round = args.num_workers * batch_bytes  # one ready batch per worker of this rank
     fits = PREFETCH_BUDGET_BYTES // per_round
     if shm_free_bytes is not None:
-        if shm_free_bytes < per_round:
+        node_round = ranks_per_node * per_round
+        if shm_free_bytes < node_round:
+            wanted = ranks_per_node * args.num_workers * PREFETCH_BATCHES * batch_bytes
             raise ValueError(
-                f"--num_workers {args.num_workers} x --batch_size {args.batch_size} needs at least "
-                f"{per_round / 2**20:.0f} MB of shared memory (/dev/shm), and {shm_free_bytes / 2**20:.0f} MB are "
-                "free. Lower --num_workers or --batch_size, use --gpu_augment (uint8 batches), or give the container "
-                "more (docker --shm-size 8g).")
-        fits = min(fits, shm_free_bytes // per_round)
+                f"--num_workers {args.num_workers} x --batch_size {args.batch_size} on {ranks_per_node} rank(s) of "
+                f"this node needs at least {node_round / 2**20:.0f} MB of shared memory (/dev/shm), and "
+                f"{shm_free_bytes / 2**20:.0f} MB are free. Lower --num_workers or --batch_size, use --gpu_augment "
+                f"(uint8 batches), or give the container more: docker --shm-size {math.ceil(wanted / 2**30) + 1}g "
+                f"holds the full prefetch of every rank.")
+        fits = min(fits, shm_free_bytes // node_round)
     return int(min(PREFETCH_BATCHES, max(1, fits)))
 
 
@@ -287,7 +291,7 @@ def train_loader(args, data: TaskData, info: dist_lib.DistInfo, device: torch.de
                          f"({sampler.num_samples} images over {info.world_size} process(es)); lower --batch_size")
     if args.max_steps_per_epoch:
         steps = min(steps, args.max_steps_per_epoch * args.accum_iter)
-    prefetch = prefetch_batches(args, data.batch_bytes, shm_free_bytes())
+    prefetch = prefetch_batches(args, data.batch_bytes, shm_free_bytes(), dist_lib.ranks_on_this_node(info))
     loader = torch.utils.data.DataLoader(
         data.train, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,

@@ -36,6 +36,10 @@ def check_model_args(args) -> list[str]:
         models_mae_cnn.check_cnn_config(args.model, args.model_arch, args.input_size, args.patch_size)
     except ValueError as e:
         return [str(e)]
+    if args.deterministic and args.model_arch in models_mae_cnn.NONDETERMINISTIC_ON_CUDA and args.device != "cpu":
+        return [f"--deterministic with --model_arch {args.model_arch}: its CUDA backward (bilinear upsampling or "
+                "adaptive pooling) has no deterministic kernel and would fail at the first step; use --model_arch "
+                f"Unet, UnetPlusPlus, Linknet or MAnet, or drop --deterministic (or train with --device cpu)"]
     return []
 
 

@@ -22,6 +22,9 @@ from util.state_dict import adapt_in_chans, load_matching, strip_prefixes
 ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "Linknet", "PSPNet", "DeepLabV3Plus", "MAnet", "PAN", "UPerNet",
                  "Segformer")
 LOSS_REGIONS = ("all", "masked")
+# architectures whose CUDA backward has no deterministic kernel (bilinear upsampling, adaptive pooling): with
+# --deterministic, torch raises at the first backward on CUDA
+NONDETERMINISTIC_ON_CUDA = ("FPN", "PSPNet", "DeepLabV3Plus", "PAN", "UPerNet", "Segformer")
 
 
 def encoder_names() -> list[str]:

@@ -36,9 +36,31 @@ def test_free_shared_memory_lowers_the_prefetch_or_stops_the_run():
     mid = loader_args(batch_size=64)
     per_round = mid.num_workers * batch_bytes(mid)
     assert prefetch_batches(mid, batch_bytes(mid), 2 * per_round + 1) == 2
-    with pytest.raises(ValueError, match=r"--num_workers 8 x --batch_size 256 needs at least 1176 MB of shared "
-                                         r"memory \(/dev/shm\), and 64 MB are free.*--shm-size"):
+    message = (r"--num_workers 8 x --batch_size 256 on 1 rank\(s\) of this node needs at least 1176 MB of shared "
+               r"memory \(/dev/shm\), and 64 MB are free.*--shm-size")
+    with pytest.raises(ValueError, match=message):
         prefetch_batches(loader_args(), batch_bytes(loader_args()), 64 * 2**20)
+
+
+def test_shared_memory_is_checked_for_every_rank_of_the_node():
+    """/dev/shm is one per node: 8 ranks of 8 workers with 154 MB batches need 9.4 GB for one batch each, so 8 GB
+    free stops the run, and the suggested size holds the full prefetch of every rank (4 batches: 38 GB, 37g + 1)."""
+    big = loader_args()
+    assert prefetch_batches(big, batch_bytes(big), 8 * 2**30, ranks_per_node=1) == 1  # one rank alone fits
+    with pytest.raises(ValueError, match=r"on 8 rank\(s\) of this node needs at least 9408 MB .* --shm-size 38g"):
+        prefetch_batches(big, batch_bytes(big), 8 * 2**30, ranks_per_node=8)
+    mid = loader_args(batch_size=64)
+    node_round = 8 * mid.num_workers * batch_bytes(mid)
+    assert prefetch_batches(mid, batch_bytes(mid), 2 * node_round + 1, ranks_per_node=8) == 2
+
+
+def test_ranks_per_node_come_from_the_launcher():
+    from util.dist import DistInfo, ranks_on_this_node
+
+    two_nodes = DistInfo(rank=3, world_size=16, local_rank=3, source="torchrun")
+    assert ranks_on_this_node(two_nodes, {"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert ranks_on_this_node(two_nodes, {"SLURM_TASKS_PER_NODE": "8(x2)"}) == 8
+    assert ranks_on_this_node(DistInfo(), {"LOCAL_WORLD_SIZE": "8"}) == 1  # a single process
 
 
 def test_the_loader_uses_the_bounded_prefetch(monkeypatch):

@@ -146,3 +146,18 @@ def test_cnn_cli_torchrun_two_processes_and_resume(tiny_data, tmp_path, free_por
                                                           epochs=2)])
     assert "start at epoch 1 step 0" in proc.stdout
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_deterministic_with_an_architecture_without_a_deterministic_cuda_backward_is_refused():
+    import argparse
+
+    import main_pretrain_multi_datasets_xray_cnn as cnn_main
+
+    def problems(*argv):
+        args = argparse.ArgumentParser(parents=[cnn_main.get_args_parser()]).parse_args(["--input_size", "64", *argv])
+        return cnn_main.check_model_args(args)
+
+    assert "--deterministic with --model_arch FPN" in problems("--model_arch", "FPN", "--deterministic")[0]
+    assert problems("--model_arch", "FPN", "--deterministic", "--device", "cpu") == []  # CPU kernels are fine
+    assert problems("--model_arch", "Unet", "--deterministic") == []
+    assert problems("--model_arch", "PSPNet") == []

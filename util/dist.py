@@ -115,6 +115,27 @@ def resolve_env(env=None, dist_on_itp: bool = False) -> DistInfo:
     return DistInfo()
 
 
+def ranks_on_this_node(info: DistInfo, env=None) -> int:
+    """How many ranks share this node (and its /dev/shm): torchrun's LOCAL_WORLD_SIZE, SLURM's tasks on this node
+    (SLURM_NTASKS_PER_NODE, or SLURM_TASKS_PER_NODE such as '8(x2)'), else every rank when there is one node."""
+    env = os.environ if env is None else env
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        match = re.match(r"\d+", env.get(name, ""))
+        if match and info.distributed:
+            return int(match.group())
+    return info.world_size if info.distributed else 1
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """This rank's GPU: its local rank. More ranks on a node than visible GPUs would put two ranks on one GPU (NCCL
+    then fails with 'Duplicate GPU'): an error naming both numbers."""
+    if local_rank >= visible:
+        raise SetupError(f"local rank {local_rank} has no GPU of its own: {visible} GPU(s) are visible on this node "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Start at most "
+                         f"{visible} process(es) per node (--nproc_per_node {visible}), or make every GPU visible.")
+    return local_rank
+
+
 def resolve_device(requested: str | None, local_rank: int) -> torch.device:
     """None picks CUDA when present, else CPU. An explicit 'cuda' without CUDA is an error, not a fallback."""
     if requested is None:
@@ -124,7 +145,7 @@ def resolve_device(requested: str | None, local_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise SetupError("--device cuda was requested but CUDA is not available here; pass --device cpu")
         if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     return device
 

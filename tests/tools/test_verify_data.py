@@ -28,4 +28,7 @@ def test_verify_data_reports_missing_truncated_and_bad_csv(tmp_path):
     csv = tmp_path / "mimic_cxr" / "mimic-cxr-2.0.0-split.csv.gz"
     csv.write_bytes(gzip.compress(b"dicom_id,foo\n1,2\n"))
     proc = run_tool("verify_data.py", "--data_path", str(tmp_path), "--datasets_names", "mimic_cxr")
-    assert proc.returncode == 1 and "lacks the column(s) ['split']" in proc.stdout, proc.stdout + proc.stderr
+    # a user's mistake: one line on stderr, no traceback, exit code 1 (tools/reporting.py)
+    assert proc.returncode == 1 and "error: " in proc.stderr and "lacks the column(s) ['split']" in proc.stderr, \
+        proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -59,3 +59,13 @@ def test_resolve_env_openmpi_only_with_dist_on_itp():
     assert resolve_env(env).source == "single"
     info = resolve_env(env, dist_on_itp=True)
     assert (info.rank, info.world_size, info.source, info.master_port) == (1, 4, "openmpi", DEFAULT_MASTER_PORT)
+
+
+def test_more_ranks_than_visible_gpus_is_an_error_naming_both():
+    from util.dist import cuda_index
+    from util.errors import SetupError
+
+    assert [cuda_index(rank, 8) for rank in range(8)] == list(range(8))
+    with pytest.raises(SetupError, match=r"local rank 2 has no GPU of its own: 2 GPU\(s\) are visible on this node"
+                                         r".*--nproc_per_node 2"):
+        cuda_index(2, 2)

@@ -361,16 +361,21 @@ class ClassificationTask(Task):
         run.run_log.scalar("val_auroc", float(value[0]), (epoch + 1) * 1000)
         return float(value[0])
 
-    def score_test(self, run, state: ClassificationState, weights: str | None) -> None:
+    def score_test_list(self, run, weights: str | None) -> tuple[labelled.Split, np.ndarray | None, str]:
         """Read the test labels and images now, for the first time, and score them once with the `weights`
-        checkpoint (None: the weights already loaded, --eval's --resume)."""
-        args = run.args
+        checkpoint (None: the weights already loaded, --eval's --resume): (test split, scores on rank 0, weights)."""
         if weights is not None:
             run.model_without_ddp.load_state_dict(ckpt_lib.load_checkpoint(weights)["model"])
-        weights = weights or args.resume
-        test = labelled.load_labels(args, self.splits["test"])
+        weights = weights or run.args.resume
+        test = labelled.load_labels(run.args, self.splits["test"])
         logger.info("scoring the test list %s once (%d images), with %s", test.source, len(test), weights)
-        scores = self.predict(run, test)
+        return test, self.predict(run, test), weights
+
+    def score_test(self, run, state: ClassificationState, weights: str | None) -> None:
+        """The test list scored once (score_test_list), then results.json, the table, the predictions and the ROC
+        curves, results.json last."""
+        args = run.args
+        test, scores, weights = self.score_test_list(run, weights)
         if not run.info.is_main:
             return
         aurocs = per_finding_auroc(scores, test.labels)
@@ -407,14 +412,19 @@ class ClassificationTask(Task):
         for k, name in enumerate(self.findings):
             table[f"{name} label"] = test.labels[:, k]
             table[f"{name} score"] = scores[:, k]
-        predictions = os.path.join(out, PREDICTIONS_NAME)
-        pd.DataFrame(table).to_csv(f"{predictions}.tmp", index=False)
-        os.replace(f"{predictions}.tmp", predictions)
+        write_predictions(out, table)
         save_roc_curves(scores, test.labels, self.findings, aurocs, os.path.join(out, "roc"),
                         f"{args.model}, test, epoch {state.best_epoch}")
         write_json(os.path.join(out, RESULTS_NAME), results)
         logger.info("%s", results_table(results))
         logger.info("wrote %s, %s and roc/*.png", os.path.join(out, RESULTS_NAME), PREDICTIONS_NAME)
+
+
+def write_predictions(out: str, table: dict) -> None:
+    """test_predictions.csv, atomically (results.json comes after it)."""
+    path = os.path.join(out, PREDICTIONS_NAME)
+    pd.DataFrame(table).to_csv(f"{path}.tmp", index=False)
+    os.replace(f"{path}.tmp", path)
 
 
 def results_table(results: dict) -> str:
@@ -496,12 +506,7 @@ class SingleLabelTask(ClassificationTask):
 
     def score_test(self, run, state, weights: str | None) -> None:
         args = run.args
-        if weights is not None:
-            run.model_without_ddp.load_state_dict(ckpt_lib.load_checkpoint(weights)["model"])
-        weights = weights or args.resume
-        test = labelled.load_labels(args, self.splits["test"])
-        logger.info("scoring the test list %s once (%d images), with %s", test.source, len(test), weights)
-        probabilities = self.predict(run, test)
+        test, probabilities, weights = self.score_test_list(run, weights)
         if not run.info.is_main:
             return
         merge, merged_names = self.merge(args.dataset)
@@ -543,9 +548,7 @@ class SingleLabelTask(ClassificationTask):
                  "predicted": [self.findings[k] for k in probabilities.argmax(axis=1)]}
         for k, name in enumerate(self.findings):
             table[f"{name} probability"] = probabilities[:, k]
-        predictions = os.path.join(out, PREDICTIONS_NAME)
-        pd.DataFrame(table).to_csv(f"{predictions}.tmp", index=False)
-        os.replace(f"{predictions}.tmp", predictions)
+        write_predictions(out, table)
         save_confusion_matrix(metrics["confusion_matrix"], merged_names, os.path.join(out, CONFUSION_NAME),
                               f"{args.model}, test, epoch {state.best_epoch}")
         write_json(os.path.join(out, RESULTS_NAME), results)  # last: the run is complete only when all exist

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -90,33 +91,95 @@ def cuda_diagnosis() -> str:
 
 
 def plan(smoke: bool) -> dict:
-    """What to measure, most important first: the full matrix on a GPU, toy sizes for the CPU smoke mode.
-    model_only lists (model, precision, compiled)."""
-    # fp16 convolutions are very slow on CPU: the U-Net smoke row is bf16 only. No compiled row: inductor takes 40 s
-    # on CPU for a toy model, and tests/test_cli.py already trains with --compile under DDP
+    """What to measure, most important first: the full matrix on a GPU, toy sizes for the CPU smoke mode (the same
+    rows in the same order). model_only lists (model, precision, compiled): the compiled ViT-S bf16 row first (the
+    one configuration a paper run uses), then the eager ones. Each kind of row has a time limit in seconds: a row
+    that runs past it is stopped and reported as timed out, and a row whose limit no longer fits the budget is not
+    started."""
+    # fp16 convolutions are very slow on CPU: the U-Net smoke row is bf16 only; inductor takes about 40 s on CPU for
+    # a toy model, so the smoke mode's compiled row is the debug ViT, as cheap as a compiled row gets
     if smoke:
         return {"models": SMOKE_MODELS, "batch": 4, "input_size": 64, "steps": 3, "workers": 1,
-                "model_only": [("vit_debug", "fp16", False), ("unet_resnet18", "bf16", False)],
+                "model_only": [("vit_debug", "fp32", True), ("vit_debug", "fp16", False),
+                               ("unet_resnet18", "bf16", False)],
                 "end_to_end": ["vit_debug"], "e2e_precision": "fp32", "data_scale": 1, "image_size": 96,
-                "prepare_size": 80, "canvas": 96}
-    eager = [(m, p, False) for m in FULL_MODELS for p in ("bf16", "fp16")]
+                "prepare_size": 80, "canvas": 96, "finetune": True,
+                "limits": {"tests": 300, "compiled": 120, "eager": 60, "end_to_end": 90, "finetune": 90}}
+    eager = [("vit_s_dec512d2b", "bf16", False), ("vit_s_dec512d2b", "fp16", False),
+             ("vit_b_dec512d8b", "bf16", False), ("unet_densenet121", "bf16", False)]
     return {"models": FULL_MODELS, "batch": 256, "input_size": 224, "steps": 20, "workers": 8,
-            "model_only": eager + [(m, "bf16", True) for m in FULL_MODELS] + [(m, "fp16", True) for m in FULL_MODELS],
-            "end_to_end": list(FULL_MODELS), "e2e_precision": "bf16", "data_scale": 40, "image_size": 384,
-            "prepare_size": 320, "canvas": 416}
+            "model_only": [("vit_s_dec512d2b", "bf16", True), *eager],
+            "end_to_end": ["vit_s_dec512d2b", "unet_densenet121"], "e2e_precision": "bf16", "data_scale": 40,
+            "image_size": 384, "prepare_size": 320, "canvas": 416, "finetune": True,
+            "limits": {"tests": 420, "compiled": 180, "eager": 60, "end_to_end": 90, "finetune": 90}}
 
 
-def run_tests(device: torch.device, out: Path) -> list[dict]:
+def planned_rows(cfg: dict, skip_tests: bool, skip_throughput: bool) -> list[dict]:
+    """Every row of this call, in the order it runs, with its time limit."""
+    rows = [] if skip_tests else [{"kind": "tests", "what": "pytest -m gpu (tests/test_gpu.py)",
+                                   "limit_s": cfg["limits"]["tests"]}]
+    if skip_throughput:
+        return rows
+    for model, precision, compiled in cfg["model_only"]:
+        rows.append({"kind": "model_only", "model": model, "precision": precision, "compiled": compiled,
+                     "what": f"{model} model only {precision}{' compiled' if compiled else ''}",
+                     "limit_s": cfg["limits"]["compiled" if compiled else "eager"]})
+    for model in cfg["end_to_end"]:
+        for gpu_augment in (False, True):
+            rows.append({"kind": "end_to_end", "model": model, "gpu_augment": gpu_augment,
+                         "what": f"{model} end to end{', --gpu_augment' if gpu_augment else ', CPU augment'}",
+                         "limit_s": cfg["limits"]["end_to_end"]})
+    if cfg["finetune"]:
+        rows.append({"kind": "finetune", "what": "ViT fine-tuning end to end (main_finetune_chestxray.py)",
+                     "limit_s": cfg["limits"]["finetune"]})
+    return rows
+
+
+EXIT_FAILED = 1  # a test failed, or a row failed or ran past its limit
+EXIT_INCOMPLETE = 3  # nothing failed, but rows were not started because the budget was spent
+
+
+def format_plan(rows: list[dict], smoke: bool, budget_minutes: float) -> str:
+    """The rows in the order they run, each with its time limit; the sum is the worst case of the call."""
+    lines = [f"gpu-check plan ({'smoke' if smoke else 'full'} sizes; budget {budget_minutes:g} min: a row starts only "
+             "if its limit fits what is left):"]
+    lines += [f"  {k + 1:2d}. {row['what']:<55} at most {row['limit_s']:4d} s" for k, row in enumerate(rows)]
+    worst = sum(row["limit_s"] for row in rows)
+    lines.append(f"  worst case {worst / 60:.1f} min; the two-call plan for one GPU session: --skip_throughput (the "
+                 "tests), then --skip_tests (the throughput)")
+    return "\n".join(lines)
+
+
+def run_limited(cmd: list[str], limit_s: float, env=None) -> tuple[int | None, str]:
+    """(exit code, output) of cmd, or (None, output so far) when it ran past limit_s: then its whole process group
+    (pytest's or torchrun's children too) is killed, so one hang cannot spend the session."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=limit_s)
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return None, output
+
+
+def run_tests(device: torch.device, out: Path, limit_s: float) -> list[dict]:
     """pytest -m gpu in a child process; one row per test from its JUnit XML."""
     xml = out / "gpu_tests.xml"
     env = {**os.environ, "GPU_CHECK_DEVICE": device.type, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", f"--junitxml={xml}",
            "tests/test_gpu.py"]
     print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    start = time.time()
+    code, output = run_limited(cmd, limit_s, env)
+    print(output, flush=True)
+    if code is None:
+        return [{"name": "pytest -m gpu", "outcome": "timed out", "seconds": time.time() - start,
+                 "detail": f"stopped after its {limit_s:g} s limit"}]
     if not xml.exists():
-        return [{"name": "pytest -m gpu", "outcome": "failed", "seconds": 0.0,
-                 "detail": f"pytest exited with {proc.returncode} and wrote no report"}]
+        return [{"name": "pytest -m gpu", "outcome": "failed", "seconds": time.time() - start,
+                 "detail": f"pytest exited with {code} and wrote no report"}]
     rows = []
     for case in ET.parse(xml).getroot().iter("testcase"):
         problem = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
@@ -136,7 +199,7 @@ def _model_only_child(conn, kind, model, device, precision, batch, steps, compil
         conn.send({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
 
 
-def measure_model_only(name, spec, device, precision, compiled, cfg) -> dict:
+def measure_model_only(name, spec, device, precision, compiled, cfg, limit_s: float) -> dict:
     """One configuration in a fresh process, so an out-of-memory or compile failure stays in its row."""
     kind, model, mask_ratio = spec
     ctx = multiprocessing.get_context("spawn")
@@ -146,10 +209,14 @@ def measure_model_only(name, spec, device, precision, compiled, cfg) -> dict:
                                                        cfg["steps"], compiled, cfg["input_size"], mask_ratio))
     proc.start()
     child_conn.close()
-    try:
-        result = conn.recv()
-    except EOFError:
-        result = {"error": f"the measuring process died (exit code {proc.exitcode})"}
+    if not conn.poll(limit_s):
+        proc.kill()
+        result = {"error": f"timed out: stopped after its {limit_s:g} s limit", "timed_out": True}
+    else:
+        try:
+            result = conn.recv()
+        except EOFError:
+            result = {"error": f"the measuring process died (exit code {proc.exitcode})"}
     proc.join()
     return {"model": name, "mode": "model only", "precision": precision, "compiled": compiled,
             "wall_s": time.time() - start, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
@@ -170,12 +237,11 @@ def make_prepared_data(work: Path, cfg) -> Path:
     return data_path
 
 
-def measure_end_to_end(name, spec, device, gpu_augment, data_path: Path, work: Path, cfg) -> dict:
+def measure_end_to_end(name, spec, device, gpu_augment, data_path: Path, work: Path, cfg, limit_s: float) -> dict:
     """The entry script for 2 epochs from --prepared_dir; the second epoch's log.txt line is the measurement."""
     kind, model, mask_ratio = spec
     script = "main_pretrain_multi_datasets_xray.py" if kind == "vit" else "main_pretrain_multi_datasets_xray_cnn.py"
-    # a new folder every run: auto-resume into an earlier run's folder would report that run's numbers as new
-    out = work / f"e2e_{name}_{'gpu_augment' if gpu_augment else 'workers'}_{time.strftime('%Y%m%d-%H%M%S')}"
+    out = fresh_run_dir(work, f"e2e_{name}_{'gpu_augment' if gpu_augment else 'workers'}")
     subset = data_path / "nih_chestxray" / "train_official_subset.txt"
     weights = [f"{source}=8" for source in ("chexpert", "chestxray_nih", "mimic_cxr")]  # enough steps per epoch
     cmd = [sys.executable, script, "--model", model, "--mask_ratio", str(mask_ratio), "--batch_size",
@@ -188,17 +254,60 @@ def measure_end_to_end(name, spec, device, gpu_augment, data_path: Path, work: P
            "--gpu_augment_canvas", str(cfg["canvas"])] + [f"--source_weight={w}" for w in weights] \
         + (["--gpu_augment"] if gpu_augment else [])
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    code, output = run_limited(cmd, limit_s)
     row = {"model": name, "mode": "end to end" + (", --gpu_augment" if gpu_augment else ", CPU augment"),
            "precision": cfg["e2e_precision"], "compiled": False, "wall_s": time.time() - start,
            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)), "output_dir": str(out)}
+    return {**row, **epoch_line_result(out, code, output, limit_s)}
+
+
+def fresh_run_dir(work: Path, name: str) -> Path:
+    """A folder no earlier run used: auto-resume into an earlier run's folder would report that run's numbers as
+    new ones."""
+    stem = f"{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+    out, k = work / stem, 1
+    while out.exists():
+        out, k = work / f"{stem}_{k}", k + 1
+    out.mkdir(parents=True)
+    return out
+
+
+def epoch_line_result(out: Path, code: int | None, output: str, limit_s: float) -> dict:
+    """A training run's measurement: its second epoch's log.txt line, or what went wrong."""
     lines = (out / "log.txt").read_text().splitlines() if (out / "log.txt").exists() else []
-    if proc.returncode != 0 or len(lines) < 2:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        return {**row, "error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+    if code is None:
+        return {"error": f"timed out: stopped after its {limit_s:g} s limit", "timed_out": True}
+    if code != 0 or len(lines) < 2:
+        return {"error": f"exit code {code}: " + " | ".join(output.strip().splitlines()[-3:])}
     stats = json.loads(lines[-1])
-    return {**row, "images_per_s": stats["train_images_per_s"], "data_wait_fraction":
-            stats["train_data_wait_fraction"], "max_memory_mb": stats.get("train_max_memory_mb")}
+    return {"images_per_s": stats["train_images_per_s"], "data_wait_fraction": stats["train_data_wait_fraction"],
+            "max_memory_mb": stats.get("train_max_memory_mb")}
+
+
+def measure_finetune(device, work: Path, cfg, limit_s: float) -> dict:
+    """ViT fine-tuning as main_finetune_chestxray.py runs it (bf16 on a GPU), 2 epochs on generated labelled
+    images; the second epoch's images/s. No pre-trained weights: the step costs the same."""
+    from data.synthetic import make_nih_labelled
+
+    smoke = cfg["models"] is SMOKE_MODELS
+    batch, size = (4, 32) if smoke else (64, 224)
+    root = work / "labelled"
+    if not (root / "train_labelled.txt").exists():
+        make_nih_labelled(str(root), patients=(8, 3, 3) if smoke else (6 * batch, 8, 8), size=(size + 32,) * 2)
+    out = fresh_run_dir(work, "finetune")
+    cmd = [sys.executable, "main_finetune_chestxray.py", "--model", "vit_debug_patch16" if smoke else
+           "vit_small_patch16", "--data_path", str(root), "--train_list", str(root / "train_labelled.txt"),
+           "--val_list", str(root / "val_labelled.txt"), "--test_list", str(root / "test_labelled.txt"),
+           "--input_size", str(size), "--batch_size", str(batch), "--epochs", "2", "--warmup_epochs", "1",
+           "--max_steps_per_epoch", str(cfg["steps"]), "--num_workers", str(cfg["workers"]), "--device",
+           device.type, "--precision", cfg["e2e_precision"], "--bootstrap", "0", "--output_dir", str(out),
+           "--log_dir", str(out), "--print_freq", "1000"]
+    start = time.time()
+    code, output = run_limited(cmd, limit_s)
+    row = {"model": "vit_s fine-tuning" if not smoke else "vit_debug fine-tuning", "mode": "end to end, fine-tuning",
+           "precision": cfg["e2e_precision"], "compiled": False, "wall_s": time.time() - start,
+           "measured_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)), "output_dir": str(out)}
+    return {**row, **epoch_line_result(out, code, output, limit_s)}
 
 
 def add_mfu(rows: list[dict], peak: float | None) -> None:
@@ -244,6 +353,8 @@ def main() -> int:
     parser.add_argument("--budget_minutes", type=float, default=8,
                         help="start no measurement after this many minutes; the rest is listed as not measured "
                              "(default: 8)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the rows this call would run, in order, with their time limits, and exit")
     args = parser.parse_args()
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -255,6 +366,9 @@ def main() -> int:
         return 2
     smoke = args.smoke or device.type != "cuda"
     cfg = plan(smoke)
+    if args.plan:
+        print(format_plan(planned_rows(cfg, args.skip_tests, args.skip_throughput), smoke, args.budget_minutes))
+        return 0
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     name, peak = peak_flops(device)
@@ -265,49 +379,51 @@ def main() -> int:
                    "peak_source": ("datasheet, by exact name" if peak else
                                    f"unknown: {name!r} is not in DENSE_BF16_PEAK, MFU not computed")}
     print(f"gpu-check on {name} ({environment['mode']}), torch {torch.__version__}", flush=True)
-    tests = [] if args.skip_tests else run_tests(device, out)
-    rows = []
-    if not args.skip_throughput:
-        budget_s = args.budget_minutes * 60
-
-        def within_budget(row: dict) -> bool:
-            if time.time() - start < budget_s:
-                return True
-            rows.append({**row, "skipped": f"not measured: the {args.budget_minutes:g}-minute budget was spent"})
-            return False
-
-        def model_only_rows(compiled_rows: bool) -> None:
-            for model, precision, compiled in cfg["model_only"]:
-                if compiled == compiled_rows and within_budget(
-                        {"model": model, "mode": "model only", "precision": precision, "compiled": compiled}):
-                    rows.append(measure_model_only(model, cfg["models"][model], device, precision, compiled, cfg))
-                    print(f"  {json.dumps(rows[-1])}", flush=True)
-
-        model_only_rows(compiled_rows=False)
-        data_path = make_prepared_data(out / "work", cfg)
-        for model in cfg["end_to_end"]:
-            for gpu_augment in (False, True):
-                mode = "end to end" + (", --gpu_augment" if gpu_augment else ", CPU augment")
-                if within_budget({"model": model, "mode": mode, "precision": cfg["e2e_precision"],
-                                  "compiled": False}):
-                    rows.append(measure_end_to_end(model, cfg["models"][model], device, gpu_augment, data_path,
-                                                   out / "work", cfg))
-                    print(f"  {json.dumps(rows[-1])}", flush=True)
-        model_only_rows(compiled_rows=True)  # compiling is the slowest part: last
-        add_mfu(rows, peak)
+    budget_s = args.budget_minutes * 60
+    tests, rows = [], []
+    data_path = None
+    for row in planned_rows(cfg, args.skip_tests, args.skip_throughput):
+        # a row starts only if its whole time limit fits in what is left of the budget: the call ends in time
+        if time.time() - start + row["limit_s"] > budget_s:
+            skipped = {"model": row.get("model", row["what"]), "mode": row["what"], "precision": row.get("precision"),
+                       "compiled": row.get("compiled", False),
+                       "skipped": f"not started: its {row['limit_s']} s limit did not fit the {args.budget_minutes:g}"
+                                  "-minute budget left"}
+            (tests.append({"name": row["what"], "outcome": "skipped (budget)", "seconds": 0.0, "detail": ""})
+             if row["kind"] == "tests" else rows.append(skipped))
+            continue
+        if row["kind"] == "tests":
+            tests = run_tests(device, out, row["limit_s"])
+            continue
+        if row["kind"] == "model_only":
+            result = measure_model_only(row["model"], cfg["models"][row["model"]], device, row["precision"],
+                                        row["compiled"], cfg, row["limit_s"])
+        elif row["kind"] == "end_to_end":
+            data_path = data_path or make_prepared_data(out / "work", cfg)
+            result = measure_end_to_end(row["model"], cfg["models"][row["model"]], device, row["gpu_augment"],
+                                        data_path, out / "work", cfg, row["limit_s"])
+        else:
+            result = measure_finetune(device, out / "work", cfg, row["limit_s"])
+        rows.append(result)
+        print(f"  {json.dumps(result)}", flush=True)
+    add_mfu(rows, peak)
     summary = {"environment": environment, "plan": {k: cfg[k] for k in ("batch", "input_size", "steps", "workers")},
                "tests": tests, "throughput": rows, "seconds": time.time() - start}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     (out / "gpu_check.md").write_text(markdown(summary))
     print(markdown(summary))
-    failed = [t["name"] for t in tests if t["outcome"] != "passed"] + \
+    failed = [t["name"] for t in tests if t["outcome"] not in ("passed", "skipped (budget)")] + \
         [f"{r['model']} {r['mode']} {r['precision']}" for r in rows if "error" in r]
     if not tests and not args.skip_tests:
         failed.append("no test ran")
+    skipped = [t["name"] for t in tests if t["outcome"] == "skipped (budget)"] + \
+        [r["mode"] for r in rows if "skipped" in r]
     tested = "" if device.type == "cuda" else " (no GPU was tested: CPU smoke mode)"
-    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {time.time() - start:.0f} s; "
-          + (f"FAILED: {', '.join(failed)}" if failed else f"every check passed{tested}"))
-    return 1 if failed else 0
+    verdict = (f"FAILED: {', '.join(failed)}" if failed else
+               f"NOT COMPLETE, {len(skipped)} row(s) not started for the budget: {', '.join(skipped)}" if skipped
+               else f"every check passed{tested}")
+    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {time.time() - start:.0f} s; {verdict}")
+    return EXIT_FAILED if failed else EXIT_INCOMPLETE if skipped else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """benchmarks/gpu_check.py on a machine without CUDA: it never passes falsely, and says what it did not test."""
+import json
 import os
 import stat
 import sys
+import time
 
 from benchmarks import gpu_check
 from tests.helpers import child_env, run_cli
@@ -52,3 +54,40 @@ def test_the_smoke_report_says_no_gpu_was_tested():
                "plan": {"batch": 4, "input_size": 64, "steps": 3}, "tests": [], "throughput": [], "seconds": 1.0}
     assert "**No GPU was tested.**" in gpu_check.markdown(summary)
     assert "No GPU" not in gpu_check.markdown({**summary, "environment": {**summary["environment"], "mode": "full"}})
+
+
+def test_the_plan_puts_what_matters_first_and_the_smoke_mode_runs_the_same_rows():
+    kinds = {smoke: [(r["kind"], r.get("compiled")) for r in gpu_check.planned_rows(gpu_check.plan(smoke), False,
+                                                                                      False)] for smoke in (0, 1)}
+    for rows in kinds.values():
+        assert rows[0] == ("tests", None) and rows[1] == ("model_only", True)  # the tests, then the compiled row
+        assert [k for k, _ in rows] == sorted((k for k, _ in rows), key=["tests", "model_only", "end_to_end",
+                                                                         "finetune"].index)
+    assert [k for k, _ in kinds[0]][:2] == [k for k, _ in kinds[1]][:2] and set(kinds[0]) == set(kinds[1])
+    text = gpu_check.format_plan(gpu_check.planned_rows(gpu_check.plan(False), True, False), False, 8)
+    assert "1. vit_s_dec512d2b model only bf16 compiled" in text and "pytest" not in text  # --skip_tests
+
+
+def test_a_row_past_its_limit_is_stopped_with_its_children(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    code, _ = gpu_check.run_limited(["bash", "-c", f"sleep 600 & echo $! > {pid_file}; wait"], limit_s=2)
+    assert code is None  # timed out, not an exit code
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the grandchild was killed with its group; init reaps it
+        if not os.path.exists(f"/proc/{child}") or "Z" in open(f"/proc/{child}/stat").read().split()[2]:
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
+
+
+def test_rows_the_budget_cannot_hold_are_not_started_and_have_their_own_exit_code(tmp_path):
+    proc = run_cli([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--smoke", "--skip_tests",
+                    "--budget_minutes", "0.5"], expect_rc=gpu_check.EXIT_INCOMPLETE, timeout=120)
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["throughput"] and all("not started" in r["skipped"] for r in summary["throughput"]), proc.output
+    assert "NOT COMPLETE" in proc.stdout and "every check passed" not in proc.stdout
+
+
+def test_every_run_measures_in_a_new_folder(tmp_path):
+    first, second = gpu_check.fresh_run_dir(tmp_path, "e2e_x"), gpu_check.fresh_run_dir(tmp_path, "e2e_x")
+    assert first != second and first.is_dir() and second.is_dir() and not any(second.iterdir())

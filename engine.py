@@ -3,7 +3,8 @@
     engine.run(task, args) -> exit code
 
 reads top to bottom, in one fixed order for every task:
-    flags checked -> distributed set-up -> output folder and logging -> the task's data and train loader -> seed ->
+    flags checked -> distributed set-up -> the run in output_dir compared with this one (before anything is written
+    there) -> output folder and logging -> the task's data and train loader -> seed ->
     precision, backends, LR -> the resolved-run record -> model -> optimizer -> torch.compile -> DDP -> heartbeat ->
     pre-emption handler -> resume (or the task's initial weights) -> epochs -> the task's final outputs.
 Each epoch: train (per-iteration LR, autocast, accumulation, the non-finite guard, one host sync per optimizer step),
@@ -324,7 +325,7 @@ def log_resolved(args, task: Task, info, device, precision, eff_batch_size, step
                 summary["base_lr"], args.lr, eff_batch_size, args.batch_size, args.accum_iter, info.world_size)
 
 
-def build_run(task: Task, args, info, device) -> Run:
+def build_run(task: Task, args, info, device, identity: dict) -> Run:
     """Everything of the run set-up order after the flags and the resume source: see the module docstring."""
     if info.is_main:
         ckpt_lib.remove_stale_temp_files(args.output_dir)
@@ -353,7 +354,7 @@ def build_run(task: Task, args, info, device) -> Run:
                model_without_ddp=model_without_ddp, optimizer=optimizer, scaler=LossScaler(precision, device),
                loader=loader, sampler=sampler, steps_per_epoch=steps, data=data,
                run_log=RunLog(args.output_dir, args.log_dir, info.is_main), preemption=PreemptionFlag().install(),
-               identity=run_identity(task, args))
+               identity=identity)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
@@ -485,11 +486,11 @@ def holds_a_run(folder: str) -> str | None:
     return log if os.path.isfile(log) and os.path.getsize(log) > 0 else None
 
 
-def resume_source(task: "Task", args) -> tuple[str, dict] | None:
+def resume_source(task: "Task", args, now: dict) -> tuple[str, dict] | None:
     """Where this run starts from, (path, checkpoint), or None for a fresh start. The run already in --output_dir
     comes first (auto-resume; a requeued job with --resume continues its own progress), after its identity is
-    compared; a --resume from elsewhere starts a new run only in a folder that holds none. Nothing is ever written
-    over another run's outputs: this runs before any file is written into --output_dir."""
+    compared with `now` (run_identity); a --resume from elsewhere starts a new run only in a folder that holds none.
+    Nothing is ever written over another run's outputs: this runs before any file is written into --output_dir."""
     out = args.output_dir
     existing = holds_a_run(out)
     if task.evaluation_only(args):
@@ -497,7 +498,6 @@ def resume_source(task: "Task", args) -> tuple[str, dict] | None:
             raise SetupError(f"--eval writes results.json and the predictions into --output_dir, which holds a run "
                              f"({existing}); give the evaluation its own --output_dir")
         return args.resume, ckpt_lib.load_checkpoint(args.resume, args.unsafe_full_unpickle)
-    now = run_identity(task, args)
     if args.resume and inside(args.resume, out):  # this run's own checkpoint, chosen by hand
         ckpt = ckpt_lib.load_checkpoint(args.resume, args.unsafe_full_unpickle)
         check_same_run(args.resume, ckpt, now, args)
@@ -745,13 +745,14 @@ def run(task: Task, args) -> int:
 def _run(task: Task, args, info, device) -> int:
     try:
         check_outputs_writable(args, info)
-        found = resume_source(task, args)  # compared with the run in output_dir before anything is written there
+        identity = run_identity(task, args)
+        found = resume_source(task, args, identity)  # compared with output_dir's run before anything is written
     except (OSError, ValueError) as e:  # a missing, damaged or unreadable checkpoint
         raise SetupError(f"--resume/--auto_resume: {e}") from e
     if not task.check_before_writing(args, found):
         return ExitCode.OK
     try:
-        built = build_run(task, args, info, device)
+        built = build_run(task, args, info, device, identity)
     except SETUP_ERRORS as e:  # missing or bad data, bad lists
         raise SetupError(str(e)) from e
     state = task.state_class(epoch=args.start_epoch)

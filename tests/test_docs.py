@@ -258,3 +258,45 @@ def test_every_documented_command_parses_and_passes_the_flag_checks(doc, command
         shown = path.read_text(encoding="utf-8")
     missing = [flag for flag in given if flag not in shown]
     assert not missing, f"{doc}: `{command}`: {module} has no {missing}"
+
+
+def _documented_defaults(doc: str, title: str) -> dict[str, str]:
+    """--flag -> its default cell, for the rows of a flag table that document one flag."""
+    out = {}
+    for line in _section(doc, title).splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        names = re.findall(r"`(--[\w-]+)`", cells[0]) if line.startswith("| `--") else []
+        if len(names) == 1 and len(cells) >= 2:
+            out[names[0]] = cells[1]
+    return out
+
+
+def _agrees(default, cell: str) -> bool:
+    """Whether a table's default cell states the parser's default. None means derived: the cell says how."""
+    text = cell.replace("`", "").strip()
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return text.split()[0] in (("on",) if default else ("off",))
+    if isinstance(default, (int, float)):
+        number = re.match(r"-?[\d.]+(e-?\d+)?", text)
+        return number is not None and float(number.group()) == float(default)
+    if isinstance(default, list):
+        return " ".join(map(str, default)) in text
+    return str(default) in text
+
+
+def test_the_documented_defaults_are_the_parsers():
+    import main_finetune_chestxray as ft_main
+
+    wrong = []
+    for doc, title, parsers in (
+            ("PRETRAIN.md", "## 8. Every flag", [vit_main.get_args_parser(), cnn_main.get_args_parser()]),
+            ("FINETUNE.md", "## 7. Every flag", [ft_main.get_args_parser()])):
+        cells = _documented_defaults(doc, title)
+        for parser in parsers:
+            for action in parser._actions:
+                for name in action.option_strings:
+                    if name in cells and not _agrees(action.default, cells[name]):
+                        wrong.append(f"{doc} {name}: '{cells[name]}', the parser's default is {action.default!r}")
+    assert not wrong, "\n".join(wrong)

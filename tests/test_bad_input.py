@@ -264,6 +264,7 @@ def test_eval_with_other_transforms_than_its_run_is_refused(nih, finished, tmp_p
     assert code == 0 and (tmp_path / "eval" / "results.json").is_file(), text
 
 
+@pytest.mark.slow
 def test_verify_data_checks_a_fine_tuning_datasets_three_lists(nih, tmp_path):
     """What the start-up message suggests for a bad image of a fine-tuning list: verify_data --dataset finds it,
     and every other bad file, without training."""

@@ -5,6 +5,8 @@ import stat
 import sys
 import time
 
+import pytest
+
 from benchmarks import gpu_check
 from tests.helpers import child_env, run_cli
 
@@ -17,6 +19,7 @@ esac
 """
 
 
+@pytest.mark.slow
 def test_a_gpu_torch_cannot_see_fails_within_a_minute_naming_cuda(tmp_path):
     """nvidia-smi lists a GPU, torch has no CUDA (as with a driver older than the build needs): not the CPU smoke
     mode's 'every check passed', but a failure with the driver, torch's CUDA and its architectures."""
@@ -68,6 +71,7 @@ def test_the_plan_puts_what_matters_first_and_the_smoke_mode_runs_the_same_rows(
     assert "1. vit_s_dec512d2b model only bf16 compiled" in text and "pytest" not in text  # --skip_tests
 
 
+@pytest.mark.slow
 def test_a_row_past_its_limit_is_stopped_with_its_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     code, _ = gpu_check.run_limited(["bash", "-c", f"sleep 600 & echo $! > {pid_file}; wait"], limit_s=2)
@@ -80,6 +84,7 @@ def test_a_row_past_its_limit_is_stopped_with_its_children(tmp_path):
     assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
 
 
+@pytest.mark.slow
 def test_rows_the_budget_cannot_hold_are_not_started_and_have_their_own_exit_code(tmp_path):
     proc = run_cli([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--smoke", "--skip_tests",
                     "--budget_minutes", "0.5"], expect_rc=gpu_check.EXIT_INCOMPLETE, timeout=120)

@@ -65,6 +65,7 @@ def test_prepared_detects_corrupt_shard_and_other_inputs(tiny_data, tmp_path):
     assert proc.returncode != 0 and "holds a preparation of other inputs" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_prepared_resizes_shorter_side(tmp_path):
     folder = tmp_path / "data" / "folder"
     folder.mkdir(parents=True)

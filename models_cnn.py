@@ -62,7 +62,15 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, drop_rate: floa
         for pname, param in model.named_parameters():
             param.requires_grad = pname.startswith(config["head"] + ".")
     model.medmae_name = name
+    # channels_last, as the U-Net pre-training runs: oneDNN and cuDNN run NHWC convolutions faster. The weights are
+    # stored so, and the pre-hook hands the first convolution an NHWC batch; state-dict keys and values are unchanged
+    model.to(memory_format=torch.channels_last)
+    model.register_forward_pre_hook(_to_channels_last)
     return model
+
+
+def _to_channels_last(module, inputs):
+    return (inputs[0].contiguous(memory_format=torch.channels_last), *inputs[1:])
 
 
 def load_pretrained(model: torch.nn.Module, checkpoint: dict, flag: str = "--finetune") -> dict:

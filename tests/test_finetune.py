@@ -503,3 +503,23 @@ def test_randaugment_is_seeded_per_sample_so_a_resumed_epoch_augments_the_same(n
     dataset[(0, 1234)]
     after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
     assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2])
+
+
+@pytest.mark.parametrize("name", ["densenet121", "resnet18"])
+def test_cnn_classifiers_run_channels_last_and_compute_what_nchw_does(name):
+    """CNN fine-tuning and probing run NHWC like the U-Net pre-training: the activations of the first and last
+    convolutions are channels_last (seen through hooks), and the logits equal the same weights run NCHW."""
+    model = models_cnn.create_model(name, 14).double().eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    seen = []
+    hooks = [c.register_forward_hook(lambda m, i, o: seen.append((i[0], o))) for c in convs[:2] + convs[-2:]]
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(images)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == 4 and all(t.is_contiguous(memory_format=torch.channels_last) for pair in seen for t in pair)
+    reference = models_cnn.MODELS.get(name)(num_classes=14).double().eval()
+    reference.load_state_dict(model.state_dict())  # the same keys and values
+    with torch.no_grad():
+        torch.testing.assert_close(logits, reference(images), rtol=1e-9, atol=1e-9)

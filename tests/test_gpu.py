@@ -98,7 +98,13 @@ def test_rng_state_round_trip_on_the_device(device):
 
 def test_unet_stays_channels_last_through_a_step(device):
     model = models_mae_cnn.create_model("densenet121", img_size=64, mask_ratio=0.75).to(device)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    seen = []  # the activations themselves, not only the weights (which .to(memory_format) sets anyway)
+    hooks = [c.register_forward_hook(lambda m, i, o: seen.append((i[0], o))) for c in convs[:3] + convs[-3:]]
     loss, _, _ = model(torch.randn(2, 3, 64, 64, device=device))
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == 6 and all(t.is_contiguous(memory_format=torch.channels_last) for pair in seen for t in pair)
     loss.backward()
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)

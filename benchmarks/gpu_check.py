@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from util.cuda_env import cuda_diagnosis, gpu_signs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Dense (no sparsity) bf16 tensor-core peak from NVIDIA's data sheets, in FLOP/s, by the exact name
@@ -60,34 +62,6 @@ def peak_flops(device: torch.device) -> tuple[str, float | None]:
 def peak_for(name: str) -> float | None:
     """The card's dense bf16 peak by its exact name, or None (MFU not computed)."""
     return DENSE_BF16_PEAK.get(name.strip())
-
-
-def gpu_signs() -> list[str]:
-    """What says this machine has a GPU, whatever torch thinks: the GPUs nvidia-smi lists, a CUDA_VISIBLE_DEVICES
-    that names devices."""
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        listed = ""  # no nvidia-smi, or it hangs: no sign from it; the variable below may still give one
-    signs = [f"nvidia-smi lists {line.strip()}" for line in listed.splitlines() if line.startswith("GPU ")]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    if visible and visible not in ("-1", "none", "NoDevFiles"):
-        signs.append(f"CUDA_VISIBLE_DEVICES={visible}")
-    return signs
-
-
-def cuda_diagnosis() -> str:
-    """Why torch may not see the GPU: the driver and card as nvidia-smi reports them, against torch's CUDA build and
-    the architectures it carries code for."""
-    try:
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=20).stdout.strip() or "nothing"
-    except (OSError, subprocess.SubprocessError) as e:
-        query = f"not run ({e})"
-    return (f"nvidia-smi reports (name, driver, compute capability): {query}; torch {torch.__version__} is built "
-            f"for CUDA {torch.version.cuda} with code for {torch.cuda.get_arch_list() or 'no architecture'}. A driver "
-            "older than this CUDA needs, a card whose capability is not in the list (a V100 is sm_70), or a "
-            "container started without --gpus all each look like this (PRETRAIN.md section 4).")
 
 
 def plan(smoke: bool) -> dict:

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks import gpu_check
 from tests.helpers import child_env, run_cli
+from util import cuda_env
 
 STAND_IN = """#!/bin/sh
 # nvidia-smi as a machine with an H200 and an old driver answers
@@ -39,9 +40,36 @@ def test_a_gpu_torch_cannot_see_fails_within_a_minute_naming_cuda(tmp_path):
 def test_cuda_visible_devices_is_a_sign_too(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert gpu_check.gpu_signs() == ["CUDA_VISIBLE_DEVICES=0,1"]
+    assert cuda_env.gpu_signs() == ["CUDA_VISIBLE_DEVICES=0,1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    assert gpu_check.gpu_signs() == []
+    assert cuda_env.gpu_signs() == []
+
+
+def test_a_card_the_build_has_no_code_for_is_named():
+    built = ["sm_80", "sm_90", "sm_100", "sm_120"]
+    problem = cuda_env.arch_problem((7, 0), built, "Tesla V100-SXM2-16GB")
+    assert "Tesla V100-SXM2-16GB (compute capability 7.0, sm_70) has no code in this torch build" in problem
+    assert "get_arch_list() includes sm_70" in problem
+    assert cuda_env.arch_problem((9, 0), built, "NVIDIA H200") is None
+    assert cuda_env.arch_problem((8, 9), ["sm_80", "compute_80"], "NVIDIA L4") is None  # PTX it can compile
+
+
+@pytest.mark.slow
+def test_training_on_a_machine_whose_gpu_torch_cannot_see_stops_instead_of_using_the_cpu(tmp_path, tiny_data):
+    """Without --device, a GPU that nvidia-smi lists and torch cannot use is an error with the diagnosis, not a run
+    on the CPU; --device cpu still trains there."""
+    from tests.helpers import VIT_SCRIPT, tiny_run_args
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(STAND_IN)
+    (bin_dir / "nvidia-smi").chmod(stat.S_IRWXU)
+    env = child_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = run_cli([sys.executable, VIT_SCRIPT, *tiny_run_args(tiny_data[0], str(tmp_path / "out"), device=None)],
+                   env=env, expect_rc=1, timeout=120)
+    assert "this machine has a GPU (nvidia-smi lists GPU 0: NVIDIA H200" in proc.stdout and "470.82.01" in proc.stdout
+    assert "Pass --device cpu" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr, proc.output
+    assert not (tmp_path / "out" / "checkpoint-last.pth").exists()
 
 
 def test_peak_flops_are_matched_by_the_exact_name():

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from util.args import HEARTBEAT_INTERVAL_S
+from util.cuda_env import arch_problem, cuda_diagnosis, gpu_signs
 from util.errors import SetupError
 
 logger = logging.getLogger(__name__)
@@ -139,14 +140,22 @@ def cuda_index(local_rank: int, visible: int) -> int:
 def resolve_device(requested: str | None, local_rank: int) -> torch.device:
     """None picks CUDA when present, else CPU. An explicit 'cuda' without CUDA is an error, not a fallback."""
     if requested is None:
+        if not torch.cuda.is_available() and (signs := gpu_signs()):  # never a silent fall-back to the CPU
+            raise SetupError(f"this machine has a GPU ({'; '.join(signs)}) but torch sees no CUDA. {cuda_diagnosis()} "
+                             "Pass --device cpu to train on the CPU anyway.")
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SetupError("--device cuda was requested but CUDA is not available here; pass --device cpu")
+            raise SetupError("--device cuda was requested but CUDA is not available here; pass --device cpu. "
+                             + cuda_diagnosis())
         if device.index is None:
             device = torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
+        problem = arch_problem(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list(),
+                               torch.cuda.get_device_name(device))
+        if problem:
+            raise SetupError(problem)
     return device
 
 

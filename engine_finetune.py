@@ -105,6 +105,9 @@ def check_args(args) -> list[str]:
     if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax) and args.batch_size % 2:
         problems.append(f"--mixup/--cutmix pair each image with another of its batch: --batch_size must be even, "
                         f"got {args.batch_size}")
+    if args.repeated_aug or args.ThreeAugment:
+        problems.append("--repeated-aug and --ThreeAugment are the reference's flags for DeiT-style training and are "
+                        "not supported in fine-tuning here; drop them (its published commands do not use them)")
     if args.eval and not args.resume:
         problems.append("--eval scores a fine-tuned model: pass --resume with a checkpoint of this script")
     return problems

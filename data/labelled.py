@@ -134,7 +134,7 @@ def build_transform(args, is_train: bool):
     mean, std = norm_stats_for(SOURCE_OF[args.dataset], args.norm_stats, args.in_chans)
     aa = None if args.aa in ("", "none", "None") else args.aa
     return build_finetune_transform(is_train, args.input_size, mean, std, args.in_chans, args.build_timm_transform,
-                                    aa, args.reprob, args.remode, args.recount)
+                                    aa, args.reprob, args.remode, args.recount, args.color_jitter)
 
 
 def findings(args) -> list[str]:

@@ -90,7 +90,8 @@ def build_eval_transform(input_size: int, mean, std, in_chans: int = 3):
 
 
 def build_finetune_transform(is_train: bool, input_size: int, mean, std, in_chans: int, timm_transform: bool,
-                             aa: str | None = None, reprob: float = 0.0, remode: str = "pixel", recount: int = 1):
+                             aa: str | None = None, reprob: float = 0.0, remode: str = "pixel", recount: int = 1,
+                             color_jitter: float | None = None):
     """Fine-tuning pipeline on the gray image. --build_timm_transform: timm's create_transform (RandomResizedCrop,
     flip, RandAugment --aa, random erasing --reprob; eval: resize to input/0.875 and centre crop) on the image as
     RGB, the first channel kept for in_chans 1. Otherwise the reference's own fine-tuning transforms
@@ -101,9 +102,10 @@ def build_finetune_transform(is_train: bool, input_size: int, mean, std, in_chan
 
     if in_chans == 1:  # timm's RandAugment and erasing work on RGB: the gray value stands in all three channels
         mean, std = list(mean) * 3, list(std) * 3
+    # color_jitter passed as given (None: none), as MAE passes its flag; timm's own default would be 0.4
     timm_tf = create_transform(input_size, is_training=is_train, auto_augment=aa if is_train else None,
                                interpolation="bicubic", re_prob=reprob if is_train else 0.0, re_mode=remode,
-                               re_count=recount, mean=tuple(mean), std=tuple(std))
+                               re_count=recount, mean=tuple(mean), std=tuple(std), color_jitter=color_jitter)
     steps = [transforms.Lambda(_to_rgb), timm_tf]
     if in_chans == 1:
         steps.append(transforms.Lambda(_first_channel))

@@ -523,3 +523,21 @@ def test_cnn_classifiers_run_channels_last_and_compute_what_nchw_does(name):
     reference.load_state_dict(model.state_dict())  # the same keys and values
     with torch.no_grad():
         torch.testing.assert_close(logits, reference(images), rtol=1e-9, atol=1e-9)
+
+
+def test_reference_flags_are_accepted_moot_or_refused_with_the_reason(tmp_path):
+    """--dist_eval is accepted (predictions are always gathered); --color_jitter reaches timm's transform as MAE
+    passes it (none by default, where timm's own default would jitter by 0.4 without RandAugment); --repeated-aug and
+    --ThreeAugment are refused with the reason."""
+    base = ["--model", "vit_debug_patch16", "--input_size", "32", "--build_timm_transform", "--aa", "none"]
+    args = parse([*base, "--dist_eval"])
+    assert args.dist_eval and engine_finetune.check_args(args) == []
+
+    def steps(extra):
+        timm_part = labelled.build_transform(parse([*base, *extra]), True).transforms[1]
+        return [type(t).__name__ for t in timm_part.transforms]
+
+    assert "ColorJitter" not in steps([]) and "ColorJitter" in steps(["--color_jitter", "0.4"])
+    for flag in ("--repeated-aug", "--ThreeAugment"):
+        problems = engine_finetune.check_args(parse([*base, flag]))
+        assert any("not supported in fine-tuning here" in p for p in problems), problems

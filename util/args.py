@@ -230,6 +230,17 @@ def add_finetune_args(parser: argparse.ArgumentParser, linear_probe: bool) -> No
                      help="mixup parameters per batch, pair or element (default: batch)")
     aug.add_argument("--smoothing", type=float, default=0.0,
                      help="label smoothing of the multi-label targets: y * (1 - s) + s / 2 (default: 0)")
+    aug.add_argument("--color_jitter", type=float, default=None, metavar="PCT",
+                     help="colour jitter with --build_timm_transform when --aa is none (timm applies it only "
+                          "without RandAugment); MAE's flag (default: none, as MAE passes it)")
+    aug.add_argument("--repeated-aug", "--repeated_aug", action="store_true", dest="repeated_aug",
+                     help="the reference's flag, not supported for fine-tuning: refused with the reason "
+                          "(default: off)")
+    aug.add_argument("--ThreeAugment", action="store_true",
+                     help="the reference's DeiT flag, not supported: refused with the reason (default: off)")
+    aug.add_argument("--dist_eval", action="store_true",
+                     help="accepted for the reference's commands and moot: predictions are always gathered from "
+                          "every rank, no image scored twice (default: off)")
 
     protocol = parser.add_argument_group("Evaluation protocol")
     protocol.add_argument("--eval_interval", type=int, default=1,

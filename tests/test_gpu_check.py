@@ -41,6 +41,7 @@ def test_cuda_visible_devices_is_a_sign_too(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert cuda_env.gpu_signs() == ["CUDA_VISIBLE_DEVICES=0,1"]
+    assert cuda_env.gpu_signs(visible_devices=False) == []  # the training scripts: the reference commands set it
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert cuda_env.gpu_signs() == []
 

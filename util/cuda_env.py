@@ -7,14 +7,16 @@ import subprocess
 import torch
 
 
-def gpu_signs() -> list[str]:
-    """The GPUs nvidia-smi lists, and a CUDA_VISIBLE_DEVICES that names devices."""
+def gpu_signs(visible_devices: bool = True) -> list[str]:
+    """The GPUs nvidia-smi lists, and (visible_devices) a CUDA_VISIBLE_DEVICES that names devices. The training
+    scripts look at nvidia-smi alone: the reference's commands set CUDA_VISIBLE_DEVICES=0,...,7 and run as written on
+    a machine without GPUs too."""
     try:
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         listed = ""  # no nvidia-smi, or it hangs: no sign from it; the variable below may still give one
     signs = [f"nvidia-smi lists {line.strip()}" for line in listed.splitlines() if line.startswith("GPU ")]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() if visible_devices else ""
     if visible and visible not in ("-1", "none", "NoDevFiles"):
         signs.append(f"CUDA_VISIBLE_DEVICES={visible}")
     return signs

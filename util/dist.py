@@ -140,7 +140,8 @@ def cuda_index(local_rank: int, visible: int) -> int:
 def resolve_device(requested: str | None, local_rank: int) -> torch.device:
     """None picks CUDA when present, else CPU. An explicit 'cuda' without CUDA is an error, not a fallback."""
     if requested is None:
-        if not torch.cuda.is_available() and (signs := gpu_signs()):  # never a silent fall-back to the CPU
+        # a GPU nvidia-smi lists and torch cannot use: never a silent fall-back to the CPU
+        if not torch.cuda.is_available() and (signs := gpu_signs(visible_devices=False)):
             raise SetupError(f"this machine has a GPU ({'; '.join(signs)}) but torch sees no CUDA. {cuda_diagnosis()} "
                              "Pass --device cpu to train on the CPU anyway.")
         requested = "cuda" if torch.cuda.is_available() else "cpu"

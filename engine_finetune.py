@@ -228,10 +228,9 @@ class ClassificationTask(Task):
     def before_epochs(self, run, state: ClassificationState, resumed: dict | None) -> bool:
         if not run.args.eval:
             return True
-        state.best_epoch = resumed.get("best_epoch", resumed.get("epoch"))
-        state.best_score = resumed.get("best_score", resumed.get("best_auroc"))
-        state.val_history = resumed.get("val_history", [])
-        state.pretrained_keys = resumed.get("pretrained_keys")
+        state.restore(resumed)  # the selection and the load report, as recorded (older key names too)
+        if "best_epoch" not in resumed:  # a checkpoint without a selection record: the epoch it was written at
+            state.best_epoch = resumed.get("epoch")
         self.score_test(run, state, None)
         return False
 

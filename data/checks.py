@@ -59,17 +59,26 @@ def check_files(idx: SourceIndex, policy: str) -> None:
     idx.select(exists, "files present")
 
 
+def undecodable(paths: np.ndarray, count: int | None) -> tuple[int, list[tuple[str, str]]]:
+    """Decode `count` evenly spaced images of `paths` (None: every one); (how many were decoded, [(path, what is
+    wrong)] for each that failed)."""
+    if count is None:
+        picks = np.arange(len(paths))
+    else:
+        picks = np.unique(np.linspace(0, len(paths) - 1, min(count, len(paths))).astype(int))
+    return len(picks), [(p, why) for p in (paths[i].decode() for i in picks) if (why := decode_problem(p))]
+
+
 def check_sample_decodes(idx: SourceIndex, count: int, policy: str) -> None:
     """Decode `count` evenly spaced images; report every failure with its path."""
     if count <= 0 or len(idx) == 0:
         return
-    picks = np.unique(np.linspace(0, len(idx) - 1, min(count, len(idx))).astype(int))
-    problems = [(p, why) for p in (idx.paths[i].decode() for i in picks) if (why := decode_problem(p))]
+    checked, problems = undecodable(idx.paths, count)
     if not problems:
         return
     listing = "\n  ".join(f"{p}: {why}" for p, why in problems)
     if policy == "error":
-        raise SetupError(f"{idx.name}: {len(problems)} of {len(picks)} sampled images could not be decoded:\n  "
+        raise SetupError(f"{idx.name}: {len(problems)} of {checked} sampled images could not be decoded:\n  "
                            f"{listing}\nRun tools/verify_data.py to list every bad file, or pass --bad_files skip.")
     logger.warning("%s: %d of %d sampled images could not be decoded (--bad_files skip replaces them):\n  %s",
-                   idx.name, len(problems), len(picks), listing)
+                   idx.name, len(problems), checked, listing)

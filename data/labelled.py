@@ -24,9 +24,8 @@ import torch
 from data import chestxray_nih as nih
 from data import chexpert, covidx
 from data.base import SourceIndex, XrayDataset, find_given_file, require_columns, seeded
-from data.checks import files_exist
+from data.checks import files_exist, undecodable
 from data.config import add_image_args
-from data.image_io import decode_problem
 from data.transforms import build_finetune_transform, check_norm_policy, norm_stats_for
 from util.errors import SetupError
 
@@ -385,12 +384,10 @@ def check_decodes(split: Split, policy: str) -> None:
     """--check_images: decode a sample (or all) of a split's images now, naming every one that fails."""
     if policy == "none" or not len(split):
         return
-    picks = (range(len(split)) if policy == "all" else
-             np.unique(np.linspace(0, len(split) - 1, min(CHECK_SAMPLE, len(split))).astype(int)))
-    bad = [(p, why) for p in (split.paths[i].decode() for i in picks) if (why := decode_problem(p))]
+    checked, bad = undecodable(split.paths, None if policy == "all" else CHECK_SAMPLE)
     if bad:
         listing = "\n  ".join(f"{p}: {why}" for p, why in bad[:10])
-        raise ValueError(f"{len(bad)} of {len(picks)} checked images of the {split.role} list {split.source} do not "
+        raise ValueError(f"{len(bad)} of {checked} checked images of the {split.role} list {split.source} do not "
                          f"decode:\n  {listing}\nReplace them or remove their lines (--check_images all checks every "
                          "image; tools/verify_data.py lists them without training)")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import main_finetune_chestxray as ft_main
-from data.synthetic import make_nih_labelled
+from data.synthetic import make_nih, make_nih_labelled
 from tests.helpers import run_tool_in_process
 
 FLAGS = {"model": "vit_debug_patch16", "input_size": 32, "batch_size": 4, "warmup_epochs": 0, "num_workers": 0,
@@ -215,6 +215,14 @@ TOOL_CASES = [
     ("compute_norm_stats, --bad_files skip",
      lambda t, runs: ("compute_norm_stats.py", "--out", str(t / "s.json"), "--bad_files", "skip"),
      r"--bad_files skip: the statistics must come from images that decode"),
+    ("prepare_data into another preparation's folder",
+     lambda t, runs: ("prepare_data.py", "--data_path", str(t / "data"), "--datasets_names", "chestxray_nih",
+                      "--train_list", str(t / "data" / "nih_chestxray" / "train_official_subset.txt"),
+                      "--out", str(t / "other_preparation"), "--workers", "1"),
+     r"\S+other_preparation holds a preparation of other inputs or another --prepare_size; choose an empty folder"),
+    ("export, a checkpoint of a model no script builds",
+     lambda t, runs: ("export_encoder.py", "--checkpoint", str(t / "unknown_model.pth"), "--out", str(t / "e")),
+     r"unknown_model.pth records the model 'mae_vit_small' in its args, which no pre-training script here builds"),
     ("prepare_data, --verify where nothing was prepared",
      lambda t, runs: ("prepare_data.py", "--out", str(t / "none"), "--verify"),
      r"--out \S+none holds no preparation \(no manifest.json\) to verify"),
@@ -234,6 +242,11 @@ TOOL_CASES = [
 def test_tool_mistakes_are_one_line_naming_the_flag(runs, tmp_path, case, argv, message):
     torch.save({"model": {"w": torch.ones(1)}, "epoch": 0, "task": "finetune", "args": {}}, tmp_path / "finetuned.pth")
     torch.save({"pos_embed": torch.zeros(1, 5, 8)}, tmp_path / "encoder.pth")
+    torch.save({"model": {"decoder_embed.weight": torch.zeros(1)}, "args": {"model": "mae_vit_small"}},
+               tmp_path / "unknown_model.pth")
+    make_nih(str(tmp_path / "data" / "nih_chestxray"), n_patients=4, size=(32, 32))
+    (tmp_path / "other_preparation").mkdir()
+    (tmp_path / "other_preparation" / "inputs.sha256").write_text("0" * 64)
     before = md5s(tmp_path)
     proc = run_tool_in_process(*argv(tmp_path, runs))
     assert proc.returncode != 0 and re.search(message, proc.stderr + proc.stdout), proc.stderr

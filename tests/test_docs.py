@@ -300,3 +300,115 @@ def test_the_documented_defaults_are_the_parsers():
                     if name in cells and not _agrees(action.default, cells[name]):
                         wrong.append(f"{doc} {name}: '{cells[name]}', the parser's default is {action.default!r}")
     assert not wrong, "\n".join(wrong)
+
+
+# ---- every runnable documented command runs, sizes shrunk ------------------------------------------------------
+
+# A documented command that is not run here, and why. Everything else with an entry script or a tool runs below.
+NOT_RUN = {
+    r"^make ": "make targets: `make test`/`make gpu-check` are what CI runs; the demos have their own tests",
+    r"-m benchmarks\.": "benchmarks take minutes by design; module and flags are checked above, make bench runs them",
+    r"-m pytest": "a test file of this suite",
+    r"^srun ": "SLURM launch: tests/test_slurm.py runs the sbatch scripts on a local SLURM",
+    r"^torchrun --nproc_per_node=8 main_finetune_chestxray\.py \.\.\.$": "a sketch; the full fine-tuning commands run",
+    r"\(--images FILES \| --datasets_names \.\.\.\)": "a synopsis with alternatives; tests/test_cli.py runs the tool",
+    r"^python -m tools\.\w+( \.\.\.)?$": "the tool named in prose; its flags are in the tables",
+}
+REFERENCE_RUN_ELSEWHERE = "a reference command: run by test_reference_command_runs_with_sizes_shrunk"
+SMALLER = [(r"--nproc_per_node=\d+", "--nproc_per_node=1"), (r"--batch_size \d+", "--batch_size 2"),
+           (r"--epochs \d+", "--epochs 1"), (r"--num_workers \d+", "--num_workers 0"), (r"--workers \d+", "--workers 2"),
+           (r"--input_size \d+", "--input_size 64"), (r"\s\.\.\.(\s|$)", " ")]
+
+
+def _normal(command: str) -> str:
+    return " ".join(shlex.split(re.sub(r"\\\n", " ", command)))
+
+
+def _why_not_run(command: str) -> str | None:
+    import tests.test_finetune as ft_tests
+    reference = {_normal(c) for c in [*REFERENCE_COMMANDS.values(), *ft_tests.REFERENCE_COMMANDS.values()]}
+    if _normal(command) in reference:
+        return REFERENCE_RUN_ELSEWHERE
+    return next((why for pattern, why in NOT_RUN.items() if re.search(pattern, command)), None)
+
+
+RUN = [(doc, c) for doc, c in documented_commands() if _why_not_run(c) is None]
+
+
+def test_every_documented_command_is_run_or_says_why_not():
+    """The list of commands run below is everything documented less the reasons above: a new command runs by default."""
+    tools = [c for _, c in RUN if "-m tools." in c]
+    scripts = [c for _, c in RUN if re.search(r"main_\w+\.py", c)]
+    assert len(tools) + len(scripts) == len(RUN), [c for _, c in RUN if c not in tools + scripts]
+    assert len(scripts) >= 7 and len(tools) >= 2, RUN
+
+
+@pytest.fixture(scope="module")
+def docs_data(reference_cwd):
+    """What the documented commands name beside the reference layout: NIH labelled lists in data/nih_chestxray,
+    COVIDx in data/covidx, the CSV task's my_data/, and a ViT-S pre-training checkpoint at runs/vit_s/checkpoint-799.pth
+    (as the reference's published ones are written: the MAE state dict and the args as a Namespace)."""
+    import models_mae
+    from data.synthetic import make_covidx, make_csv_dataset, make_nih_labelled
+    import torch
+    lists = make_nih_labelled(str(reference_cwd / "data" / "nih_chestxray"), patients=(4, 2, 2), size=(32, 32))
+    make_covidx(str(reference_cwd / "data" / "covidx"), train=24, test=12, size=(32, 32))
+    make_csv_dataset(str(reference_cwd / "my_data"), patients=(4, 2, 2))
+    checkpoint = reference_cwd / "checkpoint-799.pth"
+    mae = models_mae.create_model("mae_vit_small_patch16_dec512d2b")
+    torch.save({"model": mae.state_dict(), "epoch": 799, "args": argparse.Namespace(model="mae_vit_small_patch16_dec512d2b")},
+               checkpoint)
+    for script in ("main_finetune_chestxray.py", "main_linprobe_chestxray.py"):
+        os.symlink(ROOT / script, reference_cwd / script)
+    return {"cwd": reference_cwd, "checkpoint": checkpoint, "nih_lists": lists}
+
+
+def _runnable(command: str, data: dict) -> str:
+    """The command with its sizes shrunk, its placeholders filled, a few steps per epoch and the NIH fine-tuning's
+    default (official, 112,120-image) lists swapped for the fixture's labelled ones."""
+    for pattern, small in SMALLER:
+        command = re.sub(pattern, small, command)
+    command = command.replace("CKPT", "runs/vit_s/checkpoint-799.pth")
+    command = re.sub(r"(^|\s)python3? ", lambda m: f"{m.group(1)}{shlex.quote(sys.executable)} ", command)
+    command = command.replace("torchrun ", f"{shlex.quote(sys.executable)} -m torch.distributed.run ")
+    if re.search(r"main_\w+\.py", command):
+        command += " --max_steps_per_epoch 2"
+        command += "".join(f" --{flag} {value}" for flag, value in (
+            ("input_size", 64), ("num_workers", 0), ("epochs", 1), ("batch_size", 2)) if f"--{flag}" not in command)
+    if "main_finetune_chestxray.py" in command or "main_linprobe_chestxray.py" in command:
+        command += " --bootstrap 20 --print_freq 50"
+        if "--dataset" not in command and "--train_list" not in command:
+            command += "".join(f" --{role}_list {shlex.quote(path)}" for role, path in data["nih_lists"].items())
+    return command
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc, command", RUN, ids=lambda v: v[:70] if isinstance(v, str) else v)
+def test_documented_command_runs_with_sizes_shrunk(docs_data, tmp_path, free_port, doc, command):
+    """Each runnable command of README, PRETRAIN.md, FINETUNE.md and RESULTS.md, as a user pastes it into a folder
+    that has the data it names (sizes shrunk as for the reference commands). A command that needs an export first
+    (the CSV task fine-tunes exports/vit_s.pth) runs the documented export before it."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for entry in os.listdir(docs_data["cwd"]):
+        if entry != "checkpoint-799.pth":
+            os.symlink(docs_data["cwd"] / entry, cwd / entry)
+    if "checkpoint-799.pth" in command or "CKPT" in command or "exports/vit_s.pth" in command:
+        (cwd / "runs" / "vit_s").mkdir(parents=True)
+        os.link(docs_data["checkpoint"], cwd / "runs" / "vit_s" / "checkpoint-799.pth")
+    env = child_env(SAVE_DIR=tmp_path / "save", PET_MASTER_PORT=free_port)
+    steps = [command]
+    if "exports/vit_s.pth" in command:
+        steps.insert(0, next(c for _, c in RUN if "-m tools.export_encoder" in c and "exports/vit_s" in c))
+    for step in steps:
+        runnable = _runnable(step, docs_data)
+        proc = subprocess.run(["bash", "-c", runnable], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{doc}: $ {runnable}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    out = re.search(r"--output_dir (\S+)", command)
+    if out is not None and "main_finetune" in command:
+        folder = out.group(1).replace("${SAVE_DIR}", str(tmp_path / "save"))
+        assert (cwd / folder / "results.json").is_file(), proc.stdout[-3000:]
+    elif re.search(r"main_pretrain\w*\.py", command):
+        folder = out.group(1).replace("${SAVE_DIR}", str(tmp_path / "save")) if out else "output_dir"
+        assert (cwd / folder / "checkpoint-last.pth").is_file() or list((cwd / folder).glob("checkpoint-*.pth")), \
+            proc.stdout[-3000:]

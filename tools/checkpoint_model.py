@@ -4,6 +4,7 @@ import argparse
 import main_pretrain_multi_datasets_xray as vit_main
 import main_pretrain_multi_datasets_xray_cnn as cnn_main
 import models_mae
+import models_mae_cnn
 from util.checkpoint import load_checkpoint
 
 
@@ -17,7 +18,11 @@ def model_from_checkpoint(path: str):
         raise ValueError(f"{path} is a {ckpt['task']} checkpoint (a classifier); this tool takes a pre-training "
                          "checkpoint (main_pretrain_multi_datasets_xray*.py), whose encoder and decoder it rebuilds")
     saved = ckpt["args"]
-    script = vit_main if saved.get("model") in models_mae.MODELS else cnn_main
+    name = saved.get("model")
+    if name not in models_mae.MODELS and name not in models_mae_cnn.encoder_names():
+        raise ValueError(f"{path} records the model {name!r} in its args, which no pre-training script here builds "
+                         f"(MAE ViTs: {', '.join(models_mae.MODELS.names())}; U-Nets: any SMP encoder name)")
+    script = vit_main if name in models_mae.MODELS else cnn_main
     args = argparse.ArgumentParser(parents=[script.get_args_parser()]).parse_args([])
     for key, value in saved.items():
         setattr(args, key, value)

@@ -316,8 +316,8 @@ NOT_RUN = {
 }
 REFERENCE_RUN_ELSEWHERE = "a reference command: run by test_reference_command_runs_with_sizes_shrunk"
 SMALLER = [(r"--nproc_per_node=\d+", "--nproc_per_node=1"), (r"--batch_size \d+", "--batch_size 2"),
-           (r"--epochs \d+", "--epochs 1"), (r"--num_workers \d+", "--num_workers 0"), (r"--workers \d+", "--workers 2"),
-           (r"--input_size \d+", "--input_size 64"), (r"\s\.\.\.(\s|$)", " ")]
+           (r"--epochs \d+", "--epochs 1"), (r"--num_workers \d+", "--num_workers 0"),
+           (r"--workers \d+", "--workers 2"), (r"--input_size \d+", "--input_size 64"), (r"\s\.\.\.(\s|$)", " ")]
 
 
 def _normal(command: str) -> str:
@@ -348,16 +348,17 @@ def docs_data(reference_cwd):
     """What the documented commands name beside the reference layout: NIH labelled lists in data/nih_chestxray,
     COVIDx in data/covidx, the CSV task's my_data/, and a ViT-S pre-training checkpoint at runs/vit_s/checkpoint-799.pth
     (as the reference's published ones are written: the MAE state dict and the args as a Namespace)."""
+    import torch
+
     import models_mae
     from data.synthetic import make_covidx, make_csv_dataset, make_nih_labelled
-    import torch
     lists = make_nih_labelled(str(reference_cwd / "data" / "nih_chestxray"), patients=(4, 2, 2), size=(32, 32))
     make_covidx(str(reference_cwd / "data" / "covidx"), train=24, test=12, size=(32, 32))
     make_csv_dataset(str(reference_cwd / "my_data"), patients=(4, 2, 2))
     checkpoint = reference_cwd / "checkpoint-799.pth"
     mae = models_mae.create_model("mae_vit_small_patch16_dec512d2b")
-    torch.save({"model": mae.state_dict(), "epoch": 799, "args": argparse.Namespace(model="mae_vit_small_patch16_dec512d2b")},
-               checkpoint)
+    saved_args = argparse.Namespace(model="mae_vit_small_patch16_dec512d2b")
+    torch.save({"model": mae.state_dict(), "epoch": 799, "args": saved_args}, checkpoint)
     for script in ("main_finetune_chestxray.py", "main_linprobe_chestxray.py"):
         os.symlink(ROOT / script, reference_cwd / script)
     return {"cwd": reference_cwd, "checkpoint": checkpoint, "nih_lists": lists}

@@ -88,6 +88,12 @@ LIST_CASES = [
     ("--layer_decay 0", lambda lists, tmp: {"layer_decay": "0"}, r"--layer_decay must be in \(0, 1\], got 0"),
     ("--finetune on a text file",
      lambda lists, tmp: {"finetune": str(tmp / "notes.txt")}, r"--finetune \S+notes.txt: "),
+    ("a name with a space in the validation list",
+     lambda lists, tmp: {"val_list": edited_list(lists["val"], tmp, "val_space.txt",
+                                                 lambda ls: [ls[0].replace(".png", " copy.png", 1), *ls[1:]])},
+     r"--val_list \S+val_space.txt, line 1: expected an image name and 14 0/1 labels"),
+    ("--finetune on a truncated checkpoint",
+     lambda lists, tmp: {"finetune": str(tmp / "truncated.pth")}, r"--finetune \S+truncated.pth: "),
     ("--output_dir that is a file",
      lambda lists, tmp: {"output_dir": str(tmp / "notes.txt")}, r"--output_dir \S+notes.txt is a file, not a folder"),
 ]
@@ -97,12 +103,24 @@ LIST_CASES = [
 def test_bad_lists_and_flags_fail_before_training_naming_the_flag(nih, tmp_path, caplog, case, make, message):
     root, lists = nih
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    torch.save({"model": {"w": torch.zeros(1000)}}, tmp_path / "truncated.pth")
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "truncated.pth").read_bytes()[:900])
     out = tmp_path / "out"
     code, text = run_finetune(finetune_flags(lists, root, out, **make(lists, tmp_path)), caplog)
     assert code == 1, text
     assert re.search(message, text), text
     assert "Traceback" not in text and "Epoch: [0]" not in text  # before any training
     assert not (out / "checkpoint-last.pth").exists()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_name(nih, tmp_path):
+    """Some editors start a UTF-8 file with a byte-order mark: every reader takes it off, so the first image is found
+    under its name (before, the message was an 'ascii' codec error)."""
+    from data import labelled
+    root, lists = nih
+    bom = edited_list(lists["train"], tmp_path, "train_bom.txt", lambda ls: ["\ufeff" + ls[0], *ls[1:]])
+    assert labelled._nih_lines(bom) == labelled._nih_lines(lists["train"])
+    assert open(bom, "rb").read(3) == b"\xef\xbb\xbf"
 
 
 def test_another_runs_resume_into_a_finished_run_changes_nothing(nih, finished, tmp_path, caplog):
@@ -292,3 +310,18 @@ def test_verify_data_checks_a_fine_tuning_datasets_three_lists(nih, tmp_path):
                                "--workers", "1")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"BAD {image}" in proc.stdout and "FAILED: 1 bad file(s) in 1 of 3 list(s)" in proc.stdout, proc.stdout
+
+
+def test_a_chexpert_valid_csv_without_a_finding_fails_at_start_up(tmp_path, caplog):
+    """The test set's labels are read at start-up: a valid.csv missing a finding's column is named before training."""
+    import pandas as pd
+    from data.synthetic import make_chexpert
+    make_chexpert(str(tmp_path), n_patients=12, size=(32, 32))
+    valid = tmp_path / "CheXpert-v1.0-small" / "valid.csv"
+    pd.read_csv(valid).drop(columns=["Edema"]).to_csv(valid, index=False)
+    out = tmp_path / "out"
+    flags = [t for k, v in {**FLAGS, "dataset": "chexpert", "nb_classes": 5, "output_dir": out, "log_dir": out,
+                             "data_path": tmp_path / "CheXpert-v1.0-small"}.items() for t in (f"--{k}", str(v))]
+    code, text = run_finetune(flags, caplog)
+    assert code == 1 and re.search(r"\S+valid.csv lacks the column\(s\) \['Edema'\]", text), text
+    assert "Epoch: [0]" not in text and not (out / "checkpoint-last.pth").exists()

@@ -315,6 +315,7 @@ def test_verify_data_checks_a_fine_tuning_datasets_three_lists(nih, tmp_path):
 def test_a_chexpert_valid_csv_without_a_finding_fails_at_start_up(tmp_path, caplog):
     """The test set's labels are read at start-up: a valid.csv missing a finding's column is named before training."""
     import pandas as pd
+
     from data.synthetic import make_chexpert
     make_chexpert(str(tmp_path), n_patients=12, size=(32, 32))
     valid = tmp_path / "CheXpert-v1.0-small" / "valid.csv"

@@ -156,6 +156,9 @@ class ClassificationTask(Task):
                              "--output_dir, so no result is overwritten")
         self.findings = labelled.findings(args)
         self.splits = shared_splits(args, info, device)
+        for split in self.splits.values():
+            if split.write_as and info.is_main:  # a split drawn here (NODE21): kept so it can be given back
+                split.write(os.path.join(args.output_dir, split.write_as))
         self.splits["train"] = labelled.label_fraction(self.splits["train"], args.label_fraction, args.fraction_seed,
                                                        args.output_dir, write=info.is_main)
         train_set = labelled.LabelledDataset(self.splits["train"], labelled.build_transform(args, is_train=True),

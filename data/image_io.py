@@ -3,12 +3,15 @@
 8-bit files (CheXpert, MIMIC, most NIH) are only made single-channel. 16-bit PNGs are scaled per
 image by a percentile window, never clipped (PIL's convert('L') clips them to white). DICOM goes
 through the modality LUT, then the VOI LUT or window, then MONOCHROME1 inversion, in that order.
+MetaImage files (.mha/.mhd, as NODE21 ships its radiographs) are read with SimpleITK and windowed
+like 16-bit PNGs.
 The type is detected by content and extension, never by the dataset it came from.
 """
 import numpy as np
 from PIL import Image
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
+METAIMAGE_EXTENSIONS = (".mha", ".mhd")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
@@ -57,6 +60,8 @@ def load_gray(path: str, min_side: int | None = None) -> Image.Image:
     try:
         if is_dicom(path):
             return Image.fromarray(load_dicom(path))
+        if path.lower().endswith(METAIMAGE_EXTENSIONS):
+            return Image.fromarray(load_metaimage(path))
         with Image.open(path) as im:
             _reduced_draft(im, min_side)
             im.load()
@@ -89,6 +94,22 @@ def load_dicom(path: str) -> np.ndarray:
         pixels = apply_voi_lut(pixels, ds)
     invert = photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
     return to_uint8(pixels, invert=invert)
+
+
+def load_metaimage(path: str) -> np.ndarray:
+    """A 2-D MetaImage (one slice, one component), windowed to 8 bits."""
+    import os
+
+    import SimpleITK as sitk
+
+    if not os.path.exists(path):  # SimpleITK reports a missing file as a generic RuntimeError
+        raise FileNotFoundError(path)
+    pixels = sitk.GetArrayFromImage(sitk.ReadImage(path))
+    if pixels.ndim == 3 and pixels.shape[0] == 1:  # a 2-D image stored as one slice
+        pixels = pixels[0]
+    if pixels.ndim != 2:
+        raise ImageDecodeError(f"MetaImage of shape {list(pixels.shape)}: expected one 2-D grayscale radiograph")
+    return to_uint8(pixels)
 
 
 def decode_problem(path: str) -> str | None:

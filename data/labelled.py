@@ -9,6 +9,9 @@ CheXpert (--dataset chexpert): the 5 competition findings, from train.csv (train
 train.csv (validation, --val_list to give one) and valid.csv (the radiologist-labelled set, scored once as test).
 Uncertain labels (-1.0) follow --chexpert_uncertain per finding; blank cells are negative.
 
+COVIDx (--dataset covidx, single-label) is described in data/covidx.py, NODE21 (--dataset node21, one logit) in
+data/node21.py; your own CSV files (--dataset csv) with the flags of that group.
+
 At start-up every file of the three splits is checked to exist, no list may name an image twice, every label of the
 three lists is checked (the test list's too), and the splits are checked to share no patient. The test labels are
 kept and its images decoded only once, after training (load_labels).
@@ -22,16 +25,16 @@ import pandas as pd
 import torch
 
 from data import chestxray_nih as nih
-from data import chexpert, covidx
+from data import chexpert, covidx, node21
 from data.base import SourceIndex, XrayDataset, find_given_file, require_columns, seeded
 from data.checks import files_exist, undecodable
 from data.config import add_image_args
 from data.transforms import build_finetune_transform, check_norm_policy, norm_stats_for
 from util.errors import SetupError
 
-DATASETS = ("chestxray", "chexpert", "covidx", "csv")
+DATASETS = ("chestxray", "chexpert", "covidx", "node21", "csv")
 # per-dataset mean/std (data/transforms.py; a dataset not in its table takes the chest X-ray values)
-SOURCE_OF = {"chestxray": "chestxray_nih", "chexpert": "chexpert", "covidx": "covidx", "csv": "csv"}
+SOURCE_OF = {"chestxray": "chestxray_nih", "chexpert": "chexpert", "covidx": "covidx", "node21": "node21", "csv": "csv"}
 # the reference's order (its CheXpert dataset's columns), so a CheXpert head moves between the two codebases
 CHEXPERT_FINDINGS = ["Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion"]
 # the CheXpert paper's best policy per finding: U-Ones for Atelectasis and Edema, U-Zeros for the others
@@ -46,7 +49,8 @@ def add_data_args(parser) -> None:
     group = parser.add_argument_group("Data")
     group.add_argument("--dataset", default="chestxray", choices=DATASETS,
                        help="chestxray: NIH ChestX-ray14, 14 findings; chexpert: CheXpert, 5 competition findings; "
-                            "covidx: COVIDx, 4 classes, single-label; csv: your own CSV files (--path_column and "
+                            "covidx: COVIDx, 4 classes, single-label; node21: NODE21, one logit (a nodule or not); "
+                            "csv: your own CSV files (--path_column and "
                             "--label_columns or --label_column) (default: chestxray)")
     add_image_args(group, "the dataset's folder (NIH: images/ or images_*/images/ inside, or a folder holding "
                           "nih_chestxray/; CheXpert: the folder of train.csv, or one holding CheXpert-v1.0-small/)")
@@ -140,7 +144,8 @@ def findings(args) -> list[str]:
     """The findings (multi-label) or classes (single-label) of --dataset, in the order of the logits."""
     if args.dataset == "csv":
         return _names(args.label_columns or args.classes)
-    return list({"chestxray": nih.FINDINGS, "chexpert": CHEXPERT_FINDINGS, "covidx": covidx.CLASSES}[args.dataset])
+    return list({"chestxray": nih.FINDINGS, "chexpert": CHEXPERT_FINDINGS, "covidx": covidx.CLASSES,
+                 "node21": node21.FINDINGS}[args.dataset])
 
 
 def _names(spec: str) -> list[str]:
@@ -157,6 +162,7 @@ class Split:
     patients: np.ndarray  # bytes
     rows: list | pd.DataFrame  # NIH: the list's lines; CheXpert: the CSV's rows
     labels: np.ndarray | None = None  # [N, K] float32; the test split's stay None until load_labels
+    write_as: str | None = None  # a split drawn here, not given: written to output_dir under this name
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -329,6 +335,36 @@ def _covidx_splits(args, seed: int) -> dict[str, Split]:
     return {"train": train, "val": val, "test": test}
 
 
+# ---- NODE21 -------------------------------------------------------------------------------------------------------
+
+def _node21_splits(args, with_test_labels: bool = False) -> dict[str, Split]:
+    """Given lists, or a seeded random split of metadata.csv's images (written to output_dir); every label checked
+    now, the test list's too."""
+    metadata = node21.read_metadata(os.path.join(args.data_path, node21.METADATA), "--data_path")
+    given = [args.train_list, args.val_list, args.test_list]
+    if any(given) and not all(given):
+        raise SetupError("--dataset node21 takes all three of --train_list/--val_list/--test_list, or none (a random "
+                         f"split of {node21.METADATA} with --fraction_seed)")
+    if all(given):
+        frames = {role: node21.read_list(path, f"--{role}_list", metadata)
+                  for role, path in zip(("train", "val", "test"), given)}
+        sources = dict(zip(("train", "val", "test"), given))
+    else:
+        roles = node21.random_split(len(metadata), args.fraction_seed)
+        frames = {role: metadata[roles == role].reset_index(drop=True) for role in ("train", "val", "test")}
+        sources = {role: f"{node21.METADATA}, a random {role} share (--fraction_seed {args.fraction_seed})"
+                   for role in frames}
+    splits = {}
+    for role, df in frames.items():
+        names = df["img_name"].to_numpy(dtype=str)
+        paths = np.array([node21.image_path(args.data_path, n) for n in names], dtype=np.bytes_)
+        labels = df["label"].to_numpy(dtype=np.float32)[:, None]
+        keep_labels = role != "test" or with_test_labels
+        splits[role] = Split(role, sources[role], paths, names.astype(np.bytes_), df, labels if keep_labels else None,
+                             write_as=None if all(given) else f"node21_{role}.csv")
+    return splits
+
+
 # ---- your own CSV files -------------------------------------------------------------------------------------------
 
 def _csv_split(role: str, args, with_labels: bool) -> Split:
@@ -402,6 +438,8 @@ def build_splits(args) -> dict[str, Split]:
         splits = _covidx_splits(args, seed)
     elif args.dataset == "csv":
         splits = {role: _csv_split(role, args, with_labels=role != "test") for role in ("train", "val", "test")}
+    elif args.dataset == "node21":
+        splits = _node21_splits(args)
     else:
         splits = _chexpert_splits(args, seed)
     for split in splits.values():
@@ -477,6 +515,9 @@ def load_labels(args, test: Split) -> Split:
         unchanged = np.array_equal(paths, test.paths)
     elif args.dataset == "csv":
         read = _csv_split("test", args, with_labels=True)
+        labels, unchanged = read.labels, np.array_equal(read.paths, test.paths)
+    elif args.dataset == "node21":
+        read = _node21_splits(args, with_test_labels=True)["test"]
         labels, unchanged = read.labels, np.array_equal(read.paths, test.paths)
     else:
         df = _chexpert_frontal(test.source)

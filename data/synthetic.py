@@ -462,3 +462,34 @@ def make_csv_dataset(root: str, patients=(8, 3, 3), images_per_patient: int = 2,
         files[role] = os.path.join(root, f"{role}.csv")
         _write_csv(files[role], ["path", "patient", "opacity", "device", "view_class"], rows)
     return files
+
+
+def make_node21(root: str, images: int = 40, size=(64, 64), seed: int = 0, extension: bool = True) -> str:
+    """NODE21's processed layout: root/metadata.csv (img_name, x, y, width, height, label: a row per nodule box, one
+    row with label 0 for an image without one) and root/images/<name>.mha, 16-bit MetaImages written with SimpleITK.
+    Every other image holds a nodule (a bright disc at its box, drawn so a classifier can learn it) and every
+    fourth of those two, so their rows merge. Names are n0000.mha (nodule) and c0001.mha (control), as the release
+    names them; extension=False writes img_name without '.mha'. Returns the metadata path."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rows = []
+    for k in range(images):
+        nodules = 0 if k % 2 else (2 if k % 8 == 0 else 1)
+        name = f"{'n' if nodules else 'c'}{k:04d}"
+        img = chest_image(h, w, seed=int(rng.integers(1 << 30))).astype(np.float32) * 12  # 12-bit range
+        for _ in range(nodules):
+            cx, cy, r = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h, max(3.0, 0.1 * w)
+            img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] += 1400
+            rows.append([name + ".mha" if extension else name, str(int(cx - r)), str(int(cy - r)), str(int(2 * r)),
+                         str(int(2 * r)), "1"])
+        if not nodules:
+            rows.append([name + ".mha" if extension else name, "0", "0", "0", "0", "0"])
+        sitk.WriteImage(sitk.GetImageFromArray(np.clip(img, 0, 4095).astype(np.int16)),
+                        os.path.join(root, "images", name + ".mha"))
+    path = os.path.join(root, "metadata.csv")
+    _write_csv(path, ["img_name", "x", "y", "width", "height", "label"], rows)
+    return path

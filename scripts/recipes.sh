@@ -4,27 +4,29 @@
 # Pre-training: per-process batch 256 on 8 GPUs = effective batch 2048; change BATCH_SIZE / ACCUM_ITER to keep 2048
 # elsewhere. Fine-tuning: PRETRAINED names the checkpoint; TRAIN_LIST/VAL_LIST/TEST_LIST default to the official
 # NIH lists shipped in data_splits/chestxray/.
-FINETUNE_COMMON=(--device cuda --batch_size "${BATCH_SIZE:-128}" --accum_iter "${ACCUM_ITER:-1}" --epochs 75
-                 --blr 2.5e-4 --weight_decay 0.05 --warmup_epochs 5 --mixup 0 --cutmix 0 --reprob 0
-                 --vit_dropout_rate 0 --num_workers "${NUM_WORKERS:-4}"
-                 --train_list "${TRAIN_LIST:-data_splits/chestxray/train_official.txt}"
-                 --val_list "${VAL_LIST:-data_splits/chestxray/val_official.txt}"
-                 --test_list "${TEST_LIST:-data_splits/chestxray/test_official.txt}"
-                 --nb_classes 14 --eval_interval 10 --min_lr 1e-5 --build_timm_transform --aa rand-m6-mstd0.5-inc1)
+FINETUNE_SETTINGS=(--device cuda --batch_size "${BATCH_SIZE:-128}" --accum_iter "${ACCUM_ITER:-1}" --epochs 75
+                   --blr 2.5e-4 --weight_decay 0.05 --warmup_epochs 5 --mixup 0 --cutmix 0 --reprob 0
+                   --vit_dropout_rate 0 --num_workers "${NUM_WORKERS:-4}" --eval_interval 10 --min_lr 1e-5
+                   --build_timm_transform --aa rand-m6-mstd0.5-inc1)
+NIH_LISTS=(--train_list "${TRAIN_LIST:-data_splits/chestxray/train_official.txt}"
+           --val_list "${VAL_LIST:-data_splits/chestxray/val_official.txt}"
+           --test_list "${TEST_LIST:-data_splits/chestxray/test_official.txt}" --nb_classes 14)
+VIT_S_FINETUNE=(--model vit_small_patch16 --layer_decay 0.55 --drop_path 0.2)
 case "${RECIPE:-vit_s}" in
     finetune_vit_s) SCRIPT=main_finetune_chestxray.py
-           RECIPE_ARGS=("${FINETUNE_COMMON[@]}" --finetune "${PRETRAINED:?set PRETRAINED to the checkpoint to fine-tune}"
-                        --model vit_small_patch16 --layer_decay 0.55 --drop_path 0.2) ;;
+           RECIPE_ARGS=("${FINETUNE_SETTINGS[@]}" "${NIH_LISTS[@]}" "${VIT_S_FINETUNE[@]}"
+                        --finetune "${PRETRAINED:?set PRETRAINED to the checkpoint to fine-tune}") ;;
     finetune_densenet121) SCRIPT=main_finetune_chestxray.py
-           RECIPE_ARGS=("${FINETUNE_COMMON[@]}" --finetune "${PRETRAINED:?set PRETRAINED to the checkpoint to fine-tune}"
-                        --checkpoint_type smp_encoder --model densenet121 --drop_path 0) ;;
-    finetune_covidx_vit_s) SCRIPT=main_finetune_chestxray.py  # no published command: the NIH ViT-S settings
-           RECIPE_ARGS=(--device cuda --batch_size "${BATCH_SIZE:-128}" --accum_iter "${ACCUM_ITER:-1}" --epochs 75
-                        --blr 2.5e-4 --weight_decay 0.05 --warmup_epochs 5 --mixup 0 --cutmix 0 --reprob 0
-                        --vit_dropout_rate 0 --num_workers "${NUM_WORKERS:-4}" --min_lr 1e-5 --eval_interval 10
-                        --build_timm_transform --aa rand-m6-mstd0.5-inc1 --dataset covidx --nb_classes 4
-                        --finetune "${PRETRAINED:?set PRETRAINED to the checkpoint to fine-tune}"
-                        --model vit_small_patch16 --layer_decay 0.55 --drop_path 0.2) ;;
+           RECIPE_ARGS=("${FINETUNE_SETTINGS[@]}" "${NIH_LISTS[@]}" --model densenet121 --drop_path 0
+                        --checkpoint_type smp_encoder
+                        --finetune "${PRETRAINED:?set PRETRAINED to the checkpoint to fine-tune}") ;;
+    # no published commands for COVIDx and NODE21: the NIH ViT-S settings on those tasks (DATA_PATH names the data)
+    finetune_covidx_vit_s) SCRIPT=main_finetune_chestxray.py
+           RECIPE_ARGS=("${FINETUNE_SETTINGS[@]}" --dataset covidx --nb_classes 4 "${VIT_S_FINETUNE[@]}"
+                        --finetune "${PRETRAINED:?set PRETRAINED to the checkpoint to fine-tune}") ;;
+    finetune_node21_vit_s) SCRIPT=main_finetune_chestxray.py
+           RECIPE_ARGS=("${FINETUNE_SETTINGS[@]}" --dataset node21 --nb_classes 1 "${VIT_S_FINETUNE[@]}"
+                        --finetune "${PRETRAINED:?set PRETRAINED to the checkpoint to fine-tune}") ;;
     linprobe_vit_s) SCRIPT=main_linprobe_chestxray.py
            RECIPE_ARGS=(--device cuda --batch_size "${BATCH_SIZE:-512}" --accum_iter "${ACCUM_ITER:-1}" --epochs 90
                         --blr 0.1 --weight_decay 0 --warmup_epochs 10 --num_workers "${NUM_WORKERS:-8}"
@@ -40,7 +42,7 @@ case "${RECIPE:-vit_s}" in
     densenet121) SCRIPT=main_pretrain_multi_datasets_xray_cnn.py; MODEL=densenet121; MASK=0.75
            DATASETS=(chexpert chestxray_nih); MODEL_ARGS=() ;;
     *) echo "recipes.sh: RECIPE must be vit_s, vit_b, densenet121, finetune_vit_s, finetune_densenet121," \
-            "finetune_covidx_vit_s or linprobe_vit_s, got '$RECIPE'" >&2; exit 2 ;;
+            "finetune_covidx_vit_s, finetune_node21_vit_s or linprobe_vit_s, got '$RECIPE'" >&2; exit 2 ;;
 esac
 # --device cuda: a GPU node with a broken CUDA install must fail at start-up, not train on its CPUs
 if [[ "$SCRIPT" == main_pretrain* ]]; then

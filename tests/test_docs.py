@@ -346,14 +346,15 @@ def test_every_documented_command_is_run_or_says_why_not():
 @pytest.fixture(scope="module")
 def docs_data(reference_cwd):
     """What the documented commands name beside the reference layout: NIH labelled lists in data/nih_chestxray,
-    COVIDx in data/covidx, the CSV task's my_data/, and a ViT-S pre-training checkpoint at runs/vit_s/checkpoint-799.pth
+    COVIDx in data/covidx, NODE21 in data/node21, the CSV task's my_data/, and a ViT-S pre-training checkpoint at runs/vit_s/checkpoint-799.pth
     (as the reference's published ones are written: the MAE state dict and the args as a Namespace)."""
     import torch
 
     import models_mae
-    from data.synthetic import make_covidx, make_csv_dataset, make_nih_labelled
+    from data.synthetic import make_covidx, make_csv_dataset, make_nih_labelled, make_node21
     lists = make_nih_labelled(str(reference_cwd / "data" / "nih_chestxray"), patients=(4, 2, 2), size=(32, 32))
     make_covidx(str(reference_cwd / "data" / "covidx"), train=24, test=12, size=(32, 32))
+    make_node21(str(reference_cwd / "data" / "node21"), images=20, size=(32, 32))
     make_csv_dataset(str(reference_cwd / "my_data"), patients=(4, 2, 2))
     checkpoint = reference_cwd / "checkpoint-799.pth"
     mae = models_mae.create_model("mae_vit_small_patch16_dec512d2b")

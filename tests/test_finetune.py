@@ -371,15 +371,16 @@ def test_finetune_md_and_slurm_recipes_are_the_reference_commands():
         ours_args, ref = parse(out[1:]), _reference_args(name)
         differ = {k for k in vars(ref) if getattr(ours_args, k) != getattr(ref, k)} - where
         assert not differ, {k: (getattr(ours_args, k), getattr(ref, k)) for k in differ}
-    # COVIDx has no published command: its recipe is the ViT-S one on the covidx task, and passes every flag check
-    show = 'source scripts/recipes.sh && printf "%s\\n" "$SCRIPT" "${RECIPE_ARGS[@]}"'
-    env = {**os.environ, "RECIPE": "finetune_covidx_vit_s", "PRETRAINED": "w.pth"}
-    out = subprocess.run(["bash", "-c", show], cwd=ROOT, env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    covidx_args, vit_s = parse(out[1:]), _reference_args("vit_s")
-    differ = {k for k in vars(vit_s) if getattr(covidx_args, k) != getattr(vit_s, k)} - where
-    assert differ == {"dataset", "nb_classes"} and (covidx_args.dataset, covidx_args.nb_classes) == ("covidx", 4)
-    validate_args(covidx_args, engine_finetune.check_args(covidx_args) + ft_main.check_model_args(covidx_args))
+    # COVIDx and NODE21 have no published command: their recipes are the ViT-S one on their task, passing every check
+    for recipe, dataset, classes in (("finetune_covidx_vit_s", "covidx", 4), ("finetune_node21_vit_s", "node21", 1)):
+        show = 'source scripts/recipes.sh && printf "%s\\n" "$SCRIPT" "${RECIPE_ARGS[@]}"'
+        env = {**os.environ, "RECIPE": recipe, "PRETRAINED": "w.pth"}
+        out = subprocess.run(["bash", "-c", show], cwd=ROOT, env=env, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+        task_args, vit_s = parse(out[1:]), _reference_args("vit_s")
+        differ = {k for k in vars(vit_s) if getattr(task_args, k) != getattr(vit_s, k)} - where
+        assert differ == {"dataset", "nb_classes"} and (task_args.dataset, task_args.nb_classes) == (dataset, classes)
+        validate_args(task_args, engine_finetune.check_args(task_args) + ft_main.check_model_args(task_args))
 
 
 SHRUNK = {"--nproc_per_node=8": "--nproc_per_node=2", "--batch_size 128": "--batch_size 2",

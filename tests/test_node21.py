@@ -1,0 +1,132 @@
+"""--dataset node21: NODE21's processed release (metadata.csv with a row per nodule box, MetaImage radiographs read
+with SimpleITK), image-level labels merged from the boxes, the seeded split written to output_dir and given back,
+and its bad inputs."""
+import argparse
+import json
+import os
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+import main_finetune_chestxray as ft_main
+from data import labelled, node21
+from data.image_io import load_gray
+from data.synthetic import make_node21
+
+
+def node21_flags(root, out, **extra) -> list[str]:
+    flags = {"dataset": "node21", "nb_classes": 1, "data_path": root, "model": "vit_debug_patch16", "input_size": 32,
+             "batch_size": 4, "epochs": 2, "warmup_epochs": 0, "num_workers": 0, "device": "cpu", "print_freq": 50,
+             "bootstrap": 20, "output_dir": str(out), "log_dir": str(out), **extra}
+    return [t for k, v in flags.items() for t in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+
+
+def parse(flags):
+    return argparse.ArgumentParser(parents=[ft_main.get_args_parser()]).parse_args(flags)
+
+
+def test_boxes_merge_into_one_label_per_image_and_the_split_is_seeded(tmp_path):
+    """An image with two nodule rows is one positive image; a control's row is a negative; names without an
+    extension find their .mha; the random split is 70/10/20 of the images, the same for the same seed."""
+    metadata = make_node21(str(tmp_path), images=40, size=(32, 32), extension=False)
+    rows = pd.read_csv(metadata, dtype=str)
+    assert len(rows) == 45 and rows["img_name"].nunique() == 40  # 5 images with two boxes
+    merged = node21.read_metadata(metadata, "--data_path")
+    label = dict(zip(merged["img_name"], merged["label"]))
+    assert label["n0000"] == 1 and label["c0001"] == 0 and sum(label.values()) == 20
+    splits = labelled.build_splits(parse(node21_flags(tmp_path, tmp_path / "out")))
+    assert [len(splits[r]) for r in ("train", "val", "test")] == [28, 4, 8] and splits["test"].labels is None
+    for split in (splits["train"], splits["val"]):
+        for path, value in zip(split.paths, split.labels[:, 0]):
+            assert label[os.path.basename(path.decode()).removesuffix(".mha")] == value
+    again = labelled.build_splits(parse(node21_flags(tmp_path, tmp_path / "out", fraction_seed=0)))
+    other = labelled.build_splits(parse(node21_flags(tmp_path, tmp_path / "out", fraction_seed=1)))
+    assert np.array_equal(again["test"].paths, splits["test"].paths)
+    assert not np.array_equal(other["test"].paths, splits["test"].paths)
+
+
+def test_metaimages_decode_windowed_and_a_volume_is_refused(tmp_path):
+    ramp = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(ramp), str(tmp_path / "ramp.mha"))
+    image = np.asarray(load_gray(str(tmp_path / "ramp.mha")))
+    assert image.shape == (64, 64) and image.min() == 0 and image.max() == 255  # windowed, not clipped to white
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 8, 8), np.int16)), str(tmp_path / "volume.mha"))
+    with pytest.raises(Exception, match=r"volume.mha: MetaImage of shape \[3, 8, 8\]: expected one 2-D"):
+        load_gray(str(tmp_path / "volume.mha"))
+
+
+@pytest.mark.slow
+def test_node21_fine_tuning_writes_its_split_and_takes_it_back(tmp_path):
+    """A run writes node21_{train,val,test}.csv; given back as lists they are the same split, and the drawn-in
+    nodules are learnt (test AUROC well above chance)."""
+    root = tmp_path / "node21"
+    make_node21(str(root), images=80, size=(32, 32))
+    out = tmp_path / "out"
+    assert ft_main.main(node21_flags(root, out, epochs=8, blr=0.01)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["findings"] == ["Nodule"] and results["test"]["images"] == 16
+    assert results["test"]["per_finding"]["Nodule"]["auroc"] > 0.75, results["test"]
+    lists = {role: out / f"node21_{role}.csv" for role in ("train", "val", "test")}
+    drawn = labelled.build_splits(parse(node21_flags(root, out)))
+    given = labelled.build_splits(parse(node21_flags(root, tmp_path / "again", **{
+        f"{role}_list": path for role, path in lists.items()})))
+    for role in lists:
+        assert np.array_equal(given[role].paths, drawn[role].paths)
+    names = tmp_path / "test_names.txt"  # a list of names takes its labels from metadata.csv
+    names.write_text("".join(n + "\n" for n in pd.read_csv(lists["test"])["img_name"]))
+    by_name = labelled.build_splits(parse(node21_flags(root, tmp_path / "again", train_list=lists["train"],
+                                                       val_list=lists["val"], test_list=names)))
+    assert np.array_equal(by_name["test"].paths, drawn["test"].paths)
+
+
+def _rewrite(root, edit) -> None:
+    path = os.path.join(root, "metadata.csv")
+    lines = open(path).read().splitlines()
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in edit(lines)))
+
+
+NODE21_BAD = [
+    ("a missing metadata.csv", lambda root, t: os.remove(os.path.join(root, "metadata.csv")), {},
+     r"--data_path: \S+metadata.csv not found; --data_path must hold NODE21's metadata.csv and images/"),
+    ("a wrong column", lambda root, t: _rewrite(root, lambda ls: [ls[0].replace("label", "nodule"), *ls[1:]]), {},
+     r"\S+metadata.csv lacks the column\(s\) \['label'\]"),
+    ("an unknown label", lambda root, t: _rewrite(root, lambda ls: [ls[0], ls[1].rsplit(",", 1)[0] + ",yes", *ls[2:]]),
+     {}, r"\S+metadata.csv, row 1, column 'label': 'yes'; every label must be 0 \(no nodule\) or 1"),
+    ("a missing image", lambda root, t: os.remove(os.path.join(root, "images", "c0001.mha")), {},
+     r"of the \w+ list metadata.csv, a random \w+ share .* are missing:\s+\S+c0001.mha"),
+    ("a list name not in metadata.csv", lambda root, t: (t / "test.txt").write_text("x9999.mha\n"),
+     {"train_list": "TRAIN", "val_list": "VAL", "test_list": "TEST_TXT"},
+     r"--test_list \S+test.txt: 1 image\(s\) are not in metadata.csv, e.g. \['x9999.mha'\]"),
+    ("an empty test list", lambda root, t: (t / "test.csv").write_text("img_name,label\n"),
+     {"train_list": "TRAIN", "val_list": "VAL", "test_list": "TEST_CSV"}, r"--test_list \S+test.csv lists no image"),
+    ("an image in training and test", lambda root, t: (t / "test.csv").write_text("img_name,label\nn0000.mha,1\n"),
+     {"train_list": "TRAIN", "val_list": "VAL", "test_list": "TEST_CSV"},
+     r"the train list \(\S+train.csv\) and the test list \(\S+test.csv\) share 1 patient\(s\), e.g. n0000.mha"),
+    ("one list of three", lambda root, t: None, {"test_list": "TEST_CSV"},
+     r"--dataset node21 takes all three of --train_list/--val_list/--test_list, or none"),
+]
+
+
+@pytest.mark.parametrize("case, damage, lists, message", NODE21_BAD, ids=[c[0] for c in NODE21_BAD])
+def test_node21_bad_input_is_named_before_training(tmp_path, caplog, case, damage, lists, message):
+    root = tmp_path / "node21"
+    make_node21(str(root), images=16, size=(32, 32))
+    pd.DataFrame({"img_name": ["n0000.mha", "c0001.mha"], "label": [1, 0]}).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"img_name": ["n0002.mha", "c0003.mha"], "label": [1, 0]}).to_csv(tmp_path / "val.csv", index=False)
+    damage(str(root), tmp_path)
+    paths = {"TRAIN": tmp_path / "train.csv", "VAL": tmp_path / "val.csv", "TEST_TXT": tmp_path / "test.txt",
+             "TEST_CSV": tmp_path / "test.csv"}
+    out = tmp_path / "out"
+    assert ft_main.main(node21_flags(root, out, **{k: paths[v] for k, v in lists.items()})) == 1
+    assert re.search(message, caplog.text), caplog.text
+    assert "Epoch: [0]" not in caplog.text and not (out / "checkpoint-last.pth").exists()
+
+
+def test_node21_takes_one_logit(tmp_path):
+    with pytest.raises(SystemExit, match=r"--nb_classes 14: --dataset node21 has 1 findings \(Nodule\); pass "
+                                         r"--nb_classes 1"):
+        ft_main.main(node21_flags(tmp_path, tmp_path / "out", nb_classes=14))

@@ -84,6 +84,30 @@ def shared_splits(args, info, device) -> dict:
     return built if info.is_main else pickle.loads(payload)
 
 
+def reference_flag_problems(args, linear_probe: bool) -> list[str]:
+    """The reference's --optimizer, --loss_func, --aug_strategy, --src and --resplit: accepted at what this project
+    does, refused otherwise with what to use instead."""
+    problems = []
+    optimizer = "lars" if linear_probe else "adamw"
+    if args.optimizer is not None and args.optimizer.lower() != optimizer:
+        problems.append(f"--optimizer {args.optimizer}: this script trains with {optimizer} (MAE's "
+                        f"{'probe' if linear_probe else 'fine-tuning'} recipe, as the reference's commands); "
+                        f"drop the flag or pass --optimizer {optimizer}")
+    if args.loss_func is not None:
+        problems.append(f"--loss_func {args.loss_func}: the loss follows the task here (BCE with logits for "
+                        "multi-label lists, cross-entropy for single-label ones such as COVIDx); drop the flag")
+    if args.aug_strategy != "default":
+        problems.append(f"--aug_strategy {args.aug_strategy}: only 'default' is supported; set the augmentation "
+                        "with --build_timm_transform, --aa, --reprob, --mixup and --cutmix")
+    if args.src:
+        problems.append("--src is a reference flag that is not supported here; drop it (its published commands do "
+                        "not use it)")
+    if args.resplit:
+        problems.append("--resplit is not supported: the splits are the lists you give (--train_list/--val_list/"
+                        "--test_list) and --label_fraction draws a share of the training patients")
+    return problems
+
+
 def check_args(args) -> list[str]:
     """The classification flags beyond the common ones (util.args.validate_args)."""
     problems = labelled.check_data_args(args)
@@ -137,7 +161,8 @@ class ClassificationTask(Task):
         return self.name == "linprobe"
 
     def check_args(self, args) -> list[str]:
-        return check_args(args) + (self.check_model_args(args) if self.check_model_args else [])
+        return (check_args(args) + reference_flag_problems(args, self.linear_probe)
+                + (self.check_model_args(args) if self.check_model_args else []))
 
     def identity(self, args) -> dict:
         return {"dataset": args.dataset, "nb_classes": args.nb_classes, "finetune": args.finetune or None,

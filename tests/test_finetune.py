@@ -542,3 +542,20 @@ def test_reference_flags_are_accepted_moot_or_refused_with_the_reason(tmp_path):
     for flag in ("--repeated-aug", "--ThreeAugment"):
         problems = engine_finetune.check_args(parse([*base, flag]))
         assert any("not supported in fine-tuning here" in p for p in problems), problems
+    # the reference's other switches: accepted at what this project does, refused otherwise naming the flag
+    assert engine_finetune.reference_flag_problems(parse([*base, "--optimizer", "adamw", "--aug_strategy",
+                                                          "default"]), linear_probe=False) == []
+    assert engine_finetune.reference_flag_problems(parse([*base, "--optimizer", "lars"], linear_probe=True),
+                                                   linear_probe=True) == []
+    for extra, linear_probe, message in [
+            (["--optimizer", "sgd"], False, "--optimizer sgd: this script trains with adamw"),
+            (["--optimizer", "adamw"], True, "--optimizer adamw: this script trains with lars"),
+            (["--loss_func", "focal"], False, "--loss_func focal: the loss follows the task"),
+            (["--aug_strategy", "strong"], False, "--aug_strategy strong: only 'default' is supported"),
+            (["--src"], False, "--src is a reference flag that is not supported"),
+            (["--resplit"], True, "--resplit is not supported")]:
+        args = parse([*base, *extra], linear_probe=linear_probe)
+        assert any(message in p for p in engine_finetune.reference_flag_problems(args, linear_probe)), extra
+    with pytest.raises(SystemExit, match="--src is a reference flag that is not supported"):
+        ft_main.main([*base, "--src", "--device", "cpu", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()  # refused before anything is written

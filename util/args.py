@@ -241,6 +241,23 @@ def add_finetune_args(parser: argparse.ArgumentParser, linear_probe: bool) -> No
     aug.add_argument("--dist_eval", action="store_true",
                      help="accepted for the reference's commands and moot: predictions are always gathered from "
                           "every rank, no image scored twice (default: off)")
+    # The reference's parsers have these too; its published commands leave them at their defaults. Each is
+    # accepted at its default (which is what this project does) and refused otherwise, with what to use instead.
+    ref = parser.add_argument_group("The reference's other flags (accepted at their defaults)")
+    ref.add_argument("--optimizer", type=str, default=None,
+                     help="accepted as the optimizer this script uses (adamw for fine-tuning, lars for the probe); "
+                          "another is refused (default: the script's own)")
+    ref.add_argument("--loss_func", type=str, default=None,
+                     help="the reference's loss switch; the loss follows the task here (BCE multi-label, "
+                          "cross-entropy single-label), so a value is refused (default: none)")
+    ref.add_argument("--aug_strategy", type=str, default="default",
+                     help="the reference's augmentation switch; only 'default' is accepted: augmentation is set by "
+                          "--build_timm_transform, --aa, --reprob, --mixup, --cutmix (default: default)")
+    ref.add_argument("--src", action="store_true",
+                     help="the reference's flag, not supported: refused with the reason (default: off)")
+    ref.add_argument("--resplit", action="store_true",
+                     help="the reference's re-splitting switch, not supported: splits come from --train_list/"
+                          "--val_list/--test_list and --label_fraction, refused with the reason (default: off)")
 
     protocol = parser.add_argument_group("Evaluation protocol")
     protocol.add_argument("--eval_interval", type=int, default=1,

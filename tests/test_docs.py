@@ -346,8 +346,8 @@ def test_every_documented_command_is_run_or_says_why_not():
 @pytest.fixture(scope="module")
 def docs_data(reference_cwd):
     """What the documented commands name beside the reference layout: NIH labelled lists in data/nih_chestxray,
-    COVIDx in data/covidx, NODE21 in data/node21, the CSV task's my_data/, and a ViT-S pre-training checkpoint at runs/vit_s/checkpoint-799.pth
-    (as the reference's published ones are written: the MAE state dict and the args as a Namespace)."""
+    COVIDx in data/covidx, NODE21 in data/node21, the CSV task's my_data/, and a ViT-S pre-training checkpoint at
+    runs/vit_s/checkpoint-799.pth (written as the reference's: the MAE state dict and the args as a Namespace)."""
     import torch
 
     import models_mae

@@ -176,17 +176,33 @@ def make_nih(root: str, n_patients: int = 6, layout: str = "flat", data_entry: s
 LABELLED_LISTS = {"train": "train_labelled.txt", "val": "val_labelled.txt", "test": "test_labelled.txt"}
 
 
+def draw_findings(img: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The image with the first three findings drawn in, each so it survives the reference's training transform
+    (random crops down to 8% of the area, so up to 3.5x zoom, flips, small rotations) and a short fine-tuning learns
+    it: 0 (Atelectasis) horizontal stripes, 1 (Cardiomegaly) vertical stripes, 2 (Effusion) a brighter image. The
+    other findings draw nothing: they are random labels, at chance by design."""
+    h, w = img.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    period = max(h, w) / 6
+    img = img.astype(np.float32)
+    if labels[0]:
+        img = img + 60 * (np.sin(2 * np.pi * y / period) > 0)
+    if labels[1]:
+        img = img + 60 * (np.sin(2 * np.pi * x / period) > 0)
+    if labels[2]:
+        img = img + 60
+    return img
+
+
 def make_nih_labelled(root: str, patients=(8, 3, 3), images_per_patient: int = 2, size=(64, 64), seed: int = 0,
                       first_patient: int = 100000) -> dict[str, str]:
     """NIH-style labelled lists for fine-tuning: root/images/<8-digit patient>_<nnn>.png and root/<role>_labelled.txt
-    ("name label x14"), with patients[0], [1], [2] patients in train, val and test (disjoint). Three findings are
-    drawn into the image (Atelectasis: a bright upper-left patch, Cardiomegaly: a wider heart, Effusion: a bright
-    band at the base), so a classifier can learn them; the rest are random. Every split starts with an image of no
-    finding and one of all findings, so each finding has both classes. Returns role -> list path."""
+    ("name label x14"), with patients[0], [1], [2] patients in train, val and test (disjoint). Findings are drawn
+    into the image as draw_findings says (the first three, so a short fine-tuning learns them, and a mistake that
+    misaligns labels and images shows as chance AUROC on them). Labels are random (30% positive each); every split
+    starts with an image of no finding and one of all findings, so each finding has both classes. Returns role -> list
+    path."""
     rng = np.random.default_rng(seed)
-    h, w = size
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    y, x = y / h, x / w
     lists, patient = {}, first_patient
     for role, count in zip(("train", "val", "test"), patients):
         lines = []
@@ -195,13 +211,7 @@ def make_nih_labelled(root: str, patients=(8, 3, 3), images_per_patient: int = 2
                 name = f"{patient:08d}_{i:03d}.png"
                 n = len(lines)
                 labels = np.ones(14, int) if n == 1 else np.zeros(14, int) if n == 0 else (rng.random(14) < 0.3)
-                img = chest_image(h, w, seed=int(rng.integers(1 << 30))).astype(np.float32)
-                if labels[0]:
-                    img[((x - 0.33) / 0.08) ** 2 + ((y - 0.35) / 0.08) ** 2 < 1] += 90
-                if labels[1]:
-                    img[((x - 0.45) / 0.2) ** 2 + ((y - 0.62) / 0.14) ** 2 < 1] = 200
-                if labels[2]:
-                    img[y > 0.82] += 70
+                img = draw_findings(chest_image(*size, seed=int(rng.integers(1 << 30))), labels)
                 save_image(os.path.join(root, "images", name), np.clip(img, 0, 255).astype(np.uint8))
                 lines.append(name + " " + " ".join(str(int(v)) for v in labels))
             patient += 1
@@ -430,12 +440,10 @@ def make_csv_dataset(root: str, patients=(8, 3, 3), images_per_patient: int = 2,
                      first_patient: int = 0) -> dict[str, str]:
     """A user's own data for --dataset csv: root/images/ with PNG, 16-bit PNG and DICOM files (every third image of a
     patient in each of the other two formats), and root/{train,val,test}.csv with the columns path (relative to root),
-    patient, two 0/1 findings (`opacity`: a bright patch drawn in, `device`: random) and one class per image
+    patient, two 0/1 findings (`opacity`: stripes drawn in, `device`: random) and one class per image
     (`view_class`: a, b or c, cycling by patient). Returns role -> CSV path."""
     rng = np.random.default_rng(seed)
     h, w = size
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    y, x = y / h, x / w
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     files, patient = {}, first_patient
     for role, count in zip(("train", "val", "test"), patients):
@@ -444,8 +452,8 @@ def make_csv_dataset(root: str, patients=(8, 3, 3), images_per_patient: int = 2,
             for i in range(images_per_patient):
                 opacity = int(len(rows) % 2 == 0) if len(rows) < 2 else int(rng.random() < 0.5)
                 img = chest_image(h, w, seed=int(rng.integers(1 << 30))).astype(np.float32)
-                if opacity:
-                    img[((x - 0.35) / 0.12) ** 2 + ((y - 0.4) / 0.12) ** 2 < 1] += 90
+                if opacity:  # vertical stripes (draw_findings' second): they survive the 16-bit and DICOM windowing
+                    img = draw_findings(img, [0, 1, 0])
                 pixels = np.clip(img, 0, 255).astype(np.uint8)
                 kind = ("png", "png16", "dcm")[(patient + i) % 3]
                 name = f"p{patient:05d}_{i}.{'dcm' if kind == 'dcm' else 'png'}"

@@ -34,7 +34,8 @@ def _shuffle_csv(path: str, columns: list[str], seed: int) -> None:
 def nih(root, shuffle):
     lists = make_nih_labelled(str(root), patients=(40, 10, 25), size=(64, 64))
     for role in ("train", "val") if shuffle is not None else ():
-        _shuffle_lines(lists[role], lambda line: line.split(" ", 1)[1], lambda line, lab: f"{line.split()[0]} {lab}", shuffle)
+        _shuffle_lines(lists[role], lambda line: line.split(" ", 1)[1],
+                       lambda line, lab: f"{line.split()[0]} {lab}", shuffle)
     flags = {"data_path": root, **{f"{r}_list": p for r, p in lists.items()}}
     return flags, ("auroc", ["Atelectasis", "Cardiomegaly", "Effusion"])  # the findings drawn in
 

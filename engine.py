@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from util.log import MetricLogger, RunLog, git_commit, seconds_since_start, setu
 from util.lr_sched import adjust_learning_rate
 from util.precision import LossScaler, autocast, configure_backends, resolve_precision
 from util.preemption import Preempted, PreemptionFlag
+from util.prefetch import on_device
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +189,17 @@ class Task:
 
     def to_device(self, run: "Run", state: TrainState, batch, step: int) -> tuple:
         """The loader's batch on the training device, augmented there if the task does that; outside autocast.
-        The first element is the image batch (its length counts the images)."""
+        The first element is the image batch (its length counts the images). Runs one step ahead of training (on a
+        side stream on CUDA): it must not change state (see count)."""
         raise NotImplementedError
 
     def loss(self, run: "Run", batch: tuple) -> torch.Tensor:
         """The scalar loss of a device batch through run.model (under autocast)."""
         raise NotImplementedError
+
+    def count(self, state: TrainState, batch: tuple) -> None:
+        """Once a device batch has been trained on: its per-batch counters into state (not in to_device, which runs
+        a step ahead: a batch prepared and never trained must not count)."""
 
     def evaluate(self, run: "Run", state: TrainState, epoch: int, last: bool) -> dict:
         """Every rank, after an epoch's training: {name: value} for the epoch line (None values are left out); it
@@ -586,12 +593,12 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
     start_time, images = time.time(), 0
     batches = metric_logger.log_every(run.loader, args.print_freq, f"Epoch: [{state.epoch}]", total=steps,
                                       start=state.step)
-    for data_iter_step, batch in batches:
-        if data_iter_step >= steps:
-            break
+    # the next batch is copied (and --gpu_augment'ed) one step ahead, on a side stream on CUDA
+    within = itertools.takewhile(lambda step_batch: step_batch[0] < steps, batches)  # none prepared past the end
+    moved = on_device(within, lambda batch, step: task.to_device(run, state, batch, step), run.device)
+    for data_iter_step, batch in moved:
         if data_iter_step % accum_iter == 0:
             lr = adjust_learning_rate(run.optimizer, data_iter_step / steps + state.epoch, args)
-        batch = task.to_device(run, state, batch, data_iter_step)
         update = (data_iter_step + 1) % accum_iter == 0
         grad_sync = contextlib.nullcontext() if update or not run.info.distributed else run.model.no_sync()
         with grad_sync:
@@ -600,6 +607,7 @@ def train_one_epoch(run: Run, state: TrainState) -> dict:
             run.scaler.backward(loss / accum_iter)
         loss_accum += loss.detach().float()
         images += batch[0].shape[0]
+        task.count(state, batch)
         if not update:
             continue
         loss_value, grad_norm, stepped = optimizer_step(run, state, loss_accum / accum_iter)

@@ -289,18 +289,22 @@ class ClassificationTask(Task):
 
     def to_device(self, run, state, batch, step: int) -> tuple:
         images, targets, _ = batch
-        images = images.to(run.device, non_blocking=True)
-        targets = targets.to(run.device, non_blocking=True)
+        return images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
+
+    def mix(self, run, batch: tuple) -> tuple:
+        """Mixup/CutMix or label smoothing, at the step that trains on the batch: they draw from the global RNGs,
+        whose checkpointed state must not include a batch prepared ahead (to_device), or resume would not be exact."""
+        images, targets = batch
         mixup = run.data.extra
         if mixup is not None:
-            images, targets = mixup(images, targets)
-        elif run.args.smoothing:
+            return mixup(images, targets)
+        if run.args.smoothing:
             targets = mixup_target(targets, len(self.findings), 1.0, run.args.smoothing, multi_label=self.multi_label)
         return images, targets
 
     def loss(self, run, batch: tuple) -> torch.Tensor:
         """BCE on each finding's logit (multi-label)."""
-        images, targets = batch
+        images, targets = self.mix(run, batch)
         return torch.nn.functional.binary_cross_entropy_with_logits(run.model(images).float(), targets)
 
     @staticmethod
@@ -491,7 +495,7 @@ class SingleLabelTask(ClassificationTask):
 
     def loss(self, run, batch: tuple) -> torch.Tensor:
         """Cross-entropy: class indices, or the soft targets of mixup and label smoothing."""
-        images, targets = batch
+        images, targets = self.mix(run, batch)
         return torch.nn.functional.cross_entropy(run.model(images).float(), targets)
 
     @staticmethod

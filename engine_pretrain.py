@@ -121,14 +121,17 @@ class PretrainTask(Task):
     def to_device(self, run, state: TrainState, batch, step: int) -> tuple:
         """The images on the training device; with --gpu_augment, augmented there (seeded, so resume is exact)."""
         samples, replaced = batch
-        state.replaced_files += int(replaced.sum())
+        replaced = int(replaced.sum())  # a CPU tensor from the loader: no device sync
         augment = run.data.extra.augment
         if augment is None:
-            return (samples.to(run.device, non_blocking=True),)
+            return samples.to(run.device, non_blocking=True), replaced
         canvas, hw, source = samples
         seed = (((run.args.seed * 1_000_003 + state.epoch) * 1_000_003 + step) * run.info.world_size
                 + run.info.rank) % 2**63
-        return (augment(canvas.to(run.device, non_blocking=True), hw, source, seed),)
+        return augment(canvas.to(run.device, non_blocking=True), hw, source, seed), replaced
+
+    def count(self, state: TrainState, batch: tuple) -> None:
+        state.replaced_files += batch[1]
 
     def loss(self, run, batch: tuple) -> torch.Tensor:
         loss, _, _ = run.model(batch[0], mask_ratio=run.args.mask_ratio)

@@ -4,6 +4,10 @@ Workers only place each gray image on a fixed uint8 canvas (CanvasTransform), so
 parameters are drawn per sample with torchvision's RandomResizedCrop rule (10 tries of area ~ U(scale) and
 log-aspect ~ U(log ratio), else a centre crop), vectorised, from a generator seeded by (seed, epoch, step, rank),
 so a resumed run draws the same crops. Resampling is bicubic grid_sample without antialiasing, unlike PIL.
+
+Only the uniform draws are made on the CPU (a CPU generator gives the same numbers on every device and torch
+version); they go to the device in one copy from pinned memory that does not block, and the crop rule, the affine
+matrices and the resampling run there. Nothing in a step waits for the host.
 """
 import math
 
@@ -34,22 +38,29 @@ class CanvasTransform:
         return torch.from_numpy(pixels).unsqueeze(0), torch.tensor([h, w]), self.source_id
 
 
-def sample_crops(hw: torch.Tensor, scale, generator: torch.Generator, ratio=RATIO) -> torch.Tensor:
-    """[N, 4] crops (top, left, height, width) drawn like RandomResizedCrop.get_params, for images of size hw."""
-    n, tries = hw.shape[0], 10
+def draw_uniforms(n: int, generator: torch.Generator) -> torch.Tensor:
+    """[N, 23] float64 U(0, 1) draws for N crops, in torchvision's order: 10 areas, 10 log-aspects, 2 positions, then
+    the flip. One tensor, so it travels to the device in one copy."""
+    return torch.rand(n, 23, dtype=torch.float64, generator=generator)
+
+
+def sample_crops(hw: torch.Tensor, scale, uniforms: torch.Tensor, ratio=RATIO) -> torch.Tensor:
+    """[N, 4] crops (top, left, height, width) drawn like RandomResizedCrop.get_params, for images of size hw, from
+    draw_uniforms' numbers (on any device: the result is on theirs)."""
+    tries = 10
+    hw = hw.to(uniforms.device, non_blocking=True)
     height, width = hw[:, :1].double(), hw[:, 1:].double()
     area = height * width
-    target = area * torch.empty(n, tries, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
-    log_ratio = torch.empty(n, tries, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                                    generator=generator)
-    aspect = torch.exp(log_ratio)
+    target = area * (scale[0] + (scale[1] - scale[0]) * uniforms[:, :tries])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * uniforms[:, tries:2 * tries])
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
     first = torch.argmax(ok.int(), dim=1, keepdim=True)  # first successful try per sample
     found = ok.gather(1, first).squeeze(1)
     h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
-    u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
+    u = uniforms[:, 2 * tries:2 * tries + 2]
     top = torch.floor(u[:, 0] * (height.squeeze(1) - h + 1))
     left = torch.floor(u[:, 1] * (width.squeeze(1) - w + 1))
     # fallback: the largest centre crop whose aspect ratio lies in `ratio`
@@ -78,21 +89,24 @@ class BatchAugment:
         return self._on_device[device]
 
     def __call__(self, canvas: torch.Tensor, hw: torch.Tensor, source: torch.Tensor, seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        crops = sample_crops(hw, self.scale, generator).float()
-        flip = torch.rand(hw.shape[0], generator=generator) < 0.5
+        device = canvas.device
+        uniforms = draw_uniforms(hw.shape[0], torch.Generator().manual_seed(seed))
+        if device.type == "cuda":  # pinned, so the copy below is asynchronous
+            uniforms = uniforms.pin_memory()
+        uniforms = uniforms.to(device, non_blocking=True)
+        crops = sample_crops(hw, self.scale, uniforms).float()
+        flip = uniforms[:, -1] < 0.5
         n, _, ch, cw = canvas.shape
         top, left, h, w = crops.unbind(1)
-        theta = torch.zeros(n, 2, 3)
+        theta = torch.zeros(n, 2, 3, device=device)
         theta[:, 0, 0] = torch.where(flip, -w, w) / cw
         theta[:, 0, 2] = (2 * left + w) / cw - 1
         theta[:, 1, 1] = h / ch
         theta[:, 1, 2] = (2 * top + h) / ch - 1
-        theta = theta.to(canvas.device)
         grid = F.affine_grid(theta, [n, 1, self.size, self.size], align_corners=False)
         pixels = F.grid_sample(canvas.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
         pixels = pixels.clamp_(0, 255)
-        a_rows, b_rows = self._constants(canvas.device)
-        source = source.to(canvas.device, non_blocking=True)
+        a_rows, b_rows = self._constants(device)
+        source = source.to(device, non_blocking=True)
         a, b = a_rows[source].view(n, -1, 1, 1), b_rows[source].view(n, -1, 1, 1)
         return pixels * a + b  # broadcasts the gray plane to in_chans channels

@@ -401,14 +401,12 @@ def make_covidx(root: str, train: int = 60, test: int = 24, images_per_patient: 
                 distinct: int = 0, seed: int = 0, spaces: bool = False) -> dict[str, str]:
     """COVIDx in the COVID-Net layout: root/train_COVIDx9A.txt and test_COVIDx9A.txt ("patient_id filename label
     source" per line) with the images in root/train/ and root/test/. Classes cycle normal, pneumonia, COVID-19 (the
-    labels COVIDx9A's files use), one class per patient, drawn so a classifier can learn them: pneumonia a bright
-    lower-right patch, COVID-19 bright bands across both lungs. `distinct` > 0 writes only that many image files per
+    labels COVIDx9A's files use), one class per patient, drawn so a classifier can learn them (draw_findings):
+    pneumonia a brighter image, COVID-19 vertical stripes. `distinct` > 0 writes only that many image files per
     class and split and hard-links the rest to them, so the real line counts (30,130 and 400) cost little disk.
     `spaces` puts a space in some file names, as some COVIDx files have. Returns {'train': path, 'test': path}."""
     rng = np.random.default_rng(seed)
     h, w = size
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    y, x = y / h, x / w
     classes = ["normal", "pneumonia", "COVID-19"]
     files = {}
     for role, count in (("train", train), ("test", test)):
@@ -423,11 +421,8 @@ def make_covidx(root: str, train: int = 60, test: int = 24, images_per_patient: 
             if distinct and len(made[label]) >= distinct:
                 os.link(made[label][k % distinct], path)
             else:
-                img = chest_image(h, w, seed=int(rng.integers(1 << 30))).astype(np.float32)
-                if label == "pneumonia":
-                    img[((x - 0.68) / 0.12) ** 2 + ((y - 0.62) / 0.12) ** 2 < 1] += 80
-                elif label == "COVID-19":
-                    img[(np.abs(y - 0.45) < 0.05) | (np.abs(y - 0.65) < 0.05)] += 70
+                img = draw_findings(chest_image(h, w, seed=int(rng.integers(1 << 30))),
+                                    [0, label == "COVID-19", label == "pneumonia"])
                 save_image(path, np.clip(img, 0, 255).astype(np.uint8))
                 made[label].append(path)
             lines.append(f"{role[:2]}{patient} {name} {label} {COVIDX_SOURCES[label]}")

@@ -1,12 +1,13 @@
-"""Write a small synthetic chest X-ray collection in the three reference layouts (for make demo), and NIH-style
-labelled lists in <out>/nih_labelled/ (for make finetune-demo).
+"""Write a small synthetic chest X-ray collection in the three reference layouts (for make demo), and the fine-tuning
+demo sets (for make finetune-demo): NIH-style labelled lists in <out>/nih_labelled/, COVIDx in <out>/covidx/ and
+NODE21 in <out>/node21/, with findings drawn in so a short fine-tuning learns them (data/synthetic.py says how).
 
     python -m tools.make_demo_data --out demo_run/data [--scale 8]
 """
 import argparse
 import os
 
-from data.synthetic import NIH_SUBSET_LIST, make_nih_labelled, make_reference_layout
+from data.synthetic import NIH_SUBSET_LIST, make_covidx, make_nih_labelled, make_node21, make_reference_layout
 
 
 def main() -> None:
@@ -29,6 +30,13 @@ def main() -> None:
                                   size=(128, 128))
         print(f"fine-tuning demo lists in {labelled_root}: " + ", ".join(
             f"--{role}_list {path}" for role, path in lists.items()))
+    covidx_root, node21_root = os.path.join(args.out, "covidx"), os.path.join(args.out, "node21")
+    if not os.path.isdir(covidx_root):
+        make_covidx(covidx_root, train=20 * args.scale, test=6 * args.scale, size=(128, 128))
+        print(f"COVIDx demo in {covidx_root}: --dataset covidx --nb_classes 4 --data_path {covidx_root}")
+    if not os.path.isdir(node21_root):
+        make_node21(node21_root, images=20 * args.scale, size=(128, 128))
+        print(f"NODE21 demo in {node21_root}: --dataset node21 --nb_classes 1 --data_path {node21_root}")
 
 
 if __name__ == "__main__":

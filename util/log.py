@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ class SmoothedValue:
 
     @property
     def median(self) -> float:
-        return float(torch.tensor(list(self.deque)).median().item()) if self.deque else 0.0
+        return float(statistics.median_low(self.deque)) if self.deque else 0.0  # as torch.median: the lower middle
 
     @property
     def avg(self) -> float:

@@ -14,10 +14,10 @@ from tests.helpers import VIT_SCRIPT, run_cli, tiny_run_args, training_checkpoin
 
 
 def test_gpu_augment_crop_distribution_matches_random_resized_crop():
-    from data.gpu_augment import sample_crops
+    from data.gpu_augment import draw_uniforms, sample_crops
 
     h, w, n = 320, 390, 4000
-    ours = sample_crops(torch.tensor([[h, w]] * n), (0.5, 1.0), torch.Generator().manual_seed(0))
+    ours = sample_crops(torch.tensor([[h, w]] * n), (0.5, 1.0), draw_uniforms(n, torch.Generator().manual_seed(0)))
     torch.manual_seed(0)
     ref = torch.tensor([transforms.RandomResizedCrop.get_params(torch.empty(1, h, w), (0.5, 1.0), (3 / 4, 4 / 3))
                         for _ in range(n)], dtype=torch.float64)

@@ -167,18 +167,23 @@ def test_every_flag_of_every_entry_script_is_documented():
     assert not missing, f"flags with no row in the docs: {sorted(set(missing))}"
 
 
-@pytest.mark.parametrize("tool", ["verify_data", "prepare_data", "compute_norm_stats", "export_encoder",
-                                  "visualize_reconstruction", "make_demo_data"])
+TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py")
+               if p.stem not in ("__init__", "reporting", "checkpoint_model"))  # the last two are shared modules
+
+
+@pytest.mark.parametrize("tool", TOOLS)
 def test_every_flag_of_every_tool_is_documented(tool):
-    """Each flag a tool's --help lists is in PRETRAIN.md (its row of the tools table, or section 1's data flags)."""
+    """Each flag a tool's --help lists is in its row of a tools table (PRETRAIN.md's, or FINETUNE.md's for the
+    evaluation tools), or in PRETRAIN.md section 1's data flags. Every module in tools/ is a tool with a row."""
     from tests.helpers import run_tool_in_process
 
     proc = run_tool_in_process(f"{tool}.py", "--help")
     assert proc.returncode == 0, proc.stderr
     shown = set(re.findall(r"(--[a-z][a-z0-9_]*)", proc.stdout)) - {"--help"}
-    doc = (ROOT / "PRETRAIN.md").read_text(encoding="utf-8")
+    doc = "\n".join((ROOT / name).read_text(encoding="utf-8") for name in ("PRETRAIN.md", "FINETUNE.md"))
     data_section = _section("PRETRAIN.md", "## 1. Data") + _section("PRETRAIN.md", "## 8. Every flag")
-    row = next(line for line in doc.splitlines() if line.startswith(f"| `python -m tools.{tool}`"))
+    row = next((line for line in doc.splitlines() if line.startswith(f"| `python -m tools.{tool}`")), None)
+    assert row is not None, f"tools.{tool} has no row in the tools tables of PRETRAIN.md or FINETUNE.md"
     missing = sorted(f for f in shown if f"`{f}" not in row and f"`{f}" not in data_section)
     assert not missing, f"tools.{tool}: {missing} not in PRETRAIN.md"
 
@@ -313,6 +318,7 @@ NOT_RUN = {
     r"^torchrun --nproc_per_node=8 main_finetune_chestxray\.py \.\.\.$": "a sketch; the full fine-tuning commands run",
     r"\(--images FILES \| --datasets_names \.\.\.\)": "a synopsis with alternatives; tests/test_cli.py runs the tool",
     r"^python -m tools\.\w+( \.\.\.)?$": "the tool named in prose; its flags are in the tables",
+    r"-m tools\.compare_runs ": "needs two finished runs; tests/tools/test_compare_runs.py runs it on run folders",
 }
 REFERENCE_RUN_ELSEWHERE = "a reference command: run by test_reference_command_runs_with_sizes_shrunk"
 SMALLER = [(r"--nproc_per_node=\d+", "--nproc_per_node=1"), (r"--batch_size \d+", "--batch_size 2"),

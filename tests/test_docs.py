@@ -179,7 +179,8 @@ def test_every_flag_of_every_tool_is_documented(tool):
 
     proc = run_tool_in_process(f"{tool}.py", "--help")
     assert proc.returncode == 0, proc.stderr
-    shown = set(re.findall(r"(--[a-z][a-z0-9_]*)", proc.stdout)) - {"--help"}
+    usage = proc.stdout.split("\n\n", 1)[0]  # the usage lines list every option; the description may name others
+    shown = set(re.findall(r"(--[a-z][a-z0-9_]*)", usage)) - {"--help"}
     doc = "\n".join((ROOT / name).read_text(encoding="utf-8") for name in ("PRETRAIN.md", "FINETUNE.md"))
     data_section = _section("PRETRAIN.md", "## 1. Data") + _section("PRETRAIN.md", "## 8. Every flag")
     row = next((line for line in doc.splitlines() if line.startswith(f"| `python -m tools.{tool}`")), None)
@@ -256,6 +257,11 @@ def test_every_documented_command_parses_and_passes_the_flag_checks(doc, command
         f"{doc}: `{command}` runs no entry script and no module (tools and benchmarks run as python -m ...)"
     path = ROOT / (module.replace(".", "/") + ".py")
     assert path.is_file(), f"{doc}: {module} does not exist"
+    if "--" in tokens:  # tools.sweep: what follows -- is the fine-tuning script's, checked with its parser
+        passed = tokens[tokens.index("--") + 1:]
+        args = argparse.ArgumentParser(parents=[ft_main.get_args_parser()]).parse_args(passed)
+        validate_args(args, engine_finetune.check_args(args))
+        tokens = tokens[:tokens.index("--")]
     given = [t.split("=")[0] for t in tokens if t.startswith("--")]
     if module.startswith("tools."):
         shown = run_tool_in_process(f"{module.split('.')[1]}.py", "--help").stdout
@@ -318,7 +324,8 @@ NOT_RUN = {
     r"^torchrun --nproc_per_node=8 main_finetune_chestxray\.py \.\.\.$": "a sketch; the full fine-tuning commands run",
     r"\(--images FILES \| --datasets_names \.\.\.\)": "a synopsis with alternatives; tests/test_cli.py runs the tool",
     r"^python -m tools\.\w+( \.\.\.)?$": "the tool named in prose; its flags are in the tables",
-    r"-m tools\.compare_runs ": "needs two finished runs; tests/tools/test_compare_runs.py runs it on run folders",
+    r"-m tools\.(compare_runs|collect_results) ": "needs finished runs; tests/tools/ runs it on run folders",
+    r"-m tools\.sweep ": "a sweep of 18 full fine-tuning runs; tests/tools/test_sweep_and_collect.py runs a small one",
 }
 REFERENCE_RUN_ELSEWHERE = "a reference command: run by test_reference_command_runs_with_sizes_shrunk"
 SMALLER = [(r"--nproc_per_node=\d+", "--nproc_per_node=1"), (r"--batch_size \d+", "--batch_size 2"),

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 TASKS = ("finetune", "linprobe")
 RESULTS_NAME = "results.json"  # written last: its presence means the run is complete and its test list scored
 PREDICTIONS_NAME = "test_predictions.csv"
+VAL_PREDICTIONS_NAME = "val_predictions.csv"  # the selected weights on the validation list: operating points
 CONFUSION_NAME = "confusion_matrix.png"
 CSV_COLUMNS = ("path_column", "label_columns", "label_column", "classes", "patient_column")  # --dataset csv
 # what decides how a checkpoint's test images are prepared: --eval must score with its run's values
@@ -405,11 +406,22 @@ class ClassificationTask(Task):
         logger.info("scoring the test list %s once (%d images), with %s", test.source, len(test), weights)
         return test, self.predict(run, test), weights
 
+    def prediction_table(self, split: labelled.Split, scores: np.ndarray) -> dict:
+        """image, patient, then each finding's label and score: the format of test_predictions.csv."""
+        table = {"image": np.array([os.path.basename(p.decode()) for p in split.paths]),
+                 "patient": [p.decode() for p in split.patients]}
+        for k, name in enumerate(self.findings):
+            table[f"{name} label"] = split.labels[:, k]
+            table[f"{name} score"] = scores[:, k]
+        return table
+
     def score_test(self, run, state: ClassificationState, weights: str | None) -> None:
         """The test list scored once (score_test_list), then results.json, the table, the predictions and the ROC
         curves, results.json last."""
         args = run.args
         test, scores, weights = self.score_test_list(run, weights)
+        val = self.splits["val"]
+        val_scores = self.predict(run, val)  # the selected weights on validation, for thresholds chosen there
         if not run.info.is_main:
             return
         aurocs = per_finding_auroc(scores, test.labels)
@@ -441,12 +453,8 @@ class ClassificationTask(Task):
             "pretrained_keys": state.pretrained_keys, "world_size": run.info.world_size, "git": git_commit(),
         }
         # results.json last, every file atomically: a run is complete (and never scored again) only when all exist
-        names = np.array([os.path.basename(p.decode()) for p in test.paths])
-        table = {"image": names, "patient": [p.decode() for p in test.patients]}
-        for k, name in enumerate(self.findings):
-            table[f"{name} label"] = test.labels[:, k]
-            table[f"{name} score"] = scores[:, k]
-        write_predictions(out, table)
+        write_predictions(out, self.prediction_table(test, scores))
+        write_predictions(out, self.prediction_table(val, val_scores), VAL_PREDICTIONS_NAME)
         save_roc_curves(scores, test.labels, self.findings, aurocs, os.path.join(out, "roc"),
                         f"{args.model}, test, epoch {state.best_epoch}")
         write_json(os.path.join(out, RESULTS_NAME), results)
@@ -454,9 +462,9 @@ class ClassificationTask(Task):
         logger.info("wrote %s, %s and roc/*.png", os.path.join(out, RESULTS_NAME), PREDICTIONS_NAME)
 
 
-def write_predictions(out: str, table: dict) -> None:
-    """test_predictions.csv, atomically (results.json comes after it)."""
-    path = os.path.join(out, PREDICTIONS_NAME)
+def write_predictions(out: str, table: dict, name: str = None) -> None:
+    """test_predictions.csv (or `name`), atomically (results.json comes after it)."""
+    path = os.path.join(out, name or PREDICTIONS_NAME)
     pd.DataFrame(table).to_csv(f"{path}.tmp", index=False)
     os.replace(f"{path}.tmp", path)
 

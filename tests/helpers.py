@@ -32,6 +32,10 @@ VIT_SCRIPT = str(ROOT / "main_pretrain_multi_datasets_xray.py")
 CNN_SCRIPT = str(ROOT / "main_pretrain_multi_datasets_xray_cnn.py")
 
 
+TOOL_HELPERS = ("__init__", "checkpoint_model", "reporting")  # modules the tools share, not tools themselves
+TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py") if p.stem not in TOOL_HELPERS)
+
+
 def child_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "OMPI_"))}

@@ -16,7 +16,7 @@ import pytest
 import main_pretrain_multi_datasets_xray as vit_main
 import main_pretrain_multi_datasets_xray_cnn as cnn_main
 from data.synthetic import make_chexpert, make_mimic, make_nih
-from tests.helpers import ROOT, child_env
+from tests.helpers import ROOT, TOOLS, child_env
 
 REFERENCE_DOC = ROOT.parent / "shared" / "reference" / "PRETRAIN.reference.md"
 COPY = ROOT / "tests" / "reference_commands.md"  # the commands alone, so the contract holds without shared/
@@ -165,10 +165,6 @@ def test_every_flag_of_every_entry_script_is_documented():
             if f"`{flag}" not in finetune_doc and not shared:
                 missing.append(f"{flag} ({'probe' if linear_probe else 'fine-tuning'})")
     assert not missing, f"flags with no row in the docs: {sorted(set(missing))}"
-
-
-TOOLS = sorted(p.stem for p in (ROOT / "tools").glob("*.py")
-               if p.stem not in ("__init__", "reporting", "checkpoint_model"))  # the last two are shared modules
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -408,13 +404,15 @@ def test_documented_command_runs_with_sizes_shrunk(docs_data, tmp_path, free_por
     for entry in os.listdir(docs_data["cwd"]):
         if entry != "checkpoint-799.pth":
             os.symlink(docs_data["cwd"] / entry, cwd / entry)
-    if "checkpoint-799.pth" in command or "CKPT" in command or "exports/vit_s.pth" in command:
+    if any(name in command for name in ("checkpoint-799.pth", "CKPT", "exports/vit_s.pth", "runs/ft_vit_s")):
         (cwd / "runs" / "vit_s").mkdir(parents=True)
         os.link(docs_data["checkpoint"], cwd / "runs" / "vit_s" / "checkpoint-799.pth")
     env = child_env(SAVE_DIR=tmp_path / "save", PET_MASTER_PORT=free_port)
     steps = [command]
     if "exports/vit_s.pth" in command:
         steps.insert(0, next(c for _, c in RUN if "-m tools.export_encoder" in c and "exports/vit_s" in c))
+    if "-m tools." in command and "runs/ft_vit_s" in command:  # a tool reading the documented NIH run
+        steps.insert(0, next(c for _, c in RUN if "main_finetune" in c and "--output_dir runs/ft_vit_s " in c))
     for step in steps:
         runnable = _runnable(step, docs_data)
         proc = subprocess.run(["bash", "-c", runnable], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -268,6 +268,12 @@ def test_validation_selects_and_the_test_list_is_read_once_at_the_end(nih, tmp_p
     assert tensorboard_scalars(out)["val_auroc"] == pytest.approx([v for _, v in history])  # TensorBoard
     predictions = pd.read_csv(out / "test_predictions.csv")
     assert len(predictions) == results["test"]["images"] == 6
+    # the selected weights on the validation list (for thresholds chosen there): its AUROC is the selecting score
+    from util.metrics import mean_auroc, per_finding_auroc
+    val = pd.read_csv(out / "val_predictions.csv")
+    val_auroc = mean_auroc(per_finding_auroc(val[[f"{f} score" for f in results["findings"]]].to_numpy(),
+                                             val[[f"{f} label" for f in results["findings"]]].to_numpy()))
+    assert val_auroc == pytest.approx(results["val_mean_auroc"], abs=1e-6)
     # a second run of the same command finds the run complete and does not score the test set again
     again = run_cli([sys.executable, FT_SCRIPT, *flags], env=env, timeout=300)
     assert "this run is complete" in again.stdout and len((tmp_path / "opens.txt").read_text().splitlines()) == 24

@@ -408,7 +408,7 @@ class ClassificationTask(Task):
 
     def prediction_table(self, split: labelled.Split, scores: np.ndarray) -> dict:
         """image, patient, then each finding's label and score: the format of test_predictions.csv."""
-        table = {"image": np.array([os.path.basename(p.decode()) for p in split.paths]),
+        table = {"image": image_names(split.paths),
                  "patient": [p.decode() for p in split.patients]}
         for k, name in enumerate(self.findings):
             table[f"{name} label"] = split.labels[:, k]
@@ -460,6 +460,17 @@ class ClassificationTask(Task):
         write_json(os.path.join(out, RESULTS_NAME), results)
         logger.info("%s", results_table(results))
         logger.info("wrote %s, %s and roc/*.png", os.path.join(out, RESULTS_NAME), PREDICTIONS_NAME)
+
+
+def image_names(paths: np.ndarray) -> list[str]:
+    """The images' names in the prediction files: the file names where they are unique (NIH, COVIDx), else the paths
+    below the images' common folder (CheXpert's view1_frontal.jpg repeats in every study), so a name is a key."""
+    paths = [p.decode() for p in paths]
+    names = [os.path.basename(p) for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    common = os.path.commonpath(paths)
+    return [os.path.relpath(p, common) for p in paths]
 
 
 def write_predictions(out: str, table: dict, name: str = None) -> None:
@@ -585,7 +596,7 @@ class SingleLabelTask(ClassificationTask):
             "input_size": args.input_size, "in_chans": args.in_chans, "pretrained": args.finetune or None,
             "pretrained_keys": state.pretrained_keys, "world_size": run.info.world_size, "git": git_commit(),
         }
-        table = {"image": [os.path.basename(p.decode()) for p in test.paths],
+        table = {"image": image_names(test.paths),
                  "patient": [p.decode() for p in test.patients], "label": [self.findings[k] for k in test.labels],
                  "predicted": [self.findings[k] for k in probabilities.argmax(axis=1)]}
         for k, name in enumerate(self.findings):

@@ -362,6 +362,12 @@ def docs_data(reference_cwd):
     import models_mae
     from data.synthetic import make_covidx, make_csv_dataset, make_nih_labelled, make_node21
     lists = make_nih_labelled(str(reference_cwd / "data" / "nih_chestxray"), patients=(4, 2, 2), size=(32, 32))
+    entry = reference_cwd / "data" / "nih_chestxray" / "Data_Entry_2017_v2020.csv"  # their rows, for tools.subgroups
+    with open(entry, "a", encoding="utf-8") as f:
+        for k, line in enumerate(open(lists["test"]).read().splitlines()):
+            name = line.split()[0]
+            f.write(f"{name},No Finding,0,{int(name[:8])},{30 + 20 * k},{'MF'[k % 2]},{'PA' if k % 3 else 'AP'},"
+                    "2500,2048,0.168,0.168\n")
     make_covidx(str(reference_cwd / "data" / "covidx"), train=24, test=12, size=(32, 32))
     make_node21(str(reference_cwd / "data" / "node21"), images=20, size=(32, 32))
     make_csv_dataset(str(reference_cwd / "my_data"), patients=(4, 2, 2))

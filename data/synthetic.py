@@ -27,25 +27,35 @@ NIH_FINDINGS = ["No Finding", "Effusion|Infiltration", "Pleural_Thickening", "At
 
 
 def chest_image(height: int, width: int, seed: int, lateral: bool = False) -> np.ndarray:
-    """A uint8 frontal (or lateral) radiograph-like image."""
+    """A uint8 frontal (or lateral) radiograph-like image. The anatomy varies with the seed (position and size of
+    the body, lungs and heart, the ribs' spacing, a few darker patches), so two seeds are two different images at
+    the scale a perceptual hash sees, not the same image with other noise."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     y, x = y / height, x / width
     cx = 0.5 + rng.uniform(-0.04, 0.04)
+    cy, half_width = 0.55 + rng.uniform(-0.03, 0.03), 0.42 + rng.uniform(-0.05, 0.03)
     img = np.full((height, width), 0.08, np.float32)
-    body = ((x - cx) / 0.42) ** 2 + ((y - 0.55) / 0.55) ** 2 < 1
+    body = ((x - cx) / half_width) ** 2 + ((y - cy) / 0.55) ** 2 < 1
     img[body] = 0.55
     if lateral:
         img[((x - cx) / 0.25) ** 2 + ((y - 0.45) / 0.3) ** 2 < 1] = 0.3
     else:
+        lung_y, lung_dx = 0.45 + rng.uniform(-0.04, 0.04), 0.17 + rng.uniform(-0.025, 0.025)
         for side in (-1, 1):
-            lung = ((x - cx - side * 0.17) / 0.13) ** 2 + ((y - 0.45) / 0.3) ** 2 < 1
+            lung = (((x - cx - side * lung_dx) / (0.13 + rng.uniform(-0.025, 0.025))) ** 2
+                    + ((y - lung_y) / (0.3 + rng.uniform(-0.05, 0.05))) ** 2 < 1)
             img[lung] = 0.22 + rng.uniform(-0.03, 0.03)
-        heart = ((x - cx + 0.05) / 0.12) ** 2 + ((y - 0.62) / 0.12) ** 2 < 1
+        heart_r = 0.12 + rng.uniform(-0.025, 0.03)
+        heart = ((x - cx + 0.05 + rng.uniform(-0.03, 0.03)) / heart_r) ** 2 + ((y - 0.62) / 0.12) ** 2 < 1
         img[heart] = 0.7
         img[np.abs(x - cx) < 0.035] = 0.8  # spine
-        ribs = 0.08 * (np.sin((y * 14 + 3 * (x - cx) ** 2 * 6) * np.pi) > 0.85)
+        spacing, phase = 14 + rng.uniform(-3, 3), rng.uniform(0, 2)
+        ribs = 0.08 * (np.sin((y * spacing + phase + 3 * (x - cx) ** 2 * 6) * np.pi) > 0.85)
         img += ribs * body
+    for _ in range(3):  # darker patches: vessels, overlying structures
+        py, px, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.04, 0.09)
+        img[((x - px) / r) ** 2 + ((y - py) / r) ** 2 < 1] -= rng.uniform(0.06, 0.12)
     img += rng.normal(0, 0.03, img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 

@@ -1,0 +1,70 @@
+"""tools/find_duplicates.py and util/phash.py: planted copies found in a pool of thousands, nothing else."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from data.synthetic import chest_image, save_png16, write_dicom
+from tests.helpers import run_tool
+from util.phash import HashIndex, hamming, phash
+
+pytestmark = pytest.mark.slow  # thousands of images written and hashed
+
+
+def test_the_index_finds_what_a_full_scan_finds():
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, (5000, 32), dtype=np.uint8)
+    queries = pool[rng.integers(0, 5000, 50)].copy()
+    for q in queries:  # flip up to 15 random bits
+        for bit in rng.choice(256, rng.integers(0, 16), replace=False):
+            q[bit // 8] ^= np.uint8(1 << (bit % 8))
+    index = HashIndex(pool)
+    for q in queries:
+        rows, distances = index.near(q, 15)
+        full = np.flatnonzero(hamming(pool, q) <= 15)
+        assert sorted(rows) == sorted(full) and np.all(distances == hamming(pool[rows], q))
+
+
+def test_planted_copies_are_found_and_different_patients_are_not(tmp_path):
+    pool_dir, split_dir = tmp_path / "pool" / "images", tmp_path / "split"
+    pool_dir.mkdir(parents=True)
+    split_dir.mkdir()
+    for seed in range(2000):  # the pre-training pool, NIH-like names
+        Image.fromarray(chest_image(96, 80, seed=seed)).save(pool_dir / f"{seed:08d}_000.png")
+    planted = {}
+    for k, seed in enumerate(range(0, 2000, 100)):  # 20 pool images saved again under other names
+        pixels, kind = chest_image(96, 80, seed=seed), ("resized", "jpeg", "png16", "dicom")[k % 4]
+        name = f"covid-{k:04d}." + {"resized": "png", "jpeg": "jpg", "png16": "png", "dicom": "dcm"}[kind]
+        if kind == "resized":
+            Image.fromarray(pixels).resize((160, 192), Image.BICUBIC).save(split_dir / name)
+        elif kind == "jpeg":
+            Image.fromarray(pixels).save(split_dir / name, quality=80)
+        elif kind == "png16":
+            save_png16(str(split_dir / name), pixels, full_range=True)
+        else:
+            smaller = np.asarray(Image.fromarray(pixels).resize((64, 77)))
+            write_dicom(str(split_dir / name), smaller.astype(np.uint16) * 16)
+        planted[str(split_dir / name)] = str(pool_dir / f"{seed:08d}_000.png")
+    for seed in range(5000, 5300):  # other patients
+        Image.fromarray(chest_image(96, 80, seed=seed)).save(split_dir / f"other-{seed}.png")
+    out = tmp_path / "out"
+    proc = run_tool("find_duplicates.py", "--pool", str(tmp_path / "pool"), "--split", str(split_dir), "--out",
+                    str(out), "--workers", "2", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    pairs = pd.read_csv(out / "duplicates.csv")
+    assert dict(zip(pairs["split_image"], pairs["pool_image"])) == planted, pairs  # every copy, nothing else
+    assert len(pairs) == len(planted) and pairs["distance"].max() <= 10
+    assert sorted((out / "exclude_list.txt").read_text().split()) == sorted(planted)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pool_images"] == 2000 and summary["split_images"] == 320 and "hashed" in proc.stdout
+    again = run_tool("find_duplicates.py", "--pool", str(tmp_path / "pool"), "--split", str(split_dir), "--out",
+                     str(tmp_path / "again"), "--cache", str(out), "--workers", "2", timeout=600)
+    assert "pool: 2000 images, 2000 hashes from the cache, 0 to make" in again.stdout, again.stdout
+
+
+def test_a_hash_is_stable_under_the_conversions():
+    pixels = chest_image(160, 136, seed=7)
+    base = phash(Image.fromarray(pixels))
+    assert hamming(phash(Image.fromarray(pixels).resize((80, 68))).reshape(1, -1), base)[0] <= 6

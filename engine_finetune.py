@@ -13,7 +13,7 @@ import logging
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 TASKS = ("finetune", "linprobe")
 RESULTS_NAME = "results.json"  # written last: its presence means the run is complete and its test list scored
 PREDICTIONS_NAME = "test_predictions.csv"
+EXCLUDED_PREDICTIONS_NAME = "test_predictions_excluded.csv"  # --exclude_list --exclude_mode separate
 VAL_PREDICTIONS_NAME = "val_predictions.csv"  # the selected weights on the validation list: operating points
 CONFUSION_NAME = "confusion_matrix.png"
 CSV_COLUMNS = ("path_column", "label_columns", "label_column", "classes", "patient_column")  # --dataset csv
@@ -171,6 +172,7 @@ class ClassificationTask(Task):
                 "label_fraction": args.label_fraction, "fraction_seed": args.fraction_seed,
                 "chexpert_uncertain": args.chexpert_uncertain if args.dataset == "chexpert" else None,
                 "build_timm_transform": args.build_timm_transform, "norm_stats": args.norm_stats,
+                "exclude_list": file_fingerprint(args.exclude_list), "exclude_mode": args.exclude_mode,
                 **({k: getattr(args, k) for k in CSV_COLUMNS} if args.dataset == "csv" else {})}
 
     def evaluation_only(self, args) -> bool:
@@ -404,7 +406,30 @@ class ClassificationTask(Task):
         weights = weights or run.args.resume
         test = labelled.load_labels(run.args, self.splits["test"])
         logger.info("scoring the test list %s once (%d images), with %s", test.source, len(test), weights)
-        return test, self.predict(run, test), weights
+        scores = self.predict(run, test)
+        self.excluded = None
+        if test.excluded is not None:  # --exclude_list: the results are the other images'; these are reported apart
+            out = test.excluded
+            self.excluded = (replace(test.subset(out, f"{test.source}, the images of --exclude_list"), excluded=None),
+                             None if scores is None else scores[out])
+            test = replace(test.subset(~out, f"{test.source} without the {int(out.sum())} images of --exclude_list"),
+                           excluded=None)
+            scores = None if scores is None else scores[~out]
+        return test, scores, weights
+
+    def excluded_report(self, run, metrics) -> dict | None:
+        """results.json's account of the --exclude_list images: their count and names, and with --exclude_mode
+        separate, metrics(split, scores) on them alone and their predictions in test_predictions_excluded.csv."""
+        if self.excluded is None:
+            return None
+        split, scores = self.excluded
+        report = {"list": run.args.exclude_list, "mode": run.args.exclude_mode, "images": len(split),
+                  "names": image_names(split.paths)}
+        if run.args.exclude_mode == "separate":
+            report["metrics"] = metrics(split, scores)
+            write_predictions(run.args.output_dir, self.prediction_table(split, scores), EXCLUDED_PREDICTIONS_NAME)
+        logger.info("--exclude_list: %d test images reported apart (%s)", len(split), run.args.exclude_mode)
+        return report
 
     def prediction_table(self, split: labelled.Split, scores: np.ndarray) -> dict:
         """image, patient, then each finding's label and score: the format of test_predictions.csv."""
@@ -452,6 +477,9 @@ class ClassificationTask(Task):
             "in_chans": args.in_chans, "pretrained": args.finetune or None,
             "pretrained_keys": state.pretrained_keys, "world_size": run.info.world_size, "git": git_commit(),
         }
+        results["test"]["excluded"] = self.excluded_report(run, lambda split, s: {
+            "mean_auroc": mean_auroc(per_finding_auroc(s, split.labels)),
+            "per_finding": dict(zip(self.findings, per_finding_auroc(s, split.labels)))})
         # results.json last, every file atomically: a run is complete (and never scored again) only when all exist
         write_predictions(out, self.prediction_table(test, scores))
         write_predictions(out, self.prediction_table(val, val_scores), VAL_PREDICTIONS_NAME)
@@ -557,6 +585,15 @@ class SingleLabelTask(ClassificationTask):
             return covidx.MERGE, covidx.MERGED_CLASSES
         return list(range(len(self.findings))), list(self.findings)
 
+    def prediction_table(self, split: labelled.Split, probabilities: np.ndarray) -> dict:
+        """image, patient, the true and the predicted class, each class's probability."""
+        table = {"image": image_names(split.paths), "patient": [p.decode() for p in split.patients],
+                 "label": [self.findings[k] for k in split.labels],
+                 "predicted": [self.findings[k] for k in probabilities.argmax(axis=1)]}
+        for k, name in enumerate(self.findings):
+            table[f"{name} probability"] = probabilities[:, k]
+        return table
+
     def score_test(self, run, state, weights: str | None) -> None:
         args = run.args
         test, probabilities, weights = self.score_test_list(run, weights)
@@ -596,12 +633,9 @@ class SingleLabelTask(ClassificationTask):
             "input_size": args.input_size, "in_chans": args.in_chans, "pretrained": args.finetune or None,
             "pretrained_keys": state.pretrained_keys, "world_size": run.info.world_size, "git": git_commit(),
         }
-        table = {"image": image_names(test.paths),
-                 "patient": [p.decode() for p in test.patients], "label": [self.findings[k] for k in test.labels],
-                 "predicted": [self.findings[k] for k in probabilities.argmax(axis=1)]}
-        for k, name in enumerate(self.findings):
-            table[f"{name} probability"] = probabilities[:, k]
-        write_predictions(out, table)
+        results["test"]["excluded"] = self.excluded_report(run, lambda split, p: {
+            "accuracy": single_label_metrics(p, split.labels, merge)["accuracy"]})
+        write_predictions(out, self.prediction_table(test, probabilities))
         save_confusion_matrix(metrics["confusion_matrix"], merged_names, os.path.join(out, CONFUSION_NAME),
                               f"{args.model}, test, epoch {state.best_epoch}")
         write_json(os.path.join(out, RESULTS_NAME), results)  # last: the run is complete only when all exist

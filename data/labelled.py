@@ -16,6 +16,7 @@ At start-up every file of the three splits is checked to exist, no list may name
 three lists is checked (the test list's too), and the splits are checked to share no patient. The test labels are
 kept and its images decoded only once, after training (load_labels).
 """
+import logging
 import math
 import os
 from dataclasses import dataclass, replace
@@ -31,6 +32,8 @@ from data.checks import files_exist, undecodable
 from data.config import add_image_args
 from data.transforms import build_finetune_transform, check_norm_policy, norm_stats_for
 from util.errors import SetupError
+
+logger = logging.getLogger(__name__)
 
 DATASETS = ("chestxray", "chexpert", "covidx", "node21", "csv")
 # per-dataset mean/std (data/transforms.py; a dataset not in its table takes the chest X-ray values)
@@ -67,6 +70,13 @@ def add_data_args(parser) -> None:
                             "the drawn list is written to output_dir (default: 1.0)")
     group.add_argument("--fraction_seed", default=0, type=int,
                        help="seed of the --label_fraction draw and of CheXpert's validation patients (default: 0)")
+    group.add_argument("--exclude_list", default=None, type=str,
+                       help="test images to keep out of the results, one path a line (tools/find_duplicates.py's "
+                            "exclude_list.txt: test images also in the pre-training pool); they are reported apart "
+                            "(default: none)")
+    group.add_argument("--exclude_mode", default="separate", choices=("separate", "drop"),
+                       help="separate: the excluded images' own metrics and predictions are reported beside the "
+                            "results; drop: only their count and names (default: separate)")
     group.add_argument("--check_images", default="sample", choices=CHECK_IMAGES,
                        help="decode images of every split at start-up, so a bad file fails before training: 'sample' "
                             f"({CHECK_SAMPLE} evenly spaced per split), 'all', or 'none' (default: sample; "
@@ -163,6 +173,7 @@ class Split:
     rows: list | pd.DataFrame  # NIH: the list's lines; CheXpert: the CSV's rows
     labels: np.ndarray | None = None  # [N, K] float32; the test split's stay None until load_labels
     write_as: str | None = None  # a split drawn here, not given: written to output_dir under this name
+    excluded: np.ndarray | None = None  # test images named by --exclude_list (bool mask), kept out of the results
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -456,7 +467,38 @@ def build_splits(args) -> dict[str, Split]:
     check_disjoint(splits)
     for split in splits.values():
         check_decodes(split, args.check_images)
+    if args.exclude_list:
+        splits["test"].excluded = excluded_images(splits["test"], args.exclude_list)
     return splits
+
+
+def excluded_images(test: Split, exclude_list: str) -> np.ndarray:
+    """Mask of the test images --exclude_list names (as tools/find_duplicates.py writes it: one path a line; a path
+    matches the same file, or a test image whose path ends with it). An entry that matches no test image is
+    reported; a list that matches none is an error (the wrong list, or the wrong --test_list)."""
+    if not os.path.isfile(exclude_list):
+        raise FileNotFoundError(f"--exclude_list {exclude_list} not found")
+    with open(exclude_list, encoding="utf-8-sig") as f:
+        entries = [line.strip() for line in f if line.strip()]
+    paths = [os.path.abspath(p.decode()) for p in test.paths]
+    position = {p: i for i, p in enumerate(paths)}
+    mask, unmatched = np.zeros(len(paths), dtype=bool), []
+    for entry in entries:
+        i = position.get(os.path.abspath(entry))
+        if i is None:
+            tail = os.sep + entry.lstrip(os.sep)
+            i = next((k for k, p in enumerate(paths) if p.endswith(tail)), None)
+        if i is None:
+            unmatched.append(entry)
+        else:
+            mask[i] = True
+    if not mask.any():
+        raise ValueError(f"--exclude_list {exclude_list}: none of its {len(entries)} image(s) is in the test list "
+                         f"{test.source} (e.g. {entries[:2]}); give the list made for this test set")
+    if unmatched:
+        logger.warning("--exclude_list %s: %d of its images are not in the test list (e.g. %s)", exclude_list,
+                       len(unmatched), unmatched[:3])
+    return mask
 
 
 def check_unique(split: Split) -> None:

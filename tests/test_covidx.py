@@ -123,3 +123,37 @@ def test_covidx_takes_four_logits(tmp_path):
     with pytest.raises(SystemExit, match=r"--nb_classes 14: --dataset covidx has 4 findings \(normal, positive, "
                                          r"pneumonia, COVID-19\); pass --nb_classes 4"):
         ft_main.main(covidx_flags(str(tmp_path), tmp_path / "out", nb_classes=14))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["separate", "drop"])
+def test_an_exclude_list_keeps_its_test_images_out_of_the_results(tmp_path, mode):
+    """tools/find_duplicates.py's exclusion list (paths): the results are the other test images'; with 'separate'
+    the excluded images get their own accuracy and predictions file, with 'drop' only their count and names."""
+    root = tmp_path / "covidx"
+    make_covidx(str(root), train=48, test=24, size=(32, 32))
+    excluded = sorted((root / "test").iterdir())[:4]
+    (tmp_path / "exclude.txt").write_text("".join(f"{p}\n" for p in excluded) + "/elsewhere/not-in-the-test.png\n")
+    out = tmp_path / "out"
+    assert ft_main.main(covidx_flags(str(root), out, exclude_list=tmp_path / "exclude.txt", exclude_mode=mode)) == 0
+    results = json.loads((out / "results.json").read_text())
+    test = results["test"]
+    assert test["images"] == 20 and test["excluded"]["images"] == 4
+    assert sorted(test["excluded"]["names"]) == sorted(p.name for p in excluded)
+    predictions = pd.read_csv(out / "test_predictions.csv")
+    assert len(predictions) == 20 and not set(predictions["image"]) & {p.name for p in excluded}
+    apart = out / "test_predictions_excluded.csv"
+    if mode == "separate":
+        assert 0 <= test["excluded"]["metrics"]["accuracy"] <= 1 and len(pd.read_csv(apart)) == 4
+    else:
+        assert "metrics" not in test["excluded"] and not apart.exists()
+
+
+def test_an_exclude_list_that_names_no_test_image_is_refused(tmp_path, caplog):
+    root = tmp_path / "covidx"
+    make_covidx(str(root), train=24, test=12, size=(32, 32))
+    (tmp_path / "exclude.txt").write_text("/elsewhere/a.png\n")
+    out = tmp_path / "out"
+    assert ft_main.main(covidx_flags(str(root), out, exclude_list=tmp_path / "exclude.txt")) == 1
+    assert re.search(r"--exclude_list \S+exclude.txt: none of its 1 image\(s\) is in the test list", caplog.text)
+    assert "Epoch: [0]" not in caplog.text

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 import main_pretrain_multi_datasets_xray as vit_main
 import main_pretrain_multi_datasets_xray_cnn as cnn_main
@@ -370,6 +371,11 @@ def docs_data(reference_cwd):
                     "2500,2048,0.168,0.168\n")
     make_covidx(str(reference_cwd / "data" / "covidx"), train=24, test=12, size=(32, 32))
     make_node21(str(reference_cwd / "data" / "node21"), images=20, size=(32, 32))
+    # one COVIDx test image is an NIH image saved again (as RSNA's are), for tools.find_duplicates to find
+    nih_image = sorted((reference_cwd / "data" / "nih_chestxray" / "images").iterdir())[0]
+    covidx_test = sorted((reference_cwd / "data" / "covidx" / "test").iterdir())[0]
+    covidx_test.unlink()
+    Image.open(nih_image).convert("L").save(covidx_test)
     make_csv_dataset(str(reference_cwd / "my_data"), patients=(4, 2, 2))
     checkpoint = reference_cwd / "checkpoint-799.pth"
     mae = models_mae.create_model("mae_vit_small_patch16_dec512d2b")
@@ -417,6 +423,8 @@ def test_documented_command_runs_with_sizes_shrunk(docs_data, tmp_path, free_por
     steps = [command]
     if "exports/vit_s.pth" in command:
         steps.insert(0, next(c for _, c in RUN if "-m tools.export_encoder" in c and "exports/vit_s" in c))
+    if "dups/covidx_vs_nih/exclude_list.txt" in command:  # the exclusion list the documented find_duplicates writes
+        steps.insert(0, next(c for _, c in RUN if "-m tools.find_duplicates" in c))
     if "-m tools." in command and "runs/ft_vit_s" in command:  # a tool reading the documented NIH run
         steps.insert(0, next(c for _, c in RUN if "main_finetune" in c and "--output_dir runs/ft_vit_s " in c))
     for step in steps:

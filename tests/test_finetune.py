@@ -565,3 +565,16 @@ def test_reference_flags_are_accepted_moot_or_refused_with_the_reason(tmp_path):
     with pytest.raises(SystemExit, match="--src is a reference flag that is not supported"):
         ft_main.main([*base, "--src", "--device", "cpu", "--output_dir", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+@pytest.mark.slow
+def test_an_exclude_list_reports_its_images_apart_in_a_multi_label_run(nih, tmp_path):
+    root, lists = nih
+    names = [line.split()[0] for line in open(lists["test"]).read().splitlines()]
+    (tmp_path / "exclude.txt").write_text(f"images/{names[2]}\nimages/{names[3]}\n")  # path ends, as relative paths
+    out = tmp_path / "out"
+    assert ft_main.main(nih_flags(lists, root, str(out), epochs=1, exclude_list=tmp_path / "exclude.txt")) == 0
+    test = json.loads((out / "results.json").read_text())["test"]
+    assert test["images"] == 4 and test["excluded"]["images"] == 2 and test["excluded"]["names"] == names[2:4]
+    assert set(test["excluded"]["metrics"]["per_finding"]) == set(labelled.nih.FINDINGS)
+    assert len(pd.read_csv(out / "test_predictions_excluded.csv")) == 2

@@ -17,8 +17,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from data.phash import HashIndex, hamming, phash, phash_file
 from data.synthetic import chest_image
-from util.phash import HashIndex, hamming, phash, phash_file
 
 
 def main() -> None:

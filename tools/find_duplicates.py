@@ -5,7 +5,7 @@
 
 COVIDx's normal and pneumonia images come from the RSNA challenge, which drew them from NIH ChestX-ray14; a model
 pre-trained on NIH may have seen them. Every image of the pool and of the split is hashed once with a perceptual
-hash (util/phash.py: 256 bits, robust to resizing, JPEG/PNG/DICOM re-encoding and bit depth), in --workers
+hash (data/phash.py: 256 bits, robust to resizing, JPEG/PNG/DICOM re-encoding and bit depth), in --workers
 processes with progress and an ETA; the hashes are cached in --cache (default: --out) by path, size and
 modification time, saved as they are made, so an interrupted run resumes and a rerun hashes only new files. Each
 split image is then looked up in an index over the pool's hash bits (no pairwise loop) for pool images within
@@ -28,9 +28,9 @@ import time
 import numpy as np
 import pandas as pd
 
+from data.phash import MAX_INDEXED_DISTANCE, HashIndex, phash_file
 from tools.reporting import check_outputs, run_tool
 from util.errors import SetupError
-from util.phash import MAX_INDEXED_DISTANCE, HashIndex, phash_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".mha", ".mhd")
 SAVE_EVERY = 2000  # hashes between cache writes

@@ -1,4 +1,4 @@
-"""tools/find_duplicates.py and util/phash.py: planted copies found in a pool of thousands, nothing else."""
+"""tools/find_duplicates.py and data/phash.py: planted copies found in a pool of thousands, nothing else."""
 import json
 
 import numpy as np
@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from data.phash import HashIndex, hamming, phash
 from data.synthetic import chest_image, save_png16, write_dicom
 from tests.helpers import run_tool
-from util.phash import HashIndex, hamming, phash
 
 pytestmark = pytest.mark.slow  # thousands of images written and hashed
 

@@ -3,7 +3,7 @@
 The hash is a 256-bit DCT hash: the image decoded to 8-bit gray as training reads it (data/image_io.py: 16-bit and
 DICOM windowed), resized to 64 x 64 with antialiasing, its 2-D DCT (scipy), the 16 x 16 lowest frequencies but the
 constant one, each bit set where the coefficient is above their median. Resizing, re-encoding (PNG, JPEG, DICOM) and
-bit depth move a copy by a few bits (at most 6 of 255 in tests/util/test_phash.py); two different images differ in
+bit depth move a copy by a few bits (tests/tools/test_find_duplicates.py plants such copies); different images differ in
 about 90.
 
 The index cuts each hash into 16 chunks of 16 bits. Two hashes within 15 bits of each other agree exactly on at least

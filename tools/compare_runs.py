@@ -174,7 +174,7 @@ def compare_single_label(a: pd.DataFrame, b: pd.DataFrame, patients: np.ndarray,
 
 
 def _interval(ci) -> str:
-    return "n/a" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+    return "n/a" if ci is None else f"[{ci[0] + 0.0:+.4f}, {ci[1] + 0.0:+.4f}]"  # + 0.0: no "-0.0000"
 
 
 def format_table(c: dict, name_a: str, name_b: str) -> str:

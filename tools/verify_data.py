@@ -62,9 +62,12 @@ def image_sets(args) -> dict[str, tuple[str, list[str]]]:
     if args.dataset is None:
         return {idx.name: (idx.root, sorted({p.decode() for p in idx.paths}))
                 for idx in data.build_indexes(args, check_files=False)}
-    lists = argparse.Namespace(dataset=args.dataset, data_path=args.data_path, train_list=args.train_list,
-                               val_list=args.val_list, test_list=args.test_list, fraction_seed=0,
-                               chexpert_uncertain=labelled.DEFAULT_UNCERTAIN, check_images="none")
+    finetune_data = argparse.ArgumentParser(add_help=False)
+    labelled.add_data_args(finetune_data)  # fine-tuning's own defaults, so a new data flag is never missing here
+    lists = finetune_data.parse_args([])
+    for flag in ("dataset", "data_path", "train_list", "val_list", "test_list"):
+        setattr(lists, flag, getattr(args, flag))
+    lists.check_images = "none"  # every file is decoded below, with a report
     return {f"{args.dataset} {role}": (split.source, sorted({p.decode() for p in split.paths}))
             for role, split in labelled.build_splits(lists).items()}
 

@@ -13,6 +13,16 @@ from data.synthetic import make_reference_layout
 from tests.helpers import train_in_process
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets one intra-op thread: `make test` runs one worker per core, and two threads
+    per worker on two cores made the in-process training tests several times slower (the child processes the tests
+    start already get OMP_NUM_THREADS=1 from tests/helpers.child_env)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _reset_global_state():
     torch.manual_seed(0)

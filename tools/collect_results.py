@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from tools.reporting import check_outputs, run_tool
+from tools.sweep import run_name
 from util.errors import SetupError
 from util.metrics import mean_auroc, patient_bootstrap, per_finding_auroc
 from util.vis import save_figure
@@ -168,12 +169,17 @@ def _latex(text: str) -> str:
     return "".join("\\" + c if c in "&%$#_{}" else c for c in str(text))
 
 
+def short_name(checkpoint: str) -> str:
+    """A checkpoint as a paper's table names it: its folder and file stem, as tools/sweep.py names run folders."""
+    return checkpoint if checkpoint == "random init" else run_name(checkpoint)
+
+
 def format_latex(rows: list[dict], metric: str) -> str:
     lines = ["\\begin{tabular}{llrl}", "\\toprule",
              f"Checkpoint & Labels & Seeds & {_latex(metric)} \\\\", "\\midrule"]
     for r in rows:
         spread = f" $\\pm$ {r['std']:.3f}" if r["std"] is not None else ""
-        lines.append(f"{_latex(r['checkpoint'])} & {r['label_fraction'] * 100:g}\\% & {r['seeds']} & "
+        lines.append(f"{_latex(short_name(r['checkpoint']))} & {r['label_fraction'] * 100:g}\\% & {r['seeds']} & "
                      f"{r['mean']:.3f}{spread} \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -188,7 +194,7 @@ def plot(rows: list[dict], metric: str, path: str) -> None:
         points = sorted((r["label_fraction"], r["mean"], r["std"] or 0.0) for r in rows
                         if r["checkpoint"] == checkpoint)
         x, y, err = (np.array(v) for v in zip(*points))
-        ax.errorbar(x * 100, y, yerr=err, marker="o", capsize=3, label=os.path.basename(checkpoint))
+        ax.errorbar(x * 100, y, yerr=err, marker="o", capsize=3, label=short_name(checkpoint))
     ax.set_xscale("log")
     ax.set_xlabel("label fraction (% of the training list, drawn by patient)")
     ax.set_ylabel(f"test {metric} (mean ± std over seeds)")

@@ -251,41 +251,45 @@ def test_first_step_loss_and_gradient_norm_in_half_precision_match_fp32(device, 
 
 
 def test_a_training_step_syncs_with_the_host_at_most_once(tiny_data, tmp_path, device):
-    """CUDA's sync debug mode flags every operation that makes the host wait for the device; from the first batch on
-    the device to the end of the epoch's steps, at most one per optimizer step (optimizer_step's read of the loss,
-    gradient norm and stop flag) and none in the forward or backward. The CPU test of the mechanism (host reads
-    counted) is tests/util/test_prefetch.py."""
+    """From the first batch on the device to the end of the epoch's steps, at most one host sync per optimizer step
+    (optimizer_step's read of the loss, gradient norm and stop flag) and none in the forward or backward. On CUDA,
+    CUDA's sync debug mode flags every operation that makes the host wait for the device; on CPU (smoke mode) every
+    read of a tensor into Python is counted instead (the mechanism; tests/util/test_prefetch.py)."""
     import warnings
 
-    if device.type != "cuda":
-        pytest.skip("sync debug mode is CUDA's; tests/util/test_prefetch.py counts the host reads on CPU")
+    from tests.util.test_prefetch import CountingTask, counting_host_reads
 
-    class SyncCounting(PretrainTask):
-        steps = 0
-
-        def to_device(self, run, state, batch, step):
-            moved = super().to_device(run, state, batch, step)
-            torch.cuda.set_sync_debug_mode("warn")  # from the first batch on the device
-            return moved
-
-        def count(self, state, batch):
-            super().count(state, batch)
-            SyncCounting.steps += 1
-
-        def evaluate(self, run, state, epoch, last):
-            torch.cuda.set_sync_debug_mode("default")
-            return super().evaluate(run, state, epoch, last)
-
+    counts, active, steps = {}, [False], [0]
+    task = CountingTask(vit_main.build_model, vit_main.check_model_args, active=active, steps=steps)
     args = in_process_args(vit_main, tiny_data[0], str(tmp_path), device=str(device), num_workers=1, pin_mem=True,
                            max_steps_per_epoch=6, epochs=1)
+    if device.type != "cuda":
+        with counting_host_reads(counts, active):
+            assert engine.run(task, args) == ExitCode.OK
+        assert steps[0] == 6 and sum(counts.values()) <= steps[0], counts
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        original = task.to_device
+
+        def to_device_then_watch(run, state, batch, step):  # from the first batch on the device
+            moved = original(run, state, batch, step)
+            torch.cuda.set_sync_debug_mode("warn")
+            return moved
+
+        evaluate = task.evaluate
+
+        def stop_watching_then_evaluate(run, state, epoch, last):  # the epoch's steps are over
+            torch.cuda.set_sync_debug_mode("default")
+            return evaluate(run, state, epoch, last)
+
+        task.to_device, task.evaluate = to_device_then_watch, stop_watching_then_evaluate
         try:
-            assert engine.run(SyncCounting(vit_main.build_model, vit_main.check_model_args), args) == ExitCode.OK
+            assert engine.run(task, args) == ExitCode.OK
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-    assert SyncCounting.steps == 6 and len(syncs) <= SyncCounting.steps, syncs
+    assert steps[0] == 6 and len(syncs) <= steps[0], syncs
 
 
 def test_resume_on_the_default_path_with_workers_continues_the_same_run(tiny_data, tmp_path, device):

@@ -24,6 +24,7 @@ import pandas as pd
 from tools.reporting import check_outputs, run_tool
 from tools.sweep import run_name
 from util.errors import SetupError
+from util.log import write_text
 from util.metrics import mean_auroc, patient_bootstrap, per_finding_auroc
 from util.vis import save_figure
 
@@ -128,21 +129,14 @@ def collect(args) -> int:
     unfinished = [r["folder"] for r in runs if not r["finished"]]
     os.makedirs(args.out, exist_ok=True)
     table = pd.DataFrame(rows)
-    write_atomic(outputs[1], table.assign(pooled_ci95=table["pooled_ci95"].astype(str)).to_csv(index=False))
+    write_text(outputs[1], table.assign(pooled_ci95=table["pooled_ci95"].astype(str)).to_csv(index=False))
     markdown = format_markdown(rows, metric, unfinished, args)
-    write_atomic(outputs[0], markdown)
-    write_atomic(outputs[2], format_latex(rows, metric))
+    write_text(outputs[0], markdown)
+    write_text(outputs[2], format_latex(rows, metric))
     plot(rows, metric, outputs[3])
     print(markdown, end="")
     print(f"wrote {', '.join(outputs)}")
     return 0
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _ci(ci) -> str:

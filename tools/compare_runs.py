@@ -26,6 +26,7 @@ import pandas as pd
 
 from tools.reporting import check_outputs, run_tool
 from util.errors import SetupError
+from util.log import write_json, write_text
 from util.metrics import auroc, patient_bootstrap
 from util.stats import delong_paired, holm, mcnemar
 from util.vis import save_figure
@@ -87,16 +88,9 @@ def compare(args) -> int:
     print(table)
     write_text(outputs[1], table + "\n")
     forest_plot(comparison, outputs[2], args.run_a, args.run_b)
-    write_text(outputs[0], json.dumps(comparison, indent=2) + "\n")
+    write_json(outputs[0], comparison)
     print(f"wrote {outputs[0]}, {outputs[1]} and {outputs[2]}")
     return 0
-
-
-def write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _bootstrap_p(differences: np.ndarray, observed: float) -> float:

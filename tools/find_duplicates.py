@@ -19,7 +19,6 @@ image, pool image, distance), OUT/exclude_list.txt (the split images with a near
 import argparse
 import datetime
 import hashlib
-import json
 import multiprocessing
 import os
 import sys
@@ -31,6 +30,7 @@ import pandas as pd
 from data.phash import MAX_INDEXED_DISTANCE, HashIndex, phash_file
 from tools.reporting import check_outputs, run_tool
 from util.errors import SetupError
+from util.log import write_json, write_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".mha", ".mhd")
 SAVE_EVERY = 2000  # hashes between cache writes
@@ -157,17 +157,12 @@ def find_duplicates(args) -> int:
     table = pd.DataFrame(pairs, columns=["split_image", "pool_image", "distance"]).sort_values(
         ["distance", "split_image"])
     duplicated = sorted(set(table["split_image"]))
-    for path, text in ((outputs[0], table.to_csv(index=False)), (outputs[1], "".join(p + "\n" for p in duplicated))):
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+    write_text(outputs[0], table.to_csv(index=False))
+    write_text(outputs[1], "".join(p + "\n" for p in duplicated))
     summary = {"pool_images": len(pool_paths), "split_images": len(split_paths), "pairs": len(pairs),
                "split_images_with_a_duplicate": len(duplicated), "max_distance": args.max_distance,
                "comparison_seconds": round(seconds, 3), "undecodable": pool_bad + split_bad}
-    with open(outputs[2] + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(outputs[2] + ".tmp", outputs[2])
+    write_json(outputs[2], summary)
     print(f"{len(duplicated)} of {len(split_paths)} split images have a near-duplicate among {len(pool_paths)} pool "
           f"images ({len(pairs)} pairs within {args.max_distance} bits; compared in {seconds:.1f} s)")
     if pool_bad or split_bad:

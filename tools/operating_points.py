@@ -14,7 +14,6 @@ and reports test ECE after scaling too. Writes OUT/operating_points.json (thresh
 model) and OUT/reliability.png, and prints the table.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -23,6 +22,7 @@ import pandas as pd
 
 from tools.reporting import check_outputs, run_tool
 from util.errors import SetupError
+from util.log import write_json
 from util.metrics import patient_bootstrap
 from util.vis import save_figure
 
@@ -165,10 +165,7 @@ def operating_points(args) -> int:
               "calibration": calibration, "resamples": args.resamples, "seed": args.seed}
     os.makedirs(args.out, exist_ok=True)
     reliability_diagram(bins, pooled_ece, outputs[1])
-    tmp = f"{outputs[0]}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, outputs[0])
+    write_json(outputs[0], result)
     print(format_table(result))
     print(f"wrote {outputs[0]} and {outputs[1]}")
     return 0

@@ -13,7 +13,6 @@ fewer than --min_positives positives (or negatives) in a subgroup is reported as
 Writes OUT/subgroups.json and OUT/subgroups.png (each subgroup's mean AUROC with its interval) and prints a table.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ import pandas as pd
 
 from tools.reporting import check_outputs, run_tool
 from util.errors import SetupError
+from util.log import write_json
 from util.metrics import bootstrap_auroc, mean_auroc, per_finding_auroc
 from util.vis import save_figure
 
@@ -134,10 +134,7 @@ def subgroups(args) -> int:
             result["groups"][name][value] = score_subgroup(rows, labels, scores, patients, findings, args)
     os.makedirs(args.out, exist_ok=True)
     plot(result, outputs[1])
-    tmp = f"{outputs[0]}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, outputs[0])
+    write_json(outputs[0], result)
     print(format_table(result))
     print(f"wrote {outputs[0]} and {outputs[1]}")
     return 0

@@ -191,12 +191,17 @@ class RunLog:
             self.writer.close()
 
 
+def write_text(path: str, text: str) -> None:
+    """Write atomically, so a reader (or a rerun after a kill) never finds half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: str, obj) -> None:
     """Write atomically, so a reader never sees half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def git_commit(short: bool = True) -> str:

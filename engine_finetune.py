@@ -26,6 +26,7 @@ from data import covidx, labelled
 from engine import Selection, SelectionState, Task, TaskData, checkpointed, file_fingerprint, log_load_report
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
+from util import predictions
 from util.errors import SetupError
 from util.lars import Lars
 from util.log import MetricLogger, git_commit, write_json
@@ -268,9 +269,7 @@ class ClassificationTask(Task):
     def complete_outputs(self, out: str) -> None:
         """A complete run whose plots are missing (a kill after results.json, an older version wrote that first)
         gets them again from test_predictions.csv and log.txt; nothing is scored again."""
-        table = pd.read_csv(os.path.join(out, PREDICTIONS_NAME))
-        labels = table[[f"{name} label" for name in self.findings]].to_numpy(dtype=np.float32)
-        scores = table[[f"{name} score" for name in self.findings]].to_numpy(dtype=np.float32)
+        labels, scores = predictions.arrays(predictions.read(out, PREDICTIONS_NAME), self.findings, np.float32)
         aurocs = per_finding_auroc(scores, labels)
         expected = [roc_path(os.path.join(out, "roc"), name) for name, a in zip(self.findings, aurocs) if a is not None]
         if not all(os.path.isfile(p) for p in expected):

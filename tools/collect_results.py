@@ -23,6 +23,7 @@ import pandas as pd
 
 from tools.reporting import check_outputs, run_tool
 from tools.sweep import run_name
+from util import predictions
 from util.errors import SetupError
 from util.log import write_text
 from util.metrics import mean_auroc, patient_bootstrap, per_finding_auroc
@@ -75,14 +76,11 @@ def read_run(folder: str) -> dict:
 
 def score_table(folder: str, kind: str) -> tuple[pd.DataFrame, callable]:
     """The run's test predictions by image, and a function rows -> its score on those rows."""
-    table = pd.read_csv(os.path.join(folder, "test_predictions.csv"), dtype={"image": str, "patient": str})
-    table = table.set_index("image").sort_index()
+    table = predictions.read(folder, "test_predictions.csv").set_index("image").sort_index()
     if kind == "single-label":
         correct = (table["predicted"] == table["label"]).to_numpy()
         return table, lambda rows: float(correct[rows].mean())
-    findings = [c[: -len(" label")] for c in table.columns if c.endswith(" label")]
-    labels = table[[f"{f} label" for f in findings]].to_numpy()
-    scores = table[[f"{f} score" for f in findings]].to_numpy()
+    labels, scores = predictions.arrays(table, predictions.findings_of(table))
 
     def score(rows):
         value = mean_auroc(per_finding_auroc(scores[rows], labels[rows]))

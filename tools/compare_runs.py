@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from tools.reporting import check_outputs, run_tool
+from util import predictions
 from util.errors import SetupError
 from util.log import write_json, write_text
 from util.metrics import auroc, patient_bootstrap
@@ -49,13 +50,13 @@ def main(argv=None) -> int:
 
 
 def read_run(folder: str) -> tuple[pd.DataFrame, dict]:
-    predictions, results = os.path.join(folder, "test_predictions.csv"), os.path.join(folder, "results.json")
-    for path in (predictions, results):
-        if not os.path.isfile(path):
-            raise SetupError(f"{folder} has no {os.path.basename(path)}: give a finished fine-tuning run folder "
-                             "(its test list scored)")
+    table = predictions.read(folder, "test_predictions.csv", " (its test list scored)")
+    results = os.path.join(folder, "results.json")
+    if not os.path.isfile(results):
+        raise SetupError(f"{folder} has no results.json: give a finished fine-tuning run folder (its test list "
+                         "scored)")
     with open(results, encoding="utf-8") as f:
-        return pd.read_csv(predictions, dtype={"image": str, "patient": str}), json.load(f)
+        return table, json.load(f)
 
 
 def align(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -65,7 +66,8 @@ def align(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str) -> tuple[p
         raise SetupError(f"the runs scored different test images: {len(only_a)} only in {name_a} (e.g. "
                          f"{only_a[:3]}), {len(only_b)} only in {name_b} (e.g. {only_b[:3]}); compare runs scored on "
                          "the same --test_list")
-    return a.set_index("image").sort_index(), b.set_index("image").loc[a.set_index("image").sort_index().index]
+    a = a.set_index("image").sort_index()
+    return a, b.set_index("image").loc[a.index]
 
 
 def compare(args) -> int:
@@ -104,12 +106,11 @@ def _bootstrap_p(differences: np.ndarray, observed: float) -> float:
 
 
 def compare_multi_label(a: pd.DataFrame, b: pd.DataFrame, patients: np.ndarray, args) -> dict:
-    findings = [c[: -len(" label")] for c in a.columns if c.endswith(" label")]
-    labels = a[[f"{f} label" for f in findings]].to_numpy(np.float64)
-    if not np.array_equal(labels, b[[f"{f} label" for f in findings]].to_numpy(np.float64)):
+    findings = predictions.findings_of(a)
+    (labels, sa), (labels_b, sb) = predictions.arrays(a, findings), predictions.arrays(b, findings)
+    if not np.array_equal(labels, labels_b):
         raise SetupError("the runs' test labels differ for the same images: they were scored against different "
                          "label files")
-    sa, sb = (t[[f"{f} score" for f in findings]].to_numpy(np.float64) for t in (a, b))
     defined = [k for k in range(len(findings)) if 0 < labels[:, k].sum() < len(labels)]
 
     def differences(rows):

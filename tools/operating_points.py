@@ -18,9 +18,9 @@ import os
 import sys
 
 import numpy as np
-import pandas as pd
 
 from tools.reporting import check_outputs, run_tool
+from util import predictions
 from util.errors import SetupError
 from util.log import write_json
 from util.metrics import patient_bootstrap
@@ -52,17 +52,12 @@ def main(argv=None) -> int:
 
 def read_predictions(folder: str, name: str) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """(findings, labels [N, K], scores [N, K], patients [N]) of a predictions file of a multi-label run."""
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        hint = (" (runs before val_predictions.csv was written: score the checkpoint again with --eval)"
-                if name.startswith("val") else "")
-        raise SetupError(f"{folder} has no {name}: give a finished multi-label fine-tuning run folder{hint}")
-    table = pd.read_csv(path, dtype={"image": str, "patient": str})
-    findings = [c[: -len(" label")] for c in table.columns if c.endswith(" label")]
-    if not findings:
-        raise SetupError(f"{path} has no '<finding> label' columns: operating points are for multi-label runs")
-    return (findings, table[[f"{f} label" for f in findings]].to_numpy() > 0.5,
-            table[[f"{f} score" for f in findings]].to_numpy(np.float64), table["patient"].to_numpy())
+    hint = (" (runs before val_predictions.csv was written: score the checkpoint again with --eval)"
+            if name.startswith("val") else "")
+    table = predictions.read(folder, name, hint)
+    findings = predictions.require_findings(table, os.path.join(folder, name), "operating points")
+    labels, scores = predictions.arrays(table, findings)
+    return findings, labels > 0.5, scores, table["patient"].to_numpy()
 
 
 def choose_thresholds(scores: np.ndarray, positive: np.ndarray, target_sensitivity: float) -> dict | None:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tools.reporting import check_outputs, run_tool
+from util import predictions
 from util.errors import SetupError
 from util.log import write_json
 from util.metrics import bootstrap_auroc, mean_auroc, per_finding_auroc
@@ -77,15 +78,15 @@ def read_metadata(args) -> tuple[pd.DataFrame, str, list[tuple[str, str]]]:
     return table, key, groups
 
 
-def join(predictions: pd.DataFrame, metadata: pd.DataFrame, key: str, path: str) -> pd.DataFrame:
+def join(table: pd.DataFrame, metadata: pd.DataFrame, key: str, path: str) -> pd.DataFrame:
     """The metadata row of every test image: an exact key, or (CheXpert paths) the key that ends with the name."""
     by_key = metadata.drop_duplicates(key).set_index(key)
-    exact = predictions["image"].isin(by_key.index)
+    exact = table["image"].isin(by_key.index)
     if exact.all():
-        return by_key.loc[predictions["image"]].reset_index(drop=True)
+        return by_key.loc[table["image"]].reset_index(drop=True)
     suffix = {k.replace("\\", "/").split("/", 1)[-1]: k for k in by_key.index}  # CheXpert: drop the top folder
     rows = []
-    for name in predictions["image"]:
+    for name in table["image"]:
         match = name if name in by_key.index else next((full for end, full in suffix.items()
                                                         if end.endswith(name) or name.endswith(end)), None)
         if match is None:
@@ -110,18 +111,12 @@ def band(value: str, bands: list[float]) -> str:
 def subgroups(args) -> int:
     outputs = [os.path.join(args.out, "subgroups.json"), os.path.join(args.out, "subgroups.png")]
     check_outputs(outputs, [], args.overwrite)
-    path = os.path.join(args.run, "test_predictions.csv")
-    if not os.path.isfile(path):
-        raise SetupError(f"{args.run} has no test_predictions.csv: give a finished fine-tuning run folder")
-    predictions = pd.read_csv(path, dtype={"image": str, "patient": str})
-    findings = [c[: -len(" label")] for c in predictions.columns if c.endswith(" label")]
-    if not findings:
-        raise SetupError(f"{path} has no '<finding> label' columns: subgroups are for multi-label runs")
-    labels = predictions[[f"{f} label" for f in findings]].to_numpy(np.float64)
-    scores = predictions[[f"{f} score" for f in findings]].to_numpy(np.float64)
-    patients = predictions["patient"].to_numpy()
+    table = predictions.read(args.run, "test_predictions.csv")
+    findings = predictions.require_findings(table, os.path.join(args.run, "test_predictions.csv"), "subgroups")
+    labels, scores = predictions.arrays(table, findings)
+    patients = table["patient"].to_numpy()
     metadata, key, groups = read_metadata(args)
-    joined = join(predictions, metadata, key, args.metadata)
+    joined = join(table, metadata, key, args.metadata)
     result = {"run": os.path.abspath(args.run), "metadata": os.path.abspath(args.metadata),
               "min_positives": args.min_positives, "resamples": args.resamples, "seed": args.seed, "groups": {}}
     for name, column in groups:

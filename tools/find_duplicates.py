@@ -27,6 +27,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from data.checks import files_exist
 from data.phash import MAX_INDEXED_DISTANCE, HashIndex, phash_file
 from tools.reporting import check_outputs, run_tool
 from util.errors import SetupError
@@ -60,22 +61,24 @@ def main(argv=None) -> int:
 
 
 def list_images(sources: list[str], root: str | None, flag: str) -> list[str]:
-    paths = []
+    walked, listed = [], []  # a walked file exists; a listed one is checked
     for source in sources:
         if os.path.isdir(source):
             for folder, _, files in os.walk(source):
-                paths += [os.path.join(folder, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+                walked += [os.path.join(folder, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
         elif os.path.isfile(source):
             base = root or os.path.dirname(os.path.abspath(source))
             with open(source, encoding="utf-8-sig") as f:
-                for number, line in enumerate(f, start=1):
+                for line in f:
                     token = next((t for t in line.replace(",", " ").split() if t.lower().endswith(IMAGE_EXTENSIONS)),
                                  None)
                     if token is not None:
-                        paths.append(token if os.path.isabs(token) else os.path.join(base, token))
+                        listed.append(token if os.path.isabs(token) else os.path.join(base, token))
         else:
             raise SetupError(f"{flag}: {source} is neither a folder nor a list file")
-    missing = [p for p in paths if not os.path.isfile(p)]
+    listed_array = np.array(listed, dtype=np.bytes_)
+    missing = [p.decode() for p in listed_array[~files_exist(listed_array)]] if listed else []
+    paths = walked + listed
     if missing:
         raise SetupError(f"{flag}: {len(missing)} listed image(s) not found, e.g. {missing[:3]}; check the list and "
                          f"{'--split_root' if flag == '--split' else '--pool_root'}")
@@ -97,7 +100,7 @@ def hashes_of(paths: list[str], cache_dir: str, workers: int, what: str) -> tupl
     os.makedirs(cache_dir, exist_ok=True)
     key = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
     cache_path = os.path.join(cache_dir, f"phash_{what}_{key}.npz")
-    stamps = {p: (os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths}
+    stamps = {p: (s.st_size, s.st_mtime_ns) for p, s in ((p, os.stat(p)) for p in paths)}
     known = {}
     if os.path.isfile(cache_path):
         with np.load(cache_path, allow_pickle=False) as cached:

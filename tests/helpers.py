@@ -66,6 +66,12 @@ def tiny_run_args(data_path: str, out: str, model: str = "mae_vit_debug_patch16"
              "num_workers": 0, "device": "cpu", "data_path": data_path, "output_dir": out, "log_dir": out,
              "blr": 1.5e-4, "print_freq": 1, "train_list": nih_subset(data_path)}
     flags.update(overrides)
+    return argv(flags) + ["--datasets_names", "chexpert", "chestxray_nih", "mimic_cxr"]
+
+
+def argv(flags: dict) -> list[str]:
+    """{flag: value} as command-line words: True is the bare flag, None and False leave it out, a list or tuple
+    gives several values."""
     args = []
     for key, value in flags.items():
         if value is True:
@@ -74,7 +80,7 @@ def tiny_run_args(data_path: str, out: str, model: str = "mae_vit_debug_patch16"
             args += [f"--{key}", *map(str, value)]
         elif value is not None and value is not False:
             args += [f"--{key}", str(value)]
-    return args + ["--datasets_names", "chexpert", "chestxray_nih", "mimic_cxr"]
+    return args
 
 
 def build_dataset(names, data_path, **overrides):

@@ -14,7 +14,7 @@ import torch
 
 import main_finetune_chestxray as ft_main
 from data.synthetic import make_nih, make_nih_labelled
-from tests.helpers import run_tool_in_process
+from tests.helpers import argv, run_tool_in_process
 
 FLAGS = {"model": "vit_debug_patch16", "input_size": 32, "batch_size": 4, "warmup_epochs": 0, "num_workers": 0,
          "device": "cpu", "print_freq": 50, "bootstrap": 0, "epochs": 1}
@@ -23,7 +23,7 @@ FLAGS = {"model": "vit_debug_patch16", "input_size": 32, "batch_size": 4, "warmu
 def finetune_flags(lists: dict, root: str, out, **extra) -> list[str]:
     flags = {"data_path": root, "train_list": lists["train"], "val_list": lists["val"], "test_list": lists["test"],
              **FLAGS, "output_dir": str(out), "log_dir": str(out), **extra}
-    return [t for k, v in flags.items() for t in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+    return argv(flags)
 
 
 def md5s(folder) -> dict:
@@ -321,8 +321,8 @@ def test_a_chexpert_valid_csv_without_a_finding_fails_at_start_up(tmp_path, capl
     valid = tmp_path / "CheXpert-v1.0-small" / "valid.csv"
     pd.read_csv(valid).drop(columns=["Edema"]).to_csv(valid, index=False)
     out = tmp_path / "out"
-    flags = [t for k, v in {**FLAGS, "dataset": "chexpert", "nb_classes": 5, "output_dir": out, "log_dir": out,
-                             "data_path": tmp_path / "CheXpert-v1.0-small"}.items() for t in (f"--{k}", str(v))]
+    flags = argv({**FLAGS, "dataset": "chexpert", "nb_classes": 5, "output_dir": out, "log_dir": out,
+                  "data_path": tmp_path / "CheXpert-v1.0-small"})
     code, text = run_finetune(flags, caplog)
     assert code == 1 and re.search(r"\S+valid.csv lacks the column\(s\) \['Edema'\]", text), text
     assert "Epoch: [0]" not in text and not (out / "checkpoint-last.pth").exists()

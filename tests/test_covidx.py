@@ -12,14 +12,14 @@ import pytest
 import main_finetune_chestxray as ft_main
 from data import covidx, labelled
 from data.synthetic import make_covidx
-from tests.helpers import picture
+from tests.helpers import argv, picture
 
 
 def covidx_flags(root: str, out, **extra) -> list[str]:
     flags = {"dataset": "covidx", "nb_classes": 4, "data_path": root, "model": "vit_debug_patch16", "input_size": 32,
              "batch_size": 4, "epochs": 2, "warmup_epochs": 0, "num_workers": 0, "device": "cpu", "print_freq": 50,
              "bootstrap": 20, "output_dir": str(out), "log_dir": str(out), **extra}
-    return [t for k, v in flags.items() for t in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+    return argv(flags)
 
 
 def parse(flags):

@@ -9,6 +9,7 @@ import pytest
 
 import main_finetune_chestxray as ft_main
 from data.synthetic import make_csv_dataset
+from tests.helpers import argv
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def csv_flags(root: str, files: dict, out, **extra) -> list[str]:
              "test_list": files["test"], "patient_column": "patient", "model": "vit_debug_patch16", "input_size": 32,
              "batch_size": 4, "epochs": 1, "warmup_epochs": 0, "num_workers": 0, "device": "cpu", "print_freq": 50,
              "bootstrap": 10, "output_dir": str(out), "log_dir": str(out), **extra}
-    return [t for k, v in flags.items() for t in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+    return argv(flags)
 
 
 def test_own_csv_multi_label(own, tmp_path):

@@ -9,6 +9,7 @@ import torch
 
 import engine
 from engine import Selection, SelectionState, Task, TaskData, TrainState
+from tests.helpers import argv
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
 from util.args import ExitCode, add_common_args
@@ -131,7 +132,7 @@ def test_a_bug_is_reported_with_its_traceback_then_one_line(tmp_path, caplog):
 # ---- the pieces, on a hand-built Run ---------------------------------------------------------------------------
 
 def toy_run(tmp_path, task=None, **flags) -> engine.Run:
-    args = toy_args(tmp_path, *[t for k, v in flags.items() for t in (f"--{k}", str(v))])
+    args = toy_args(tmp_path, *argv(flags))
     args.lr = 0.1
     task = task or ToyTask()
     model = task.build_model(args)

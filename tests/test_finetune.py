@@ -25,7 +25,7 @@ import models_mae_cnn
 import models_vit
 from data import labelled
 from data.synthetic import make_chexpert, make_nih_labelled
-from tests.helpers import ROOT, child_env, picture, run_cli, spawn, tensorboard_scalars, wait_for_line
+from tests.helpers import ROOT, argv, child_env, picture, run_cli, spawn, tensorboard_scalars, wait_for_line
 from util.args import validate_args
 from util.checkpoint import load_checkpoint
 
@@ -44,7 +44,7 @@ def nih_flags(lists: dict, root: str, out: str, **extra) -> list[str]:
     flags = {"data_path": root, "train_list": lists["train"], "val_list": lists["val"], "test_list": lists["test"],
              "model": "vit_debug_patch16", "input_size": 32, "batch_size": 4, "warmup_epochs": 0, "num_workers": 0,
              "device": "cpu", "output_dir": out, "log_dir": out, "print_freq": 50, "bootstrap": 20, **extra}
-    return [t for k, v in flags.items() for t in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+    return argv(flags)
 
 
 @pytest.fixture(scope="module")

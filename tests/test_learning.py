@@ -11,6 +11,7 @@ import pytest
 
 import main_finetune_chestxray as ft_main
 from data.synthetic import make_covidx, make_csv_dataset, make_nih_labelled, make_node21
+from tests.helpers import argv
 
 SHUFFLE_SEEDS = (0, 1)
 
@@ -96,7 +97,7 @@ def test_drawn_findings_are_learnt_and_shuffled_labels_are_not(tmp_path, dataset
         flags = {"model": "vit_debug_patch16", "input_size": 64, "batch_size": 8, "epochs": 10, "warmup_epochs": 1,
                  "blr": 0.03, "layer_decay": 1.0, "num_workers": 0, "device": "cpu", "bootstrap": 0,
                  "print_freq": 1000, "output_dir": out, "log_dir": out, **flags}
-        assert ft_main.main([t for k, v in flags.items() for t in (f"--{k}", str(v))]) == 0
+        assert ft_main.main(argv(flags)) == 0
         scores[shuffle] = score(json.loads((out / "results.json").read_text()), metric, findings)
     chance, shuffled = CHANCE[metric], float(np.mean([scores[s] for s in SHUFFLE_SEEDS]))
     assert scores[None] > chance + 0.25, scores  # learnt: far above chance

@@ -15,13 +15,14 @@ import main_finetune_chestxray as ft_main
 from data import labelled, node21
 from data.image_io import load_gray
 from data.synthetic import make_node21
+from tests.helpers import argv
 
 
 def node21_flags(root, out, **extra) -> list[str]:
     flags = {"dataset": "node21", "nb_classes": 1, "data_path": root, "model": "vit_debug_patch16", "input_size": 32,
              "batch_size": 4, "epochs": 2, "warmup_epochs": 0, "num_workers": 0, "device": "cpu", "print_freq": 50,
              "bootstrap": 20, "output_dir": str(out), "log_dir": str(out), **extra}
-    return [t for k, v in flags.items() for t in ([f"--{k}"] if v is True else [f"--{k}", str(v)])]
+    return argv(flags)
 
 
 def parse(flags):

@@ -74,8 +74,8 @@ def test_a_listed_image_that_is_missing_is_named(tmp_path):
     (tmp_path / "pool").mkdir()
     Image.fromarray(chest_image(32, 32, seed=0)).save(tmp_path / "pool" / "x.png")
     (tmp_path / "list.txt").write_text("patient1 a.png normal rsna\n")
-    proc = run_tool("find_duplicates.py", "--pool", str(tmp_path / "pool"), "--split", str(tmp_path / "list.txt"), "--out",
-                    str(tmp_path / "out"))
+    proc = run_tool("find_duplicates.py", "--pool", str(tmp_path / "pool"), "--split", str(tmp_path / "list.txt"),
+                    "--out", str(tmp_path / "out"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"--split: 1 listed image(s) not found, e.g. ['{tmp_path}/a.png']; check the list and --split_root" in \
         proc.stderr, proc.stderr

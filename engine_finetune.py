@@ -88,9 +88,12 @@ def shared_splits(args, info, device) -> dict:
 
 
 def reference_flag_problems(args, linear_probe: bool) -> list[str]:
-    """The reference's --optimizer, --loss_func, --aug_strategy, --src and --resplit: accepted at what this project
-    does, refused otherwise with what to use instead."""
+    """The reference's --optimizer, --loss_func, --aug_strategy, --src, --resplit, --repeated-aug and --ThreeAugment:
+    accepted at what this project does, refused otherwise with what to use instead."""
     problems = []
+    if args.repeated_aug or args.ThreeAugment:
+        problems.append("--repeated-aug and --ThreeAugment are the reference's flags for DeiT-style training and are "
+                        "not supported in fine-tuning here; drop them (its published commands do not use them)")
     optimizer = "lars" if linear_probe else "adamw"
     if args.optimizer is not None and args.optimizer.lower() != optimizer:
         problems.append(f"--optimizer {args.optimizer}: this script trains with {optimizer} (MAE's "
@@ -132,9 +135,6 @@ def check_args(args) -> list[str]:
     if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax) and args.batch_size % 2:
         problems.append(f"--mixup/--cutmix pair each image with another of its batch: --batch_size must be even, "
                         f"got {args.batch_size}")
-    if args.repeated_aug or args.ThreeAugment:
-        problems.append("--repeated-aug and --ThreeAugment are the reference's flags for DeiT-style training and are "
-                        "not supported in fine-tuning here; drop them (its published commands do not use them)")
     if args.eval and not args.resume:
         problems.append("--eval scores a fine-tuned model: pass --resume with a checkpoint of this script")
     return problems

@@ -546,7 +546,7 @@ def test_reference_flags_are_accepted_moot_or_refused_with_the_reason(tmp_path):
 
     assert "ColorJitter" not in steps([]) and "ColorJitter" in steps(["--color_jitter", "0.4"])
     for flag in ("--repeated-aug", "--ThreeAugment"):
-        problems = engine_finetune.check_args(parse([*base, flag]))
+        problems = engine_finetune.reference_flag_problems(parse([*base, flag]), linear_probe=False)
         assert any("not supported in fine-tuning here" in p for p in problems), problems
     # the reference's other switches: accepted at what this project does, refused otherwise naming the flag
     assert engine_finetune.reference_flag_problems(parse([*base, "--optimizer", "adamw", "--aug_strategy",

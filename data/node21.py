@@ -50,10 +50,10 @@ def read_metadata(path: str, flag: str) -> pd.DataFrame:
 
 def read_list(path: str, flag: str, metadata: pd.DataFrame) -> pd.DataFrame:
     """A given split: a metadata-format CSV, or image names one per line labelled from metadata.csv."""
-    if path.lower().endswith(".csv"):
-        return read_metadata(path, flag)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag} {path} not found")
+    if path.lower().endswith(".csv"):
+        return read_metadata(path, flag)
     with open(path, encoding="utf-8-sig") as f:
         names = [line.strip() for line in f if line.strip()]
     known = dict(zip(metadata["img_name"], metadata["label"]))

@@ -30,12 +30,18 @@ def chest_image(height: int, width: int, seed: int, lateral: bool = False) -> np
     """A uint8 frontal (or lateral) radiograph-like image. The anatomy varies with the seed (position and size of
     the body, lungs and heart, the ribs' spacing, a few darker patches), so two seeds are two different images at
     the scale a perceptual hash sees, not the same image with other noise."""
+    return chest_image_and_lungs(height, width, seed, lateral)[0]
+
+
+def chest_image_and_lungs(height: int, width: int, seed: int, lateral: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """chest_image and its lung mask (bool, the two lung fields as drawn; empty for a lateral view)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     y, x = y / height, x / width
     cx = 0.5 + rng.uniform(-0.04, 0.04)
     cy, half_width = 0.55 + rng.uniform(-0.03, 0.03), 0.42 + rng.uniform(-0.05, 0.03)
     img = np.full((height, width), 0.08, np.float32)
+    lungs = np.zeros((height, width), dtype=bool)
     body = ((x - cx) / half_width) ** 2 + ((y - cy) / 0.55) ** 2 < 1
     img[body] = 0.55
     if lateral:
@@ -46,10 +52,13 @@ def chest_image(height: int, width: int, seed: int, lateral: bool = False) -> np
             lung = (((x - cx - side * lung_dx) / (0.13 + rng.uniform(-0.025, 0.025))) ** 2
                     + ((y - lung_y) / (0.3 + rng.uniform(-0.05, 0.05))) ** 2 < 1)
             img[lung] = 0.22 + rng.uniform(-0.03, 0.03)
+            lungs |= lung
         heart_r = 0.12 + rng.uniform(-0.025, 0.03)
         heart = ((x - cx + 0.05 + rng.uniform(-0.03, 0.03)) / heart_r) ** 2 + ((y - 0.62) / 0.12) ** 2 < 1
         img[heart] = 0.7
+        lungs &= ~heart  # the heart is drawn over the lungs
         img[np.abs(x - cx) < 0.035] = 0.8  # spine
+        lungs &= np.abs(x - cx) >= 0.035
         spacing, phase = 14 + rng.uniform(-3, 3), rng.uniform(0, 2)
         ribs = 0.08 * (np.sin((y * spacing + phase + 3 * (x - cx) ** 2 * 6) * np.pi) > 0.85)
         img += ribs * body
@@ -57,7 +66,7 @@ def chest_image(height: int, width: int, seed: int, lateral: bool = False) -> np
         py, px, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.04, 0.09)
         img[((x - px) / r) ** 2 + ((y - py) / r) ** 2 < 1] -= rng.uniform(0.06, 0.12)
     img += rng.normal(0, 0.03, img.shape).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), lungs
 
 
 def save_image(path: str, pixels: np.ndarray, mode: str = "L") -> None:
@@ -350,7 +359,7 @@ def make_padchest(root: str, n_images: int = 12, flat: bool = False, size=(48, 4
 
 def write_dicom(path: str, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12,
                 window: tuple[float, float] | None = None, rescale: tuple[float, float] | None = None,
-                file_meta: bool = True, pixel_data: bool = True) -> None:
+                file_meta: bool = True, pixel_data: bool = True, patient_id: str = "anon") -> None:
     """An uncompressed little-endian DICOM (no plugins needed to read it back)."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -362,7 +371,7 @@ def write_dicom(path: str, pixels: np.ndarray, photometric: str = "MONOCHROME2",
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(path, {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "anon"
+    ds.Modality, ds.PatientID = "DX", patient_id
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
@@ -505,4 +514,69 @@ def make_node21(root: str, images: int = 40, size=(64, 64), seed: int = 0, exten
                         os.path.join(root, "images", name + ".mha"))
     path = os.path.join(root, "metadata.csv")
     _write_csv(path, ["img_name", "x", "y", "width", "height", "label"], rows)
+    return path
+
+
+def make_lung_masks(root: str, images: int = 40, size=(64, 64), seed: int = 0, mask_suffix: str = "_mask") -> str:
+    """A lung-mask release in the folder layout: root/images/cxr_0000.png and root/masks/cxr_0000<mask_suffix>.png
+    (0/255), the lungs exactly as chest_image_and_lungs draws them (darker fields whose size and place vary by
+    image). Returns root."""
+    rng = np.random.default_rng(seed)
+    for k in range(images):
+        img, lungs = chest_image_and_lungs(*size, seed=int(rng.integers(1 << 30)))
+        save_image(os.path.join(root, "images", f"cxr_{k:04d}.png"), img)
+        save_image(os.path.join(root, "masks", f"cxr_{k:04d}{mask_suffix}.png"), lungs.astype(np.uint8) * 255)
+    return root
+
+
+def siim_image_id(k: int) -> str:
+    """An ImageId shaped like SIIM-ACR's (a DICOM UID)."""
+    return f"1.2.276.0.7230010.3.1.4.8323329.{1000 + k}.1517875167.{500000 + k}"
+
+
+def pneumothorax(img: np.ndarray, lungs: np.ndarray, rng, sides: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Draw `sides` pneumothoraces: the outer third of a lung field made dark and smooth (air without lung markings),
+    one region per side; (image, [region masks])."""
+    h, w = lungs.shape
+    x = np.mgrid[0:h, 0:w][1]
+    regions = []
+    for side in rng.permutation(2)[:sides]:
+        field = lungs & ((x < w / 2) if side == 0 else (x >= w / 2))
+        cols = np.flatnonzero(field.any(axis=0))
+        if not len(cols):
+            continue
+        cut = cols[0] + len(cols) // 3 if side == 0 else cols[-1] - len(cols) // 3
+        region = field & ((x < cut) if side == 0 else (x > cut))
+        img = img.copy()
+        img[region] = 12
+        regions.append(region)
+    return img, regions
+
+
+def make_siim(root: str, images: int = 30, size=(64, 64), seed: int = 0, dicom: bool = True,
+              images_per_patient: int = 2) -> str:
+    """SIIM-ACR Pneumothorax's released layout: root/train-rle.csv ("ImageId, EncodedPixels", data/rle.py's
+    convention: one row per region, " -1" for none) and the images as dicom-images-train/<study>/<series>/<ImageId>.dcm
+    (12-bit, with a PatientID shared by images_per_patient images) or, dicom=False, as <ImageId>.png conversions
+    without patient ids. Half the images hold a pneumothorax (pneumothorax(); a quarter of those on both sides, so
+    two rows merge), the rest none. Returns the CSV's path."""
+    from data.rle import encode
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(images):
+        image_id = siim_image_id(k)
+        img, lungs = chest_image_and_lungs(*size, seed=int(rng.integers(1 << 30)))
+        sides = 0 if k % 2 else (2 if k % 8 == 0 else 1)
+        img, regions = pneumothorax(img, lungs, rng, sides)
+        rows += [[image_id, " " + encode(region)] for region in regions] or [[image_id, " -1"]]
+        if dicom:
+            folder = os.path.join(root, "dicom-images-train", f"1.2.276.0.7230010.3.1.2.{k}",
+                                  f"1.2.276.0.7230010.3.1.3.{k}")
+            write_dicom(os.path.join(folder, image_id + ".dcm"), img.astype(np.uint16) * 16,
+                        patient_id=f"patient{k // images_per_patient:04d}")
+        else:
+            save_image(os.path.join(root, "png", image_id + ".png"), img)
+    path = os.path.join(root, "train-rle.csv")
+    _write_csv(path, ["ImageId", " EncodedPixels"], rows)
     return path

@@ -259,15 +259,20 @@ def add_finetune_args(parser: argparse.ArgumentParser, linear_probe: bool) -> No
                      help="the reference's re-splitting switch, not supported: splits come from --train_list/"
                           "--val_list/--test_list and --label_fraction, refused with the reason (default: off)")
 
+    add_protocol_args(parser, "mean validation AUROC", "test AUROC")
+
+
+def add_protocol_args(parser: argparse.ArgumentParser, selected_by: str, scored: str) -> None:
+    """How a downstream task selects on validation and scores its test list once (classification, segmentation)."""
     protocol = parser.add_argument_group("Evaluation protocol")
     protocol.add_argument("--eval_interval", type=int, default=1,
-                          help="score the validation list every N epochs and at the last; the best mean validation "
-                               "AUROC selects the checkpoint (default: 1)")
+                          help=f"score the validation list every N epochs and at the last; the best {selected_by} "
+                               "selects the checkpoint (default: 1)")
     protocol.add_argument("--patience", type=int, default=0,
                           help="stop after N validation scores without improvement; 0 never stops early "
                                "(default: 0)")
     protocol.add_argument("--bootstrap", type=int, default=1000,
-                          help="patient-level bootstrap resamples for the test AUROC's 95%% confidence intervals; "
+                          help=f"patient-level bootstrap resamples for the {scored}'s 95%% confidence intervals; "
                                "0 skips them (default: 1000)")
     protocol.add_argument("--eval", action="store_true",
                           help="only score the test list with the --resume checkpoint and write results.json "

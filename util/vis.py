@@ -177,3 +177,26 @@ def save_confusion_matrix(matrix, class_names: list[str], path: str, title: str)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def save_segmentation_overlays(cases: list[dict], path: str, title: str) -> None:
+    """One panel per case: the image in gray, the true mask's outline in green and the prediction filled in red.
+    Each case: {'image': [H, W] uint8, 'truth': [H, W] bool, 'predicted': [H, W] bool, 'label': str}."""
+    plt = _pyplot()
+    columns = min(4, len(cases))
+    rows = (len(cases) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, case in zip(axes.flat, cases):
+        ax.imshow(case["image"], cmap="gray", vmin=0, vmax=255)
+        red = np.zeros((*case["predicted"].shape, 4))
+        red[case["predicted"]] = (1.0, 0.1, 0.1, 0.4)
+        ax.imshow(red)
+        if case["truth"].any():
+            ax.contour(case["truth"].astype(float), levels=[0.5], colors="lime", linewidths=1.2)
+        ax.set_title(case["label"], fontsize=8)
+    fig.suptitle(f"{title}\ngreen: true mask outline, red: prediction", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

@@ -21,7 +21,6 @@ import pandas as pd
 import torch
 from segmentation_models_pytorch.losses import DiceLoss
 
-import models_seg
 from data import segmentation
 from engine import Selection, SelectionState, Task, TaskData, checkpointed, file_fingerprint, log_load_report
 from util import checkpoint as ckpt_lib
@@ -29,6 +28,7 @@ from util import dist as dist_lib
 from util.errors import SetupError
 from util.log import MetricLogger, git_commit, write_json
 from util.metrics import bootstrap_segmentation, dice_iou
+from util.model_api import Segmenter
 from util.precision import autocast
 from util.vis import save_loss_curve, save_segmentation_overlays
 
@@ -60,39 +60,37 @@ class Scored:
 
 
 def check_args(args) -> list[str]:
-    problems = segmentation.check_data_args(args) + models_seg.check_model(args.model, args.input_size)
-    for flag in ("eval_interval",):
-        if getattr(args, flag) < 1:
-            problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    """The segmentation flags beyond the common ones and the model's (the entry script checks those)."""
+    problems = segmentation.check_data_args(args)
+    if args.eval_interval < 1:
+        problems.append(f"--eval_interval must be >= 1, got {args.eval_interval}")
     for flag in ("patience", "bootstrap"):
         if getattr(args, flag) < 0:
             problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if not 0.0 <= args.drop_path < 1.0:
         problems.append(f"--drop_path must be in [0, 1), got {args.drop_path}")
-    if models_seg.is_unet(args.model) and args.drop_path:
-        problems.append(f"--drop_path {args.drop_path}: stochastic depth is for ViT encoders; a U-Net takes 0")
-    if args.finetune and not models_seg.is_unet(args.model) and args.decoder_init == "pretrained":
-        problems.append(f"--decoder_init pretrained: an MAE checkpoint holds no decoder for {args.model}; pass "
-                        "--decoder_init random")
     if args.eval and not args.resume:
         problems.append("--eval scores a trained segmentation model: pass --resume with a checkpoint of this script")
     return problems
 
 
 class SegmentationTask(Task):
-    """Binary segmentation; the model is models_seg.create_model(--model) with one mask logit per pixel."""
+    """Binary segmentation: one mask logit per pixel. `build_segmenter(args)` makes a util.model_api.Segmenter;
+    `check_model_args(args)` lists problems with the model flags."""
 
     name = "segment"
     state_class = SegmentationState
     weights_flag = "--finetune"
     selection = Selection("val_dice", higher_is_better=True, description="mean validation Dice")
 
-    def __init__(self):
+    def __init__(self, build_segmenter, check_model_args):
+        self.build_segmenter, self.check_model_args = build_segmenter, check_model_args
+        self.segmenter: Segmenter | None = None
         self.splits: dict[str, segmentation.SegSplit] = {}
         self.dice_loss = DiceLoss(mode="binary", from_logits=True)
 
     def check_args(self, args) -> list[str]:
-        return check_args(args)
+        return check_args(args) + self.check_model_args(args)
 
     def identity(self, args) -> dict:
         return {"dataset": args.dataset, "data_path": os.path.abspath(args.data_path),
@@ -141,11 +139,11 @@ class SegmentationTask(Task):
     # ---- model ----------------------------------------------------------------------------------------------------
 
     def build_model(self, args) -> torch.nn.Module:
-        return models_seg.create_model(args.model, args.input_size, args.in_chans, classes=1,
-                                       drop_path=args.drop_path)
+        self.segmenter = self.build_segmenter(args)
+        return self.segmenter.model
 
     def build_optimizer(self, args, model, device) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(models_seg.param_groups(model, args.weight_decay), lr=args.lr)
+        return torch.optim.AdamW(self.segmenter.param_groups(args.weight_decay), lr=args.lr)
 
     def initialise(self, run, state: SegmentationState) -> None:
         args = run.args
@@ -153,9 +151,8 @@ class SegmentationTask(Task):
             logger.info("no --finetune checkpoint: the model starts from random initialisation")
             return
         try:
-            report = models_seg.load_pretrained(run.model_without_ddp,
-                                                ckpt_lib.load_checkpoint(args.finetune, args.unsafe_full_unpickle),
-                                                args.decoder_init)
+            report = self.segmenter.load_pretrained(ckpt_lib.load_checkpoint(args.finetune, args.unsafe_full_unpickle),
+                                                    args.decoder_init)
         except (OSError, ValueError, SetupError) as e:
             raise SetupError(f"--finetune {args.finetune}: {e}") from e
         log_load_report(f"--finetune {args.finetune} (--decoder_init {args.decoder_init})",
@@ -362,8 +359,9 @@ def results_table(results: dict) -> str:
         return text + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
 
     return "\n".join([
-        f"test on {test['list']} ({test['images']} images, {test['patients']} patients, {test['images_with_empty_mask']}"
-        f" with an empty mask), {results['model']}, checkpoint of epoch {results['selected_epoch']} (selected by "
+        f"test on {test['list']} ({test['images']} images, {test['patients']} patients, "
+        f"{test['images_with_empty_mask']} with an empty mask), {results['model']}, checkpoint of epoch "
+        f"{results['selected_epoch']} (selected by "
         f"mean validation Dice {fmt(results['val_mean_dice'], None)})",
         f"  mean Dice            {fmt(test['mean_dice'], test['mean_dice_ci95'])}",
         f"  mean IoU             {fmt(test['mean_iou'], test['mean_iou_ci95'])}",

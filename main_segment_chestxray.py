@@ -16,6 +16,7 @@ import models_seg
 from data.segmentation import add_data_args
 from engine_segment import LOSSES, SegmentationTask
 from util.args import ExitCode, add_common_args, add_protocol_args
+from util.model_api import Segmenter
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,12 +47,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_model_args(args) -> list[str]:
+    problems = models_seg.check_model(args.model, args.input_size)
+    if models_seg.is_unet(args.model) and args.drop_path:
+        problems.append(f"--drop_path {args.drop_path}: stochastic depth is for ViT encoders; a U-Net takes 0")
+    if args.finetune and not models_seg.is_unet(args.model) and args.decoder_init == "pretrained":
+        problems.append(f"--decoder_init pretrained: an MAE checkpoint holds no decoder for {args.model}; pass "
+                        "--decoder_init random")
+    return problems
+
+
+def build_segmenter(args) -> Segmenter:
+    model = models_seg.create_model(args.model, args.input_size, args.in_chans, classes=1, drop_path=args.drop_path)
+    return Segmenter(model, lambda ckpt, decoder_init: models_seg.load_pretrained(model, ckpt, decoder_init),
+                     lambda weight_decay: models_seg.param_groups(model, weight_decay))
+
+
 def main(argv=None) -> int:
     args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(argv)
     if args.model == "list":
         print("\n".join(models_seg.model_names()))
         return ExitCode.OK
-    return engine.run(SegmentationTask(), args)
+    return engine.run(SegmentationTask(build_segmenter, check_model_args), args)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = {"util", "data", "models_mae", "models_mae_cnn", "models_vit", "models_cnn", "engine", "engine_pretrain",
-           "engine_finetune", "main_pretrain_multi_datasets_xray", "main_pretrain_multi_datasets_xray_cnn",
+PROJECT = {"util", "data", "models_mae", "models_mae_cnn", "models_vit", "models_cnn", "models_seg", "engine",
+           "engine_pretrain", "engine_finetune", "engine_segment", "main_segment_chestxray",
+           "main_pretrain_multi_datasets_xray", "main_pretrain_multi_datasets_xray_cnn",
            "main_finetune_chestxray", "main_linprobe_chestxray", "tools", "scripts", "benchmarks", "tests"}
 ALLOWED = {
     "util": {"util"},
@@ -13,14 +14,17 @@ ALLOWED = {
     "models_mae_cnn": {"util"},
     "models_vit": {"util"},
     "models_cnn": {"util"},
+    "models_seg": {"util", "models_mae_cnn", "models_vit"},  # the encoders' names and their weight converters
     # the shared run knows no task and no model; each task builds on it alone (no import between tasks)
     "engine": {"data", "util"},
     "engine_pretrain": {"engine", "data", "util"},
     "engine_finetune": {"engine", "data", "util"},
+    "engine_segment": {"engine", "data", "util"},
     "main_pretrain_multi_datasets_xray": {"data", "util", "models_mae", "engine", "engine_pretrain"},
     "main_pretrain_multi_datasets_xray_cnn": {"data", "util", "models_mae_cnn", "engine", "engine_pretrain"},
     "main_finetune_chestxray": {"data", "util", "models_vit", "models_cnn", "engine", "engine_finetune"},
     "main_linprobe_chestxray": {"main_finetune_chestxray"},
+    "main_segment_chestxray": {"data", "util", "models_seg", "engine", "engine_segment"},
 }
 
 

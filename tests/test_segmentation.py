@@ -4,6 +4,7 @@ under DPT, the protocol's outputs, learning on drawn masks, and bad input."""
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ import models_mae_cnn
 import models_seg
 from data import rle, segmentation
 from data.synthetic import make_lung_masks, make_siim, siim_image_id
-from tests.helpers import argv
+from tests.helpers import argv, run_cli
 from util.checkpoint import load_checkpoint
 
 FLAGS = {"input_size": 64, "batch_size": 4, "warmup_epochs": 0, "num_workers": 0, "device": "cpu",
@@ -277,8 +278,8 @@ def test_siim_run_writes_every_output_and_a_rerun_is_complete(siim, runs, tmp_pa
 
 
 def test_short_runs_learn_drawn_lungs_with_the_whole_unet_and_the_encoder_alone(lungs, runs, tmp_path, caplog):
-    """Drawn lung fields (make_lung_masks): twelve short epochs take the test Dice (about 0.85 here) far above the empty-mask baseline (0,
-    every image has lungs), from the whole pre-trained U-Net and from its encoder alone."""
+    """Drawn lung fields (make_lung_masks): twelve short epochs take the test Dice (about 0.85 here) far above the
+    empty-mask baseline (0, every image has lungs), from the whole pre-trained U-Net and from its encoder alone."""
     for decoder_init in ("pretrained", "random"):
         out = tmp_path / decoder_init
         code, text = run_segment(seg_flags(lungs, out, model="unet_densenet121", finetune=runs["cnn"],
@@ -288,6 +289,25 @@ def test_short_runs_learn_drawn_lungs_with_the_whole_unet_and_the_encoder_alone(
         test = json.loads((out / "results.json").read_text())["test"]
         assert test["empty_prediction_baseline"] == 0.0
         assert test["mean_dice"] > 0.7, (decoder_init, test["mean_dice"])
+
+
+def test_two_ranks_score_every_test_image_once_as_one_process_does(lungs, tmp_path, free_port, caplog):
+    """torchrun, 2 processes: the test images are split between the ranks and gathered, so the per-image table of a
+    checkpoint scored by two ranks equals the one-process table (same images, same Dice)."""
+    two = tmp_path / "two"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}"]
+    run_cli([*torchrun, "main_segment_chestxray.py", *seg_flags(lungs, two, dataset="folder", mask_suffix="_mask",
+                                                                   epochs=1, input_size=32)], timeout=600)
+    results = json.loads((two / "results.json").read_text())
+    assert results["world_size"] == 2
+    one = tmp_path / "one"
+    code, text = run_segment(seg_flags(lungs, one, dataset="folder", mask_suffix="_mask", eval=True, input_size=32,
+                                       resume=str(two / "checkpoint-best.pth"),
+                                       **{f"{r}_list": str(two / f"seg_{r}.csv") for r in segmentation.ROLES}), caplog)
+    assert code == 0, text
+    a, b = pd.read_csv(two / "test_metrics.csv"), pd.read_csv(one / "test_metrics.csv")
+    assert list(a["image"]) == list(b["image"]) and len(a) == results["test"]["images"]
+    np.testing.assert_allclose(a["dice"], b["dice"], atol=1e-6)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------

@@ -52,3 +52,12 @@ class Classifier:
     head: torch.nn.Module  # the classifier (all that trains in a linear probe)
     load_pretrained: Callable[[dict], dict]  # checkpoint -> {'loaded', 'adapted', 'missing', 'ignored'} key lists
     layer_decay: bool  # timm's layer-wise LR decay applies (ViTs)
+
+
+@dataclass
+class Segmenter:
+    """What the segmentation entry script hands engine_segment: the network and how to fill and optimise it."""
+
+    model: torch.nn.Module  # images [N, C, H, W] -> mask logits [N, 1, H, W]
+    load_pretrained: Callable[[dict, str], dict]  # (checkpoint, --decoder_init) -> {'loaded', 'adapted', 'new', ...}
+    param_groups: Callable[[float], list[dict]]  # weight decay -> AdamW parameter groups

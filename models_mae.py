@@ -3,6 +3,7 @@
 State-dict keys and shapes match the reference (and facebookresearch/mae) exactly, so checkpoints
 move both ways. Built on timm >= 1.0 blocks, which use PyTorch's fused SDPA attention.
 """
+import math
 from functools import partial
 
 import torch
@@ -287,6 +288,45 @@ def to_timm_state_dict(mae_state: dict, img_size: int | None = None, in_chans: i
     if in_chans is not None:
         state["patch_embed.proj.weight"] = adapt_in_chans(state["patch_embed.proj.weight"], in_chans)
     return state
+
+
+def to_hf_vit(timm_state: dict, num_heads: int) -> tuple[dict, dict]:
+    """(config.json fields, state dict) of Hugging Face transformers' ViTModel holding this timm-named encoder.
+
+    The query, key and value rows of timm's fused qkv projection become three layers; the layer norms keep timm's
+    eps (1e-6). ViTModel's pooler (a dense layer and tanh on the class token) has no counterpart in MAE: it is
+    written as the identity with a linear activation, so pooler_output is the class token after the final norm, as
+    our encoder's. No transformers import: the folder is written as it expects it (config.json, model.safetensors)."""
+    dim = timm_state["cls_token"].shape[-1]
+    patch_weight = timm_state["patch_embed.proj.weight"]
+    patch, in_chans = patch_weight.shape[-1], patch_weight.shape[1]
+    grid = math.isqrt(timm_state["pos_embed"].shape[1] - 1)
+    depth = 1 + max(int(k.split(".")[1]) for k in timm_state if k.startswith("blocks."))
+    state = {"embeddings.cls_token": timm_state["cls_token"],
+             "embeddings.position_embeddings": timm_state["pos_embed"],
+             "embeddings.patch_embeddings.projection.weight": patch_weight,
+             "embeddings.patch_embeddings.projection.bias": timm_state["patch_embed.proj.bias"],
+             "layernorm.weight": timm_state["norm.weight"], "layernorm.bias": timm_state["norm.bias"],
+             "pooler.dense.weight": torch.eye(dim), "pooler.dense.bias": torch.zeros(dim)}
+    for i in range(depth):
+        ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            query, key, value = timm_state[f"{ours}attn.qkv.{kind}"].chunk(3, dim=0)
+            state.update({
+                f"{theirs}attention.attention.query.{kind}": query, f"{theirs}attention.attention.key.{kind}": key,
+                f"{theirs}attention.attention.value.{kind}": value,
+                f"{theirs}attention.output.dense.{kind}": timm_state[f"{ours}attn.proj.{kind}"],
+                f"{theirs}layernorm_before.{kind}": timm_state[f"{ours}norm1.{kind}"],
+                f"{theirs}layernorm_after.{kind}": timm_state[f"{ours}norm2.{kind}"],
+                f"{theirs}intermediate.dense.{kind}": timm_state[f"{ours}mlp.fc1.{kind}"],
+                f"{theirs}output.dense.{kind}": timm_state[f"{ours}mlp.fc2.{kind}"]})
+    config = {"architectures": ["ViTModel"], "model_type": "vit", "hidden_size": dim, "num_hidden_layers": depth,
+              "num_attention_heads": num_heads, "intermediate_size": timm_state["blocks.0.mlp.fc1.weight"].shape[0],
+              "hidden_act": "gelu", "layer_norm_eps": 1e-6, "image_size": grid * patch, "patch_size": patch,
+              "num_channels": in_chans, "qkv_bias": True, "hidden_dropout_prob": 0.0,
+              "attention_probs_dropout_prob": 0.0, "pooler_output_size": dim, "pooler_act": "linear",
+              "encoder_stride": patch}
+    return config, {k: v.contiguous() for k, v in state.items()}
 
 
 def _adapt_pred_channels(value: torch.Tensor, source_chans: int, in_chans: int) -> torch.Tensor:

@@ -85,3 +85,45 @@ def test_cnn_export_target_comes_from_the_export_table(encoder):
         torch.testing.assert_close(export.target_features(probe), export.reference_features(probe))
     with pytest.raises(ValueError, match="no torchvision equivalent for encoder 'efficientnet-b0'"):
         models_mae_cnn.to_torchvision_state_dict({}, "efficientnet-b0")
+
+
+def test_every_export_has_a_safetensors_copy_of_its_weights(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    for kind in ("vit", "cnn"):
+        proc = run_tool_in_process("export_encoder.py", "--checkpoint", runs[kind], "--out", str(tmp_path / kind))
+        assert proc.returncode == 0, proc.stderr
+        pth = torch.load(tmp_path / f"{kind}.pth", weights_only=True)
+        safe = load_file(tmp_path / f"{kind}.safetensors")
+        assert pth.keys() == safe.keys() and all(torch.equal(pth[k], safe[k]) for k in pth)
+
+
+@pytest.mark.parametrize("in_chans", [None, 1])
+def test_hf_export_loads_into_transformers_vitmodel_with_our_features(runs, tmp_path, in_chans):
+    """--format hf: transformers.ViTModel.from_pretrained(folder), offline, gives our encoder's patch features
+    (last_hidden_state = forward_features) and its class token as pooler_output, to 1e-5, on a probe batch."""
+    import transformers  # a test dependency (requirements-test.txt)
+    out = tmp_path / "vit_hf"
+    extra = ["--in_chans", str(in_chans)] if in_chans else []
+    proc = run_tool_in_process("export_encoder.py", "--checkpoint", runs["vit"], "--out", str(out), "--format", "hf",
+                               *extra)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "medmae_export.json"}
+    hf = transformers.ViTModel.from_pretrained(str(out), local_files_only=True).eval()
+    sidecar = json.loads((out / "medmae_export.json").read_text())
+    ours = VisionTransformer(**sidecar["timm_kwargs"]).eval()
+    ours.load_state_dict(models_mae.to_timm_state_dict(torch.load(runs["vit"], weights_only=True)["model"],
+                                                       in_chans=in_chans), strict=True)
+    probe = torch.randn(3, sidecar["in_chans"], sidecar["input_size"], sidecar["input_size"])
+    with torch.no_grad():
+        features = ours.forward_features(probe)
+        result = hf(pixel_values=probe)
+    torch.testing.assert_close(result.last_hidden_state, features, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result.pooler_output, features[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_hf_export_refuses_a_cnn(runs, tmp_path):
+    proc = run_tool_in_process("export_encoder.py", "--checkpoint", runs["cnn"], "--out", str(tmp_path / "x"),
+                               "--format", "hf")
+    assert proc.returncode == 1 and "--format hf writes a transformers ViTModel" in proc.stderr + proc.stdout
+    assert not (tmp_path / "x").exists()

@@ -6,8 +6,9 @@
 #                                 on the first node of the allocation)
 #   slurm_pretrain.sh srun        one task per GPU; ranks come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
 #
-# Environment: RECIPE (vit_s | vit_b | densenet121 | finetune_vit_s | finetune_densenet121 | linprobe_vit_s; the
-# last three also PRETRAINED, TRAIN_LIST, VAL_LIST, TEST_LIST), SAVE_DIR, DATA_PATH, BATCH_SIZE, ACCUM_ITER, GPUS_PER_NODE,
+# Environment: RECIPE (vit_s | vit_b | densenet121 | finetune_vit_s | finetune_densenet121 | linprobe_vit_s |
+# finetune_covidx_vit_s | finetune_node21_vit_s | segment_unet | segment_vit_s; all but the first three also PRETRAINED,
+# the NIH ones TRAIN_LIST, VAL_LIST, TEST_LIST, the segment ones DATASET, MASK_SUFFIX, INPUT_SIZE, DECODER_INIT), SAVE_DIR, DATA_PATH, BATCH_SIZE, ACCUM_ITER, GPUS_PER_NODE,
 # MAX_RESTARTS (torchrun shape, default 1), PYTHON, EXTRA_ARGS (appended last, so they override the recipe).
 set -euo pipefail
 SHAPE="${1:?usage: slurm_pretrain.sh torchrun|srun}"

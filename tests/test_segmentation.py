@@ -3,7 +3,9 @@ augmentation that moves the mask with the image, the whole pre-trained U-Net (or
 under DPT, the protocol's outputs, learning on drawn masks, and bad input."""
 import hashlib
 import json
+import argparse
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -18,7 +20,9 @@ import models_mae_cnn
 import models_seg
 from data import rle, segmentation
 from data.synthetic import make_lung_masks, make_siim, siim_image_id
-from tests.helpers import argv, run_cli
+from engine_segment import SegmentationTask
+from tests.helpers import ROOT, argv, run_cli
+from util.args import validate_args
 from util.checkpoint import load_checkpoint
 
 FLAGS = {"input_size": 64, "batch_size": 4, "warmup_epochs": 0, "num_workers": 0, "device": "cpu",
@@ -397,6 +401,19 @@ def test_bad_flags_are_refused_before_anything_runs(flags, message, lungs, tmp_p
                                                                    **flags}), caplog)
     assert code == 1 and message in text, text
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe, model", [("segment_unet", "unet_densenet121"), ("segment_vit_s",
+                                                                               "dpt_vit_small_patch16")])
+def test_slurm_recipes_parse_and_pass_every_check(recipe, model):
+    show = 'source scripts/recipes.sh && printf "%s\\n" "$SCRIPT" "${RECIPE_ARGS[@]}"'
+    env = {**os.environ, "RECIPE": recipe, "PRETRAINED": "w.pth", "DATASET": "folder", "MASK_SUFFIX": "_mask"}
+    out = subprocess.run(["bash", "-c", show], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "main_segment_chestxray.py"
+    args = argparse.ArgumentParser(parents=[seg_main.get_args_parser()]).parse_args(out[1:])
+    assert (args.model, args.dataset, args.mask_suffix, args.device) == (model, "folder", "_mask", "cuda")
+    validate_args(args, SegmentationTask(seg_main.build_segmenter, seg_main.check_model_args).check_args(args))
 
 
 def test_model_list_names_unets_and_dpts(capsys):

@@ -1,13 +1,21 @@
-"""Write a small synthetic chest X-ray collection in the three reference layouts (for make demo), and the fine-tuning
+"""Write a small synthetic chest X-ray collection in the three reference layouts (for make demo), the fine-tuning
 demo sets (for make finetune-demo): NIH-style labelled lists in <out>/nih_labelled/, COVIDx in <out>/covidx/ and
-NODE21 in <out>/node21/, with findings drawn in so a short fine-tuning learns them (data/synthetic.py says how).
+NODE21 in <out>/node21/, with findings drawn in so a short fine-tuning learns them (data/synthetic.py says how), and
+for make segment-demo lung masks in <out>/lungs/ (images/ and masks/, the lungs as drawn).
 
     python -m tools.make_demo_data --out demo_run/data [--scale 8]
 """
 import argparse
 import os
 
-from data.synthetic import NIH_SUBSET_LIST, make_covidx, make_nih_labelled, make_node21, make_reference_layout
+from data.synthetic import (
+    NIH_SUBSET_LIST,
+    make_covidx,
+    make_lung_masks,
+    make_nih_labelled,
+    make_node21,
+    make_reference_layout,
+)
 
 
 def main() -> None:
@@ -37,6 +45,10 @@ def main() -> None:
     if not os.path.isdir(node21_root):
         make_node21(node21_root, images=20 * args.scale, size=(128, 128))
         print(f"NODE21 demo in {node21_root}: --dataset node21 --nb_classes 1 --data_path {node21_root}")
+    lungs_root = os.path.join(args.out, "lungs")
+    if not os.path.isdir(lungs_root):
+        make_lung_masks(lungs_root, images=10 * args.scale, size=(128, 128))
+        print(f"lung-mask demo in {lungs_root}: --dataset folder --mask_suffix _mask --data_path {lungs_root}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def add_data_args(parser) -> None:
     group.add_argument("--check_images", default="sample", choices=CHECK_IMAGES,
                        help=f"decode images and masks at start-up, so a bad file fails before training: 'sample' "
                             f"({CHECK_SAMPLE} evenly spaced per split), 'all', or 'none' (default: sample)")
-    group.add_argument("--crop_scale", default=(0.5, 1.0), type=float, nargs=2, metavar=("MIN", "MAX"),
+    group.add_argument("--crop_scale", default=[0.5, 1.0], type=float, nargs=2, metavar=("MIN", "MAX"),
                        help="training crop: RandomResizedCrop's area range, applied to image and mask "
                             "(default: 0.5 1.0)")
     group.add_argument("--hflip_prob", default=0.5, type=float,

@@ -16,6 +16,7 @@ from PIL import Image
 
 import main_pretrain_multi_datasets_xray as vit_main
 import main_pretrain_multi_datasets_xray_cnn as cnn_main
+import main_segment_chestxray as seg_main
 from data.synthetic import make_chexpert, make_mimic, make_nih
 from tests.helpers import ROOT, TOOLS, child_env
 
@@ -152,8 +153,8 @@ def _flags(parser: argparse.ArgumentParser) -> dict[str, object]:
 
 
 def test_every_flag_of_every_entry_script_is_documented():
-    """Pre-training flags in PRETRAIN.md section 8; fine-tuning and probe flags in FINETUNE.md section 7, or, for the
-    flags the engine shares, in PRETRAIN.md section 8 with the same default."""
+    """Pre-training flags in PRETRAIN.md section 8; fine-tuning and probe flags in FINETUNE.md section 7, segmentation
+    flags in its section 11, or, for the flags the engine shares, in PRETRAIN.md section 8 with the same default."""
     import main_finetune_chestxray as ft_main
 
     pretrain_doc = _section("PRETRAIN.md", "## 8. Every flag")
@@ -165,6 +166,11 @@ def test_every_flag_of_every_entry_script_is_documented():
             shared = flag in pretrain and pretrain[flag] == default and f"`{flag}" in pretrain_doc
             if f"`{flag}" not in finetune_doc and not shared:
                 missing.append(f"{flag} ({'probe' if linear_probe else 'fine-tuning'})")
+    segment_doc = _section("FINETUNE.md", "## 11. Segmentation")
+    for flag, default in _flags(seg_main.get_args_parser()).items():
+        shared = flag in pretrain and pretrain[flag] == default and f"`{flag}" in pretrain_doc
+        if f"`{flag}" not in segment_doc and not shared:
+            missing.append(f"{flag} (segmentation)")
     assert not missing, f"flags with no row in the docs: {sorted(set(missing))}"
 
 
@@ -222,6 +228,7 @@ def test_every_documented_command_parses_and_passes_the_flag_checks(doc, command
     import engine_finetune
     import engine_pretrain
     import main_finetune_chestxray as ft_main
+    from engine_segment import SegmentationTask
     from tests.helpers import run_tool_in_process
     from util.args import validate_args
 
@@ -240,6 +247,8 @@ def test_every_documented_command_parses_and_passes_the_flag_checks(doc, command
                 vit_main.build_model, vit_main.check_model_args)),
             "main_pretrain_multi_datasets_xray_cnn.py": (cnn_main.get_args_parser(), engine_pretrain.PretrainTask(
                 cnn_main.build_model, cnn_main.check_model_args)),
+            "main_segment_chestxray.py": (seg_main.get_args_parser(), SegmentationTask(
+                seg_main.build_segmenter, seg_main.check_model_args)),
         }.get(name) or (ft_main.get_args_parser(linear_probe), engine_finetune.ClassificationTask(
             ft_main.build_classifier, "linprobe" if linear_probe else "finetune", ft_main.check_model_args))
         args = argparse.ArgumentParser(parents=[parser]).parse_args(flags)
@@ -300,7 +309,8 @@ def test_the_documented_defaults_are_the_parsers():
     wrong = []
     for doc, title, parsers in (
             ("PRETRAIN.md", "## 8. Every flag", [vit_main.get_args_parser(), cnn_main.get_args_parser()]),
-            ("FINETUNE.md", "## 7. Every flag", [ft_main.get_args_parser()])):
+            ("FINETUNE.md", "## 7. Every flag", [ft_main.get_args_parser()]),
+            ("FINETUNE.md", "## 11. Segmentation", [seg_main.get_args_parser()])):
         cells = _documented_defaults(doc, title)
         for parser in parsers:
             for action in parser._actions:
@@ -356,12 +366,21 @@ def test_every_documented_command_is_run_or_says_why_not():
 @pytest.fixture(scope="module")
 def docs_data(reference_cwd):
     """What the documented commands name beside the reference layout: NIH labelled lists in data/nih_chestxray,
-    COVIDx in data/covidx, NODE21 in data/node21, the CSV task's my_data/, and a ViT-S pre-training checkpoint at
-    runs/vit_s/checkpoint-799.pth (written as the reference's: the MAE state dict and the args as a Namespace)."""
+    COVIDx in data/covidx, NODE21 in data/node21, SIIM-ACR in data/siim, lung masks in data/lungs, the CSV task's
+    my_data/, a ViT-S pre-training checkpoint at runs/vit_s/checkpoint-799.pth (written as the reference's: the MAE
+    state dict and the args as a Namespace) and a DenseNet-121 U-Net's at runs/unet_dn121/checkpoint-799.pth."""
     import torch
 
     import models_mae
-    from data.synthetic import make_covidx, make_csv_dataset, make_nih_labelled, make_node21
+    import models_mae_cnn
+    from data.synthetic import (
+        make_covidx,
+        make_csv_dataset,
+        make_lung_masks,
+        make_nih_labelled,
+        make_node21,
+        make_siim,
+    )
     lists = make_nih_labelled(str(reference_cwd / "data" / "nih_chestxray"), patients=(4, 2, 2), size=(32, 32))
     entry = reference_cwd / "data" / "nih_chestxray" / "Data_Entry_2017_v2020.csv"  # their rows, for tools.subgroups
     with open(entry, "a", encoding="utf-8") as f:
@@ -377,11 +396,16 @@ def docs_data(reference_cwd):
     covidx_test.unlink()
     Image.open(nih_image).convert("L").save(covidx_test)
     make_csv_dataset(str(reference_cwd / "my_data"), patients=(4, 2, 2))
+    make_siim(str(reference_cwd / "data" / "siim"), images=24, size=(64, 64))
+    make_lung_masks(str(reference_cwd / "data" / "lungs"), images=24, size=(64, 64))
+    unet = models_mae_cnn.create_model("densenet121", img_size=224)  # as the U-Net pre-training writes its args
+    torch.save({"model": unet.state_dict(), "epoch": 799, "args": {"model": "densenet121", "model_arch": "Unet"}},
+               reference_cwd / "unet-checkpoint-799.pth")
     checkpoint = reference_cwd / "checkpoint-799.pth"
     mae = models_mae.create_model("mae_vit_small_patch16_dec512d2b")
     saved_args = argparse.Namespace(model="mae_vit_small_patch16_dec512d2b")
     torch.save({"model": mae.state_dict(), "epoch": 799, "args": saved_args}, checkpoint)
-    for script in ("main_finetune_chestxray.py", "main_linprobe_chestxray.py"):
+    for script in ("main_finetune_chestxray.py", "main_linprobe_chestxray.py", "main_segment_chestxray.py"):
         os.symlink(ROOT / script, reference_cwd / script)
     return {"cwd": reference_cwd, "checkpoint": checkpoint, "nih_lists": lists}
 
@@ -398,7 +422,7 @@ def _runnable(command: str, data: dict) -> str:
         command += " --max_steps_per_epoch 2"
         command += "".join(f" --{flag} {value}" for flag, value in (
             ("input_size", 64), ("num_workers", 0), ("epochs", 1), ("batch_size", 2)) if f"--{flag}" not in command)
-    if "main_finetune_chestxray.py" in command or "main_linprobe_chestxray.py" in command:
+    if re.search(r"main_(finetune|linprobe|segment)_chestxray\.py", command):
         command += " --bootstrap 20 --print_freq 50"
         if "--dataset" not in command and "--train_list" not in command:
             command += "".join(f" --{role}_list {shlex.quote(path)}" for role, path in data["nih_lists"].items())
@@ -414,11 +438,14 @@ def test_documented_command_runs_with_sizes_shrunk(docs_data, tmp_path, free_por
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     for entry in os.listdir(docs_data["cwd"]):
-        if entry != "checkpoint-799.pth":
+        if entry not in ("checkpoint-799.pth", "unet-checkpoint-799.pth"):
             os.symlink(docs_data["cwd"] / entry, cwd / entry)
-    if any(name in command for name in ("checkpoint-799.pth", "CKPT", "exports/vit_s.pth", "runs/ft_vit_s")):
+    if any(name in command for name in ("vit_s/checkpoint-799.pth", "CKPT", "exports/vit_s.pth", "runs/ft_vit_s")):
         (cwd / "runs" / "vit_s").mkdir(parents=True)
         os.link(docs_data["checkpoint"], cwd / "runs" / "vit_s" / "checkpoint-799.pth")
+    if "runs/unet_dn121/" in command:
+        (cwd / "runs" / "unet_dn121").mkdir(parents=True)
+        os.link(docs_data["cwd"] / "unet-checkpoint-799.pth", cwd / "runs" / "unet_dn121" / "checkpoint-799.pth")
     env = child_env(SAVE_DIR=tmp_path / "save", PET_MASTER_PORT=free_port)
     steps = [command]
     if "exports/vit_s.pth" in command:
@@ -427,12 +454,14 @@ def test_documented_command_runs_with_sizes_shrunk(docs_data, tmp_path, free_por
         steps.insert(0, next(c for _, c in RUN if "-m tools.find_duplicates" in c))
     if "-m tools." in command and "runs/ft_vit_s" in command:  # a tool reading the documented NIH run
         steps.insert(0, next(c for _, c in RUN if "main_finetune" in c and "--output_dir runs/ft_vit_s " in c))
+    if "--check features/" in command:  # the fingerprint of the documented extraction
+        steps.insert(0, next(c for _, c in RUN if "-m tools.extract_features" in c and "--check " not in c))
     for step in steps:
         runnable = _runnable(step, docs_data)
         proc = subprocess.run(["bash", "-c", runnable], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{doc}: $ {runnable}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
     out = re.search(r"--output_dir (\S+)", command)
-    if out is not None and "main_finetune" in command:
+    if out is not None and re.search(r"main_(finetune|segment)", command):
         folder = out.group(1).replace("${SAVE_DIR}", str(tmp_path / "save"))
         assert (cwd / folder / "results.json").is_file(), proc.stdout[-3000:]
     elif re.search(r"main_pretrain\w*\.py", command):

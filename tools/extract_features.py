@@ -210,6 +210,7 @@ def extract(args) -> int:
     list_hash = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
     dim = encoder(transform(_probe_image(input_size))[None].to(device)).shape[1]
     start = resume_point(progress_path, partial, parts, list_hash, (len(paths), dim))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     features = np.lib.format.open_memmap(partial, mode="r+" if start else "w+", dtype=np.float32,
                                          shape=(len(paths), dim))
     loader = torch.utils.data.DataLoader(Images(paths, transform), batch_size=args.batch_size,

@@ -12,7 +12,8 @@ dpt_vit_<size>_patch16: smp's DPT over a timm ViT whose weights come from an MAE
 or an export). DPT was designed for plain ViTs: it reads the tokens of four blocks, folds the class token in
 (readout), and reassembles them into a feature pyramid, which is what a ViT lacks. UPerNet, the head BenchX and EVA-X
 use, expects a hierarchical encoder; smp's UPerNet does not take ViT encoders, and DPT ships with smp's timm-ViT
-encoder. The ViT's blocks are the checkpoint's, every one of them loaded; the decoder starts fresh.
+encoder. The ViT's blocks are the checkpoint's, every one of them loaded; the decoder starts fresh. The ViT's final
+norm and classifier, which DPT does not use, are removed (the checkpoint's final norm is reported as ignored).
 
 load_pretrained returns {'loaded', 'adapted', 'new', 'ignored'} key lists, in the segmentation model's names.
 """
@@ -94,6 +95,11 @@ def create_model(name: str, img_size: int, in_chans: int = 3, classes: int = 1,
     else:
         model = DPT_MODELS.get(name)(in_channels=in_chans, classes=classes, img_size=img_size,
                                      drop_path_rate=drop_path)
+        # DPT reads the blocks' tokens: the ViT's final norm and classifier take no part, and parameters without a
+        # gradient would stop DDP at its second step (and be decayed for nothing), so they are removed
+        vit = model.encoder.model
+        vit.reset_classifier(0)
+        vit.norm = torch.nn.Identity()
     model.medmae_name = name
     return model
 

@@ -180,6 +180,45 @@ def test_finetune_in_bf16_with_a_process_group_gathers_and_scores_on_the_device(
     assert results["test"]["images"] == 4 and results["test"]["mean_auroc"] is not None, proc.output
 
 
+@pytest.mark.parametrize("model", ["unet_resnet18", "dpt_vit_debug_patch16"])
+def test_segmentation_in_bf16_with_a_process_group_trains_and_scores_on_the_device(tmp_path, device, free_port,
+                                                                                    model):
+    """Segmentation's device paths: bf16 autocast in training, the Dice loss and scoring, the per-image metrics
+    gathered over the device's backend (NCCL on CUDA, --force_process_group at world size 1), the overlays."""
+    from data.synthetic import make_lung_masks
+
+    data = make_lung_masks(str(tmp_path / "lungs"), images=20, size=(64, 64))
+    out = tmp_path / "out"
+    flags = ["--model", model, "--dataset", "folder", "--data_path", data, "--mask_suffix", "_mask",
+             "--input_size", "64", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "0", "--num_workers", "1",
+             "--device", str(device), "--precision", "bf16", "--force_process_group", "--bootstrap", "10",
+             "--output_dir", str(out), "--log_dir", str(out)]
+    proc = run_cli([sys.executable, str(ROOT / "main_segment_chestxray.py"), *flags],
+                   env=child_env(MASTER_PORT=free_port))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    assert f"backend {backend}" in proc.stdout and "precision bf16" in proc.stdout, proc.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"]["images"] == 4 and math.isfinite(results["test"]["mean_dice"]), proc.output
+    assert (out / "overlays_worst.png").is_file()
+
+
+def test_feature_extraction_on_the_device_matches_cpu(tiny_data, tmp_path, device):
+    """tools.extract_features on the device gives the CPU's features (fp32, to 1e-4) and the same fingerprint."""
+    assert vit_main.main(tiny_run_args(tiny_data[0], str(tmp_path / "run"), input_size=32)) == 0
+    checkpoint = str(tmp_path / "run" / "checkpoint-0.pth")
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(5):
+        Image.fromarray(chest_image(40, 40, seed=k)).save(images / f"{k}.png")
+    for out, where in (("cpu", "cpu"), ("device", str(device))):
+        run_cli([sys.executable, "-m", "tools.extract_features", "--checkpoint", checkpoint, "--data", str(images),
+                 "--out", str(tmp_path / out), "--device", where, "--num_workers", "0", "--pool", "both"])
+    cpu, dev = (json.loads((tmp_path / f"{out}.json").read_text()) for out in ("cpu", "device"))
+    assert cpu["fingerprint"] == dev["fingerprint"] and dev["versions"]["device"] == str(device)
+    import numpy as np
+    np.testing.assert_allclose(np.load(tmp_path / "device.npy"), np.load(tmp_path / "cpu.npy"), atol=1e-4)
+
+
 def test_ddp_and_compile_together_with_the_device_backend_and_heartbeat(tiny_data, tmp_path, device, free_port):
     """torch.compile inside DDP on the device backend (NCCL on CUDA) at world size 1, with the heartbeat's store
     beside it: the combination the 8-GPU runs use, which no CPU test exercises on NCCL."""

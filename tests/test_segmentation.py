@@ -1,9 +1,9 @@
 """Segmentation (main_segment_chestxray.py): SIIM-ACR's run-length masks, the three layouts and their splits,
 augmentation that moves the mask with the image, the whole pre-trained U-Net (or its encoder alone) and MAE ViTs
 under DPT, the protocol's outputs, learning on drawn masks, and bad input."""
+import argparse
 import hashlib
 import json
-import argparse
 import os
 import subprocess
 import sys
@@ -230,6 +230,26 @@ def test_encoder_only_files_need_decoder_init_random(runs):
         models_seg.load_pretrained(models_seg.create_model("unet_resnet18", 64), load_checkpoint(runs["cnn"]))
 
 
+def test_imagenet_baselines_load_from_local_files():
+    """The baselines' weights as users save them: torchvision's DenseNet-121 state dict (its classifier ignored) fills
+    the U-Net's encoder; timm's ViT-S state dict fills the DPT's ViT."""
+    import timm
+    import torchvision
+
+    torchvision_state = torchvision.models.densenet121().state_dict()
+    unet = models_seg.create_model("unet_densenet121", 64)
+    report = models_seg.load_pretrained(unet, torchvision_state, decoder_init="random")
+    assert report["ignored"] == ["classifier.weight", "classifier.bias"]
+    state = unet.state_dict()
+    assert all(torch.equal(state[f"encoder.{k}"], v) for k, v in torchvision_state.items() if k.startswith("features"))
+    timm_state = timm.create_model("vit_small_patch16_224", pretrained=False).state_dict()
+    dpt = models_seg.create_model("dpt_vit_small_patch16", 224)
+    report = models_seg.load_pretrained(dpt, timm_state, decoder_init="random")
+    vit = dpt.encoder.model.state_dict()
+    assert all(torch.equal(vit[k], v) for k, v in timm_state.items() if k.startswith("blocks."))
+    assert {"head.weight", "norm.weight"} <= set(report["ignored"])
+
+
 def test_mae_vit_fills_every_block_of_the_dpt_encoder():
     torch.manual_seed(0)
     mae = models_mae.MODELS.get("mae_vit_debug_patch16")(img_size=32)
@@ -237,7 +257,8 @@ def test_mae_vit_fills_every_block_of_the_dpt_encoder():
     report = models_seg.load_pretrained(model, {"model": mae.state_dict()}, decoder_init="random")
     vit = model.encoder.model.state_dict()
     for key, value in mae.state_dict().items():
-        if key.startswith(("decoder", "mask_token")):
+        if key.startswith(("decoder", "mask_token", "norm.")):  # DPT reads the blocks: no final norm
+            assert key in report["ignored"]
             continue
         if key == "pos_embed":
             assert vit[key].shape[1] == 1 + 16 and value.shape[1] == 1 + 4  # resampled from 32 to 64 pixels

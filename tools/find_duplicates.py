@@ -12,13 +12,18 @@ split image is then looked up in an index over the pool's hash bits (no pairwise
 --max_distance bits.
 
 --pool and --split take folders (every PNG/JPEG/DICOM/MetaImage below) or list files (each line's first token that
-ends with an image extension, relative to --split_root, or to the list's folder). Writes OUT/duplicates.csv (split
-image, pool image, distance), OUT/exclude_list.txt (the split images with a near-duplicate, for fine-tuning's
---exclude_list) and OUT/summary.json.
+ends with an image extension, relative to --split_root, or to the list's folder). --pool_prepared takes a
+tools/prepare_data.py folder instead of --pool: its images are already decoded and resized, so hashing reads memory-
+mapped pixels and decodes nothing (the pairs name the original files it records). Decoding dominates hashing, so this
+is the fast way for a pool of 0.5M images; the hashes agree with the files' to a few bits (tested).
+
+Writes OUT/duplicates.csv (split image, pool image, distance), OUT/exclude_list.txt (the split images with a
+near-duplicate, for fine-tuning's --exclude_list) and OUT/summary.json.
 """
 import argparse
 import datetime
 import hashlib
+import json
 import multiprocessing
 import os
 import sys
@@ -28,18 +33,22 @@ import numpy as np
 import pandas as pd
 
 from data.checks import files_exist
-from data.phash import MAX_INDEXED_DISTANCE, HashIndex, phash_file
+from data.phash import MAX_INDEXED_DISTANCE, HashIndex, phash, phash_file
+from data.prepared import PreparedStore
 from tools.reporting import check_outputs, run_tool
 from util.errors import SetupError
 from util.log import write_json, write_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".mha", ".mhd")
 SAVE_EVERY = 2000  # hashes between cache writes
+STORE_CHUNK = 256  # prepared images per worker task
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", nargs="+", required=True, help="the pre-training images: folders or list files")
+    parser.add_argument("--pool", nargs="+", default=None, help="the pre-training images: folders or list files")
+    parser.add_argument("--pool_prepared", default=None, metavar="DIR",
+                        help="instead of --pool: a tools/prepare_data.py folder, hashed from its stored pixels")
     parser.add_argument("--split", nargs="+", required=True, help="the downstream images: folders or list files")
     parser.add_argument("--split_root", default=None, help="folder the split lists' paths are relative to "
                         "(default: each list's folder)")
@@ -57,6 +66,9 @@ def main(argv=None) -> int:
         parser.error(f"--max_distance must be in [0, {MAX_INDEXED_DISTANCE}], got {args.max_distance}")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
+    if bool(args.pool) == bool(args.pool_prepared):
+        parser.error("give the pre-training pool as --pool (folders or lists) or as --pool_prepared (a "
+                     "tools/prepare_data.py folder), one of the two")
     return run_tool(lambda: find_duplicates(args))
 
 
@@ -130,9 +142,7 @@ def hashes_of(paths: list[str], cache_dir: str, workers: int, what: str) -> tupl
                     known[path] = h
                 if k % SAVE_EVERY == 0 or k == len(todo):
                     save()
-                    rate = k / max(time.time() - start, 1e-9)
-                    eta = datetime.timedelta(seconds=int((len(todo) - k) / max(rate, 1e-9)))
-                    print(f"{what}: hashed {k}/{len(todo)}, {rate:.0f} images/s, eta {eta}", flush=True)
+                    report_progress(what, k, len(todo), start)
     rows = np.zeros((len(paths), 32), dtype=np.uint8)
     present = np.array([p in known for p in paths])
     for i, p in enumerate(paths):
@@ -141,13 +151,69 @@ def hashes_of(paths: list[str], cache_dir: str, workers: int, what: str) -> tupl
     return rows[present], [p for p, ok in zip(paths, present) if ok], bad
 
 
+_STORES = {}  # per worker process: the prepared store, opened once
+
+
+def _hash_stored(job):
+    folder, rows = job
+    if folder not in _STORES:
+        _STORES[folder] = PreparedStore(folder)
+    store = _STORES[folder]
+    return rows, np.stack([phash(store.image(int(r))) for r in rows])
+
+
+def report_progress(what: str, done: int, total: int, start: float) -> None:
+    rate = done / max(time.time() - start, 1e-9)
+    eta = datetime.timedelta(seconds=int((total - done) / max(rate, 1e-9)))
+    print(f"{what}: hashed {done}/{total}, {rate:.0f} images/s, eta {eta}", flush=True)
+
+
+def hashes_of_store(folder: str, cache_dir: str, workers: int) -> tuple[np.ndarray, list[str], list]:
+    """(hashes, the original paths the store records, []) of every image of a prepared store, hashed from its
+    pixels in workers, chunk by chunk; the cache (keyed by the store's manifest) is saved as it grows, so an
+    interrupted run resumes."""
+    store = PreparedStore(folder)
+    paths = [p.decode() if isinstance(p, bytes) else str(p) for p in store.columns["path"]]
+    key = hashlib.sha256(json.dumps(store.manifest, sort_keys=True).encode()).hexdigest()[:16]
+    os.makedirs(cache_dir, exist_ok=True)
+    cache_path = os.path.join(cache_dir, f"phash_prepared_{key}.npz")
+    hashes, done = np.zeros((len(paths), 32), dtype=np.uint8), np.zeros(len(paths), dtype=bool)
+    if os.path.isfile(cache_path):
+        with np.load(cache_path) as cached:
+            hashes[:], done[:] = cached["hashes"], cached["done"]
+    todo = np.flatnonzero(~done)
+    print(f"pool: {len(paths)} prepared images in {folder}, {len(paths) - len(todo)} hashes from the cache, "
+          f"{len(todo)} to make", flush=True)
+
+    def save():
+        tmp = cache_path + f".tmp.{os.getpid()}.npz"
+        np.savez(tmp, hashes=hashes, done=done)
+        os.replace(tmp, cache_path)
+
+    if len(todo):
+        chunks = [todo[i:i + STORE_CHUNK] for i in range(0, len(todo), STORE_CHUNK)]
+        start, made, saved = time.time(), 0, 0
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(chunks))) as pool:
+            for rows, made_hashes in pool.imap_unordered(_hash_stored, [(folder, c) for c in chunks]):
+                hashes[rows], done[rows] = made_hashes, True
+                made += len(rows)
+                if made - saved >= SAVE_EVERY or made == len(todo):
+                    save()
+                    saved = made
+                    report_progress("pool", made, len(todo), start)
+    return hashes, paths, []
+
+
 def find_duplicates(args) -> int:
     outputs = [os.path.join(args.out, n) for n in ("duplicates.csv", "exclude_list.txt", "summary.json")]
     check_outputs(outputs, [], args.overwrite)
-    pool_paths = list_images(args.pool, args.pool_root, "--pool")
     split_paths = list_images(args.split, args.split_root, "--split")
     cache = args.cache or args.out
-    pool_hashes, pool_paths, pool_bad = hashes_of(pool_paths, cache, args.workers, "pool")
+    if args.pool_prepared:
+        pool_hashes, pool_paths, pool_bad = hashes_of_store(args.pool_prepared, cache, args.workers)
+    else:
+        pool_hashes, pool_paths, pool_bad = hashes_of(list_images(args.pool, args.pool_root, "--pool"), cache,
+                                                      args.workers, "pool")
     split_hashes, split_paths, split_bad = hashes_of(split_paths, cache, args.workers, "split")
     start = time.time()
     index = HashIndex(pool_hashes)

@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from data.base import SourceIndex
 from data.phash import HashIndex, hamming, phash
+from data.prepared import prepare
 from data.synthetic import chest_image, save_png16, write_dicom
 from tests.helpers import run_tool
 
@@ -62,6 +64,24 @@ def test_planted_copies_are_found_and_different_patients_are_not(tmp_path):
     again = run_tool("find_duplicates.py", "--pool", str(tmp_path / "pool"), "--split", str(split_dir), "--out",
                      str(tmp_path / "again"), "--cache", str(out), "--workers", "2", timeout=600)
     assert "pool: 2000 images, 2000 hashes from the cache, 0 to make" in again.stdout, again.stdout
+
+    # the same pool as a prepared store (tools/prepare_data.py's format): hashed from its pixels, the same pairs
+    paths = sorted(str(p) for p in pool_dir.iterdir())
+    index = SourceIndex("pool", str(pool_dir), np.array(paths, dtype=np.bytes_), np.array(paths, dtype=np.bytes_),
+                        [""] * len(paths))
+    prepare([index], str(tmp_path / "prepared"), size=64, workers=2)
+    from_store = run_tool("find_duplicates.py", "--pool_prepared", str(tmp_path / "prepared"), "--split",
+                          str(split_dir), "--out", str(tmp_path / "store"), "--cache", str(out), "--workers", "2",
+                          timeout=600)
+    assert from_store.returncode == 0, from_store.stderr
+    assert "pool: 2000 prepared images" in from_store.stdout and "hashed 2000/2000" in from_store.stdout
+    store_pairs = pd.read_csv(tmp_path / "store" / "duplicates.csv")
+    assert dict(zip(store_pairs["split_image"], store_pairs["pool_image"])) == planted, store_pairs
+    cached = np.load(next((out).glob("phash_prepared_*.npz")))
+    files = np.load(next(p for p in out.glob("phash_pool_*.npz")))
+    by_path = dict(zip(files["paths"], files["hashes"]))
+    distances = [int(hamming(h.reshape(1, -1), by_path[p])[0]) for p, h in zip(paths, cached["hashes"])]
+    assert max(distances) <= 10, max(distances)  # stored pixels (resized to 64) hash as the files do
 
 
 def test_a_hash_is_stable_under_the_conversions():

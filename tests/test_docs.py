@@ -440,7 +440,8 @@ def test_documented_command_runs_with_sizes_shrunk(docs_data, tmp_path, free_por
     for entry in os.listdir(docs_data["cwd"]):
         if entry not in ("checkpoint-799.pth", "unet-checkpoint-799.pth"):
             os.symlink(docs_data["cwd"] / entry, cwd / entry)
-    if any(name in command for name in ("vit_s/checkpoint-799.pth", "CKPT", "exports/vit_s.pth", "runs/ft_vit_s")):
+    if any(name in command for name in ("vit_s/checkpoint-799.pth", "CKPT", "exports/vit_s.pth", "runs/ft_vit_s",
+                                        "runs/covidx_vit_s")):
         (cwd / "runs" / "vit_s").mkdir(parents=True)
         os.link(docs_data["checkpoint"], cwd / "runs" / "vit_s" / "checkpoint-799.pth")
     if "runs/unet_dn121/" in command:
@@ -454,6 +455,8 @@ def test_documented_command_runs_with_sizes_shrunk(docs_data, tmp_path, free_por
         steps.insert(0, next(c for _, c in RUN if "-m tools.find_duplicates" in c))
     if "-m tools." in command and "runs/ft_vit_s" in command:  # a tool reading the documented NIH run
         steps.insert(0, next(c for _, c in RUN if "main_finetune" in c and "--output_dir runs/ft_vit_s " in c))
+    if "-m tools." in command and "runs/covidx_vit_s " in command:  # a tool reading the documented COVIDx run
+        steps.insert(0, next(c for _, c in RUN if "main_finetune" in c and "--output_dir runs/covidx_vit_s " in c))
     if "--check features/" in command:  # the fingerprint of the documented extraction
         steps.insert(0, next(c for _, c in RUN if "-m tools.extract_features" in c and "--check " not in c))
     for step in steps:

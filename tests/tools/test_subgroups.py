@@ -20,6 +20,7 @@ def predictions(folder, images, labels, scores, patients):
     for k, f in enumerate(FINDINGS):
         table[f"{f} label"], table[f"{f} score"] = labels[:, k], scores[:, k]
     pd.DataFrame(table).to_csv(folder / "test_predictions.csv", index=False)
+    (folder / "results.json").write_text(json.dumps({"task": "finetune", "test": {"images": len(images)}}))
 
 
 @pytest.fixture
@@ -61,6 +62,13 @@ def test_each_subgroup_equals_the_overall_numbers_on_its_rows_alone(nih_run):
     in_band = np.array([40 <= float(a) < 60 for a in ages])
     assert result["age"]["40-59"]["images"] == int(in_band.sum())
     picture(root / "sg" / "subgroups.png", min_width=200)
+    results = json.loads((root / "run" / "results.json").read_text())  # the run's results.json holds them too
+    assert results["task"] == "finetune" and results["test"] == {"images": 240}
+    assert results["subgroups"]["groups"] == result
+    again = run_tool_in_process("subgroups.py", str(root / "run"), "--metadata",
+                                str(root / "Data_Entry_2017_v2020.csv"), "--out", str(root / "sg_again"))
+    assert again.returncode == 1 and "already holds a subgroup analysis" in again.stderr
+    assert json.loads((root / "run" / "results.json").read_text()) == results
 
 
 def test_age_bands_and_a_missing_image():
@@ -88,6 +96,37 @@ def test_chexpert_paths_join_by_their_end_and_a_missing_row_is_named(tmp_path):
         per_finding_auroc(scores[male], labels[male])[0])
     valid.iloc[:-1].to_csv(tmp_path / "valid_short.csv", index=False)
     proc = run_tool_in_process("subgroups.py", str(tmp_path / "run"), "--metadata", str(tmp_path / "valid_short.csv"),
-                               "--out", str(tmp_path / "sg2"))
+                               "--out", str(tmp_path / "sg2"), "--overwrite")
     assert proc.returncode == 1 and "has no row for the test image 'patient00059/study1/view1_frontal.jpg'" in \
         proc.stderr, proc.stderr
+
+
+def test_a_covidx_run_by_source_scores_accuracy_on_each_sources_rows(tmp_path):
+    """A single-label run (COVIDx) and its label file: accuracy per source (rsna, the NIH-derived half of the test
+    set, and the others), each the accuracy of the predicted class on that source's rows alone."""
+    rng = np.random.default_rng(2)
+    classes = ["normal", "pneumonia", "COVID-19"]
+    n = 90
+    names = [f"img{k:03d}.png" for k in range(n)]
+    truth = rng.choice(classes, n)
+    predicted = np.where(rng.random(n) < 0.7, truth, rng.choice(classes, n))
+    sources = np.where(np.isin(truth, ["normal", "pneumonia"]), "rsna", np.where(np.arange(n) % 2, "ricord", "bimcv"))
+    run = tmp_path / "run"
+    run.mkdir()
+    pd.DataFrame({"image": names, "patient": [f"p{k}" for k in range(n)], "label": truth, "predicted": predicted,
+                  **{f"{c} probability": rng.random(n) for c in classes}}).to_csv(run / "test_predictions.csv",
+                                                                                 index=False)
+    (run / "results.json").write_text(json.dumps({"task": "finetune", "kind": "single-label"}))
+    (tmp_path / "test_COVIDx9A.txt").write_text("".join(f"p{k} {names[k]} {truth[k]} {sources[k]}\n"
+                                                        for k in range(n)[::-1]))
+    proc = run_tool_in_process("subgroups.py", str(run), "--metadata", str(tmp_path / "test_COVIDx9A.txt"),
+                               "--out", str(tmp_path / "sg"), "--resamples", "20")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "sg" / "subgroups.json").read_text())
+    assert result["kind"] == "single-label" and set(result["groups"]["source"]) == {"rsna", "ricord", "bimcv"}
+    for source, group in result["groups"]["source"].items():
+        rows = sources == source
+        assert group["accuracy"] == pytest.approx((truth[rows] == predicted[rows]).mean())
+        assert group["images"] == int(rows.sum()) and sum(group["classes"].values()) == int(rows.sum())
+        assert group["accuracy_ci95"][0] <= group["accuracy"] <= group["accuracy_ci95"][1]
+    assert "source=rsna" in proc.stdout

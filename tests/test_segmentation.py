@@ -190,6 +190,7 @@ def test_evaluation_resizes_the_mask_with_nearest_neighbour():
 
 # ---- models: what a pre-trained checkpoint fills -----------------------------------------------------------------
 
+@pytest.mark.slow  # fine-tuning runs, or the session's pre-training runs
 def test_whole_pretrained_unet_loads_and_decoder_init_random_differs_exactly_in_the_decoder(runs):
     pretrained = load_checkpoint(runs["cnn"])["model"]  # a densenet121 U-Net pre-trained by this project
     torch.manual_seed(0)
@@ -214,6 +215,7 @@ def test_whole_pretrained_unet_loads_and_decoder_init_random_differs_exactly_in_
     assert any(not torch.equal(state[k], pretrained["model." + k]) for k in float_decoder)
 
 
+@pytest.mark.slow  # fine-tuning runs, or the session's pre-training runs
 def test_encoder_only_files_need_decoder_init_random(runs):
     encoder_state = load_checkpoint(runs["cnn"])["model"]
     encoder_file = {k.removeprefix("model.encoder."): v for k, v in encoder_state.items()
@@ -272,6 +274,7 @@ def test_mae_vit_fills_every_block_of_the_dpt_encoder():
 
 # ---- the run --------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # fine-tuning runs, or the session's pre-training runs
 def test_siim_run_writes_every_output_and_a_rerun_is_complete(siim, runs, tmp_path, caplog):
     out = tmp_path / "run"
     code, text = run_segment(seg_flags(siim, out, model="unet_densenet121", finetune=runs["cnn"], dataset="siim",
@@ -302,6 +305,7 @@ def test_siim_run_writes_every_output_and_a_rerun_is_complete(siim, runs, tmp_pa
     assert again["mean_dice"] == pytest.approx(test["mean_dice"])
 
 
+@pytest.mark.slow  # fine-tuning runs, or the session's pre-training runs
 def test_short_runs_learn_drawn_lungs_with_the_whole_unet_and_the_encoder_alone(lungs, runs, tmp_path, caplog):
     """Drawn lung fields (make_lung_masks): twelve short epochs take the test Dice (about 0.85 here) far above the
     empty-mask baseline (0, every image has lungs), from the whole pre-trained U-Net and from its encoder alone."""
@@ -316,6 +320,7 @@ def test_short_runs_learn_drawn_lungs_with_the_whole_unet_and_the_encoder_alone(
         assert test["mean_dice"] > 0.7, (decoder_init, test["mean_dice"])
 
 
+@pytest.mark.slow  # fine-tuning runs, or the session's pre-training runs
 def test_two_ranks_score_every_test_image_once_as_one_process_does(lungs, tmp_path, free_port, caplog):
     """torchrun, 2 processes: the test images are split between the ranks and gathered, so the per-image table of a
     checkpoint scored by two ranks equals the one-process table (same images, same Dice)."""
@@ -393,6 +398,7 @@ BAD_INPUT = [
 ]
 
 
+@pytest.mark.slow  # a dataset written and checked per case
 @pytest.mark.parametrize("case, dataset, make, message", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
 def test_bad_input_is_a_clear_error_before_training(case, dataset, make, message, tmp_path, caplog):
     data_path = make(tmp_path)

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 LOSSES = ("dice_bce", "dice", "bce")
 RESULTS_NAME = "results.json"  # written last: its presence means the test list was scored
 METRICS_NAME = "test_metrics.csv"
+EXCLUDED_METRICS_NAME = "test_metrics_excluded.csv"  # --exclude_list --exclude_mode separate
 OVERLAYS = {"best": "overlays_best.png", "worst": "overlays_worst.png"}
 OVERLAY_CASES = 4  # test images per overlay figure
 THRESHOLD = 0.5  # on the sigmoid of the mask logit
@@ -57,6 +58,9 @@ class Scored:
     iou: np.ndarray
     truth_pixels: np.ndarray
     predicted_pixels: np.ndarray
+
+    def subset(self, keep: np.ndarray) -> "Scored":
+        return Scored(self.dice[keep], self.iou[keep], self.truth_pixels[keep], self.predicted_pixels[keep])
 
 
 def check_args(args) -> list[str]:
@@ -97,7 +101,8 @@ class SegmentationTask(Task):
                 **{f"{r}_list": file_fingerprint(getattr(args, f"{r}_list")) for r in segmentation.ROLES},
                 "label_fraction": args.label_fraction, "fraction_seed": args.fraction_seed,
                 "finetune": args.finetune or None, "decoder_init": args.decoder_init, "loss": args.loss,
-                "norm_stats": args.norm_stats, "mask_suffix": args.mask_suffix}
+                "norm_stats": args.norm_stats, "mask_suffix": args.mask_suffix,
+                "exclude_list": file_fingerprint(args.exclude_list), "exclude_mode": args.exclude_mode}
 
     def evaluation_only(self, args) -> bool:
         return args.eval
@@ -280,18 +285,27 @@ class SegmentationTask(Task):
         scored = self.predict(run, test)
         if not run.info.is_main:
             return
+        out = args.output_dir
+        excluded = None
+        if test.excluded is not None:  # --exclude_list: the results are the other images'; these are reported apart
+            mask = test.excluded
+            excluded = {"list": args.exclude_list, "mode": args.exclude_mode, "images": int(mask.sum()),
+                        "names": [n for n, x in zip(test.names, mask) if x]}
+            if args.exclude_mode == "separate":
+                apart = scored.subset(mask)
+                excluded["metrics"] = {"mean_dice": float(apart.dice.mean()), "mean_iou": float(apart.iou.mean())}
+                write_metrics(out, test.subset(mask, test.source), apart, EXCLUDED_METRICS_NAME)
+            logger.info("--exclude_list: %d test images reported apart (%s)", excluded["images"], args.exclude_mode)
+            test = test.subset(~mask, f"{test.source} without the {int(mask.sum())} images of --exclude_list")
+            scored = scored.subset(~mask)
         empty = scored.truth_pixels == 0
         start = time.time()
         ci = (bootstrap_segmentation(scored.dice, scored.iou, empty, test.patients, args.bootstrap, seed=args.seed)
               if args.bootstrap else None)
         if ci:
             logger.info("bootstrap: %d patient resamples in %.1f s", args.bootstrap, time.time() - start)
-        out, train = args.output_dir, self.splits["train"]
-        table = pd.DataFrame({"image": test.names, "patient": [p.decode() for p in test.patients],
-                              "dice": scored.dice, "iou": scored.iou, "truth_pixels": scored.truth_pixels,
-                              "predicted_pixels": scored.predicted_pixels})
-        table.to_csv(os.path.join(out, METRICS_NAME + ".tmp"), index=False)
-        os.replace(os.path.join(out, METRICS_NAME + ".tmp"), os.path.join(out, METRICS_NAME))
+        train = self.splits["train"]
+        write_metrics(out, test, scored, METRICS_NAME)
         self.save_overlays(run, test, scored, f"{args.model}, test, epoch {state.best_epoch}")
         non_empty = scored.dice[~empty]
         results = {
@@ -311,7 +325,7 @@ class SegmentationTask(Task):
                 "convention": "per image at --input_size; mean_dice and mean_iou score an empty prediction on an "
                               "empty mask as 1 (SIIM-ACR); mean_dice_non_empty averages the images whose mask is "
                               "not empty",
-                "threshold": THRESHOLD,
+                "threshold": THRESHOLD, "excluded": excluded,
             },
             "bootstrap": {"resamples": args.bootstrap, "unit": "patient", "seed": args.seed, "level": 0.95},
             "loss": args.loss, "decoder_init": args.decoder_init, "label_fraction": args.label_fraction,
@@ -344,6 +358,16 @@ class SegmentationTask(Task):
                               "label": f"{short(test.names[i])}\nDice {scored.dice[i]:.3f}"})
             save_segmentation_overlays(cases, os.path.join(run.args.output_dir, OVERLAYS[which]),
                                        f"{title}: {which} {len(cases)} by Dice")
+
+
+def write_metrics(out: str, split: segmentation.SegSplit, scored: Scored, name: str) -> None:
+    """One row per image (image, patient, Dice, IoU, true and predicted pixels), atomically."""
+    table = pd.DataFrame({"image": split.names, "patient": [p.decode() for p in split.patients],
+                          "dice": scored.dice, "iou": scored.iou, "truth_pixels": scored.truth_pixels,
+                          "predicted_pixels": scored.predicted_pixels})
+    path = os.path.join(out, name)
+    table.to_csv(path + ".tmp", index=False)
+    os.replace(path + ".tmp", path)
 
 
 def short(name: str, width: int = 28) -> str:

@@ -70,13 +70,7 @@ def add_data_args(parser) -> None:
                             "the drawn list is written to output_dir (default: 1.0)")
     group.add_argument("--fraction_seed", default=0, type=int,
                        help="seed of the --label_fraction draw and of CheXpert's validation patients (default: 0)")
-    group.add_argument("--exclude_list", default=None, type=str,
-                       help="test images to keep out of the results, one path a line (tools/find_duplicates.py's "
-                            "exclude_list.txt: test images also in the pre-training pool); they are reported apart "
-                            "(default: none)")
-    group.add_argument("--exclude_mode", default="separate", choices=("separate", "drop"),
-                       help="separate: the excluded images' own metrics and predictions are reported beside the "
-                            "results; drop: only their count and names (default: separate)")
+    add_exclude_args(group)
     group.add_argument("--check_images", default="sample", choices=CHECK_IMAGES,
                        help="decode images of every split at start-up, so a bad file fails before training: 'sample' "
                             f"({CHECK_SAMPLE} evenly spaced per split), 'all', or 'none' (default: sample; "
@@ -98,6 +92,17 @@ def add_data_args(parser) -> None:
     group.add_argument("--chexpert_uncertain", default=DEFAULT_UNCERTAIN, type=str,
                        help="CheXpert uncertain (-1) labels: 'ones', 'zeros' or per finding 'Edema=ones,...' "
                             "(default: U-Ones for Atelectasis and Edema, U-Zeros for the rest)")
+
+
+def add_exclude_args(group) -> None:
+    """--exclude_list and --exclude_mode: test images kept out of the results (classification and segmentation)."""
+    group.add_argument("--exclude_list", default=None, type=str,
+                       help="test images to keep out of the results, one path a line (tools/find_duplicates.py's "
+                            "exclude_list.txt: test images also in the pre-training pool); they are reported apart "
+                            "(default: none)")
+    group.add_argument("--exclude_mode", default="separate", choices=("separate", "drop"),
+                       help="separate: the excluded images' own metrics and predictions are reported beside the "
+                            "results; drop: only their count and names (default: separate)")
 
 
 def check_data_args(args) -> list[str]:

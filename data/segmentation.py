@@ -33,7 +33,14 @@ from data.base import BadImageError, find_given_file, require_columns, seeded
 from data.checks import files_exist, undecodable
 from data.config import add_image_args
 from data.image_io import ImageDecodeError, load_gray
-from data.labelled import CHECK_IMAGES, CHECK_SAMPLE, check_disjoint, draw_by_patient
+from data.labelled import (
+    CHECK_IMAGES,
+    CHECK_SAMPLE,
+    add_exclude_args,
+    check_disjoint,
+    draw_by_patient,
+    excluded_images,
+)
 from data.transforms import GrayToNormalizedTensor, check_norm_policy, norm_stats_for
 
 logger = logging.getLogger(__name__)
@@ -73,6 +80,7 @@ def add_data_args(parser) -> None:
                             "the drawn list is written to output_dir (default: 1.0)")
     group.add_argument("--fraction_seed", default=0, type=int,
                        help="seed of the split drawn without lists and of --label_fraction (default: 0)")
+    add_exclude_args(group)
     group.add_argument("--check_images", default="sample", choices=CHECK_IMAGES,
                        help=f"decode images and masks at start-up, so a bad file fails before training: 'sample' "
                             f"({CHECK_SAMPLE} evenly spaced per split), 'all', or 'none' (default: sample)")
@@ -116,6 +124,7 @@ class SegSplit:
     paths: np.ndarray  # bytes
     masks: list
     patients: np.ndarray  # bytes
+    excluded: np.ndarray | None = None  # test images named by --exclude_list (bool mask), kept out of the results
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -123,7 +132,8 @@ class SegSplit:
     def subset(self, keep: np.ndarray, source: str) -> "SegSplit":
         picks = np.flatnonzero(keep)
         return replace(self, source=source, names=[self.names[i] for i in picks], paths=self.paths[picks],
-                       masks=[self.masks[i] for i in picks], patients=self.patients[picks])
+                       masks=[self.masks[i] for i in picks], patients=self.patients[picks],
+                       excluded=None if self.excluded is None else self.excluded[picks])
 
     def write(self, path: str) -> None:
         """image, patient: what --{role}_list takes back (siim and folder layouts)."""
@@ -289,6 +299,8 @@ def build_splits(args) -> tuple[dict[str, SegSplit], bool]:
     check_disjoint(splits)
     for split in splits.values():
         check_decodes(split, args.check_images)
+    if args.exclude_list:
+        splits["test"].excluded = excluded_images(splits["test"], args.exclude_list)
     return splits, drawn
 
 

@@ -295,6 +295,20 @@ def test_siim_run_writes_every_output_and_a_rerun_is_complete(siim, runs, tmp_pa
                                        epochs=2), caplog)
     assert code == 0 and "this run is complete" in text
     assert hashlib.md5((out / "results.json").read_bytes()).hexdigest() == before
+    excluded = tmp_path / "exclude_list.txt"  # as tools.find_duplicates writes it: one path a line
+    first_test = pd.read_csv(out / "seg_test.csv")["image"].iloc[0]
+    excluded.write_text(next(str(p) for p in __import__("pathlib").Path(siim).rglob(first_test + ".dcm")) + "\n")
+    apart = tmp_path / "apart"
+    code, text = run_segment(seg_flags(siim, apart, model="unet_densenet121", dataset="siim", eval=True,
+                                       resume=str(out / "checkpoint-best.pth"), exclude_list=str(excluded),
+                                       **{f"{r}_list": str(out / f"seg_{r}.csv") for r in segmentation.ROLES}),
+                             caplog)
+    assert code == 0, text
+    kept = json.loads((apart / "results.json").read_text())["test"]
+    assert kept["images"] == 3 and kept["excluded"]["names"] == [first_test]
+    alone = pd.read_csv(apart / "test_metrics_excluded.csv")
+    assert list(alone["image"]) == [first_test] and alone["dice"][0] == pytest.approx(table["dice"][0])
+    assert kept["mean_dice"] == pytest.approx(table["dice"][1:].mean())
     evaluated = tmp_path / "eval"
     code, text = run_segment(seg_flags(siim, evaluated, model="unet_densenet121", dataset="siim", eval=True,
                                        resume=str(out / "checkpoint-best.pth"),

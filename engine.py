@@ -569,6 +569,71 @@ def resume(run: Run, state: TrainState, found: tuple[str, dict] | None) -> dict 
     return ckpt
 
 
+# ---- for tasks that select on validation and score a test set once ----------------------------------------------
+
+def test_already_scored(args, found: tuple[str, dict] | None, results_name: str) -> bool:
+    """True when output_dir's run is complete (its test results, results_name, are written): the same command then
+    has nothing to do. Asked for more --epochs than the run trained, SetupError: the test set is scored once."""
+    results = os.path.join(args.output_dir, results_name)
+    if found is None or not os.path.isfile(results):
+        return False
+    _, ckpt = found
+    epoch, _ = ckpt_lib.progress_of(ckpt)
+    if epoch < args.epochs and not ckpt.get("stopped_early"):
+        raise SetupError(f"this run finished after {epoch} epoch(s) and scored its test list ({results}); "
+                         f"--epochs {args.epochs} would train on and score the test list again, and the test set "
+                         "is scored once. Start a new run in another --output_dir (--finetune with the new "
+                         "--epochs), or leave --epochs as it was.")
+    logger.info("this run is complete and its test list was scored: %s (the test set is scored once; "
+                "--eval --resume CHECKPOINT scores a checkpoint again, in another --output_dir)", results)
+    return True
+
+
+def check_eval_settings(args, path: str, ckpt: dict, settings: tuple[str, ...]) -> None:
+    """--eval scores a checkpoint as its run scored: the flags in `settings` (what decides how the test images are
+    prepared) must be the run's."""
+    saved = ckpt.get("args") or {}
+    differ = [f"--{k} {saved[k]!r} in its run, {getattr(args, k)!r} now" for k in settings
+              if k in saved and saved[k] != getattr(args, k)]
+    if differ:
+        raise SetupError(f"--eval --resume {path}: {'; '.join(differ)}. Scoring with other transforms gives "
+                         "another number for the same model: pass the run's own flags")
+
+
+@torch.no_grad()
+def predict_in_shares(run: Run, dataset, score_batch, what: str, dtype=np.float64) -> np.ndarray | None:
+    """score_batch(batch) -> [B, V] numbers of every item of `dataset` (items end with their position), in dataset
+    order on rank 0, None elsewhere. Each rank scores every world_size-th item (no padding, so no item counts twice)
+    in eval mode, under the run's autocast, with progress lines; rank 0 gathers them all."""
+    args, info = run.args, run.info
+    mine = list(range(info.rank, len(dataset), info.world_size))
+    loader = torch.utils.data.DataLoader(dataset, sampler=mine, batch_size=args.batch_size,
+                                         num_workers=args.num_workers,
+                                         pin_memory=args.pin_mem and run.device.type == "cuda")
+    run.model_without_ddp.eval()
+    values, positions = [], []
+    for _, batch in MetricLogger().log_every(loader, args.print_freq, f"Scoring {what}:", len(loader)):
+        with autocast(run.precision, run.device):
+            values.append(torch.as_tensor(score_batch(batch)).float().cpu())
+        positions.append(batch[-1])
+    part = ((torch.cat(positions).numpy(), torch.cat(values).numpy()) if positions
+            else (np.zeros(0, dtype=np.int64), None))
+    parts = [part]
+    if info.distributed:
+        parts = [None] * info.world_size
+        torch.distributed.all_gather_object(parts, part)
+    if not info.is_main:
+        return None
+    width = next(v.shape[1] for _, v in parts if v is not None)
+    out = np.full((len(dataset), width), np.nan, dtype=dtype)
+    for rows, part_values in parts:
+        if part_values is not None:
+            out[rows] = part_values
+    if np.isnan(out).any():
+        raise RuntimeError(f"{what}: {int(np.isnan(out).any(axis=1).sum())} images got no score")
+    return out
+
+
 def log_load_report(source: str, report: dict, kinds=("adapted", "missing", "ignored")) -> None:
     """The counts of a load_pretrained report, then the keys of each of `kinds`."""
     logger.info("%s: loaded %d tensors, adapted %d, missing %d (kept their initialisation), ignored %d", source,

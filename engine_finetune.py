@@ -23,16 +23,26 @@ from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2
 
 from data import covidx, labelled
-from engine import Selection, SelectionState, Task, TaskData, checkpointed, file_fingerprint, log_load_report
+from engine import (
+    Selection,
+    SelectionState,
+    Task,
+    TaskData,
+    check_eval_settings,
+    checkpointed,
+    file_fingerprint,
+    log_load_report,
+    predict_in_shares,
+    test_already_scored,
+)
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
 from util import predictions
 from util.errors import SetupError
 from util.lars import Lars
-from util.log import MetricLogger, git_commit, write_json
+from util.log import git_commit, write_json
 from util.metrics import bootstrap_auroc, bootstrap_single_label, mean_auroc, per_finding_auroc, single_label_metrics
 from util.model_api import Classifier
-from util.precision import autocast
 from util.vis import roc_path, save_confusion_matrix, save_loss_curve, save_roc_curves
 
 logger = logging.getLogger(__name__)
@@ -229,33 +239,13 @@ class ClassificationTask(Task):
         """A run whose test list was scored (results.json) is complete: the same command says so and stops (after
         drawing any missing plot again); asked for more epochs, it refuses: the test set is scored once."""
         if args.eval:
-            self.check_eval_settings(args, *found)
+            check_eval_settings(args, *found, EVAL_SETTINGS)
             return True
-        results = os.path.join(args.output_dir, RESULTS_NAME)
-        if found is None or not os.path.isfile(results):
+        if not test_already_scored(args, found, RESULTS_NAME):
             return True
-        _, ckpt = found
-        epoch, _ = ckpt_lib.progress_of(ckpt)
-        if epoch < args.epochs and not ckpt.get("stopped_early"):
-            raise SetupError(f"this run finished after {epoch} epoch(s) and scored its test list ({results}); "
-                             f"--epochs {args.epochs} would train on and score the test list again, and the test set "
-                             "is scored once. Start a new run in another --output_dir (--finetune with the new "
-                             "--epochs), or leave --epochs as it was.")
         self.findings = labelled.findings(args)
         self.complete_outputs(args.output_dir)
-        logger.info("this run is complete and its test list was scored: %s (the test set is scored once; "
-                    "--eval --resume CHECKPOINT scores a checkpoint again, in another --output_dir)", results)
         return False
-
-    @staticmethod
-    def check_eval_settings(args, path: str, ckpt: dict) -> None:
-        """--eval scores the checkpoint as its run scored: the same images, transforms and normalisation."""
-        saved = ckpt.get("args") or {}
-        differ = [f"--{k} {saved[k]!r} in its run, {getattr(args, k)!r} now" for k in EVAL_SETTINGS
-                  if k in saved and saved[k] != getattr(args, k)]
-        if differ:
-            raise SetupError(f"--eval --resume {path}: {'; '.join(differ)}. Scoring with other transforms gives "
-                             "another number for the same model: pass the run's own flags")
 
     def before_epochs(self, run, state: ClassificationState, resumed: dict | None) -> bool:
         if not run.args.eval:
@@ -339,39 +329,15 @@ class ClassificationTask(Task):
 
     # ---- scoring ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def predict(self, run, split: labelled.Split) -> np.ndarray | None:
-        """Scores [N, K] (self.activation) of a split in list order on rank 0 (None elsewhere). Each rank scores every
-        world_size-th image (no padding, so no image counts twice) and rank 0 gathers them all."""
-        args, info = run.args, run.info
-        dataset = labelled.LabelledDataset(split, labelled.build_transform(args, is_train=False), args.dataset)
-        mine = list(range(info.rank, len(dataset), info.world_size))
-        loader = torch.utils.data.DataLoader(dataset, sampler=mine, batch_size=args.batch_size,
-                                             num_workers=args.num_workers, pin_memory=args.pin_mem and
-                                             run.device.type == "cuda")
+        """Scores [N, K] (self.activation) of a split in list order on rank 0 (None elsewhere), each rank scoring its
+        share (engine.predict_in_shares)."""
+        dataset = labelled.LabelledDataset(split, labelled.build_transform(run.args, is_train=False),
+                                           run.args.dataset)
         model = run.model_without_ddp
-        model.eval()
-        scores, positions = [], []
-        metric_logger = MetricLogger()
-        for _, (images, _, index) in metric_logger.log_every(loader, args.print_freq, f"Scoring {split.role}:",
-                                                             len(loader)):
-            with autocast(run.precision, run.device):
-                logits = model(images.to(run.device, non_blocking=True))
-            scores.append(self.activation(logits.float()).cpu())
-            positions.append(index)
-        part = (torch.cat(positions).numpy(), torch.cat(scores).numpy())
-        parts = [part]
-        if info.distributed:
-            parts = [None] * info.world_size
-            torch.distributed.all_gather_object(parts, part)
-        if not info.is_main:
-            return None
-        out = np.full((len(dataset), len(self.findings)), np.nan, dtype=np.float32)
-        for rows, values in parts:
-            out[rows] = values
-        if np.isnan(out).any():
-            raise RuntimeError(f"{split.role}: {int(np.isnan(out).any(axis=1).sum())} images got no score")
-        return out
+        return predict_in_shares(
+            run, dataset, lambda batch: self.activation(model(batch[0].to(run.device, non_blocking=True)).float()),
+            split.role, dtype=np.float32)
 
     def validate(self, run, epoch: int) -> float | None:
         """Mean AUROC over findings on the validation list, the same value on every rank."""

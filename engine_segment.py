@@ -22,11 +22,22 @@ import torch
 from segmentation_models_pytorch.losses import DiceLoss
 
 from data import segmentation
-from engine import Selection, SelectionState, Task, TaskData, checkpointed, file_fingerprint, log_load_report
+from engine import (
+    Selection,
+    SelectionState,
+    Task,
+    TaskData,
+    check_eval_settings,
+    checkpointed,
+    file_fingerprint,
+    log_load_report,
+    predict_in_shares,
+    test_already_scored,
+)
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
 from util.errors import SetupError
-from util.log import MetricLogger, git_commit, write_json
+from util.log import git_commit, write_json
 from util.metrics import bootstrap_segmentation, dice_iou
 from util.model_api import Segmenter
 from util.precision import autocast
@@ -183,43 +194,22 @@ class SegmentationTask(Task):
 
     # ---- scoring --------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def predict(self, run, split: segmentation.SegSplit) -> Scored | None:
-        """Per-image Dice and IoU of a split on rank 0 (None elsewhere); each rank scores every world_size-th image
-        and rank 0 gathers them."""
-        args, info = run.args, run.info
-        dataset = segmentation.SegmentationDataset(split, segmentation.build_transform(args, is_train=False))
-        mine = list(range(info.rank, len(dataset), info.world_size))
-        loader = torch.utils.data.DataLoader(dataset, sampler=mine, batch_size=args.batch_size,
-                                             num_workers=args.num_workers,
-                                             pin_memory=args.pin_mem and run.device.type == "cuda")
+        """Per-image Dice and IoU of a split on rank 0 (None elsewhere), each rank scoring its share
+        (engine.predict_in_shares)."""
+        dataset = segmentation.SegmentationDataset(split, segmentation.build_transform(run.args, is_train=False))
         model = run.model_without_ddp
-        model.eval()
-        rows, parts = [], []
-        for _, (images, masks, index) in MetricLogger().log_every(loader, args.print_freq, f"Scoring {split.role}:",
-                                                             len(loader)):
-            with autocast(run.precision, run.device):
-                logits = model(images.to(run.device, non_blocking=True))
-            predicted = (torch.sigmoid(logits.float()) > THRESHOLD).cpu()
+
+        def score(batch):
+            images, masks, _ = batch
+            predicted = (torch.sigmoid(model(images.to(run.device, non_blocking=True)).float()) > THRESHOLD).cpu()
             truth = masks > 0.5
             dice, iou = dice_iou(predicted, truth)
-            rows.append(index)
-            parts.append(torch.stack([dice, iou, truth.flatten(1).sum(1).double(),
-                                      predicted.flatten(1).sum(1).double()], dim=1))
-        mine_part = (torch.cat(rows).numpy(), torch.cat(parts).numpy()) if rows else (np.zeros(0, int),
-                                                                                       np.zeros((0, 4)))
-        gathered = [mine_part]
-        if info.distributed:
-            gathered = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, mine_part)
-        if not info.is_main:
-            return None
-        out = np.full((len(dataset), 4), np.nan)
-        for positions, values in gathered:
-            out[positions] = values
-        if np.isnan(out).any():
-            raise RuntimeError(f"{split.role}: {int(np.isnan(out).any(axis=1).sum())} images got no score")
-        return Scored(out[:, 0], out[:, 1], out[:, 2].astype(int), out[:, 3].astype(int))
+            return torch.stack([dice, iou, truth.flatten(1).sum(1).double(), predicted.flatten(1).sum(1).double()],
+                               dim=1)
+
+        out = predict_in_shares(run, dataset, score, split.role)
+        return None if out is None else Scored(out[:, 0], out[:, 1], out[:, 2].astype(int), out[:, 3].astype(int))
 
     def evaluate(self, run, state, epoch: int, last: bool) -> dict:
         if epoch % run.args.eval_interval and not last:
@@ -241,25 +231,11 @@ class SegmentationTask(Task):
 
     def check_before_writing(self, args, found) -> bool:
         """A run whose test list was scored is complete: the same command says so and stops; more epochs are
-        refused (the test set is scored once)."""
+        refused (the test set is scored once). --eval must prepare the test images as the run did."""
         if args.eval:
-            saved = (found[1].get("args") or {}) if found else {}
-            differ = [f"--{k} {saved[k]!r} in its run, {getattr(args, k)!r} now" for k in EVAL_SETTINGS
-                      if k in saved and saved[k] != getattr(args, k)]
-            if differ:
-                raise SetupError(f"--eval --resume {args.resume}: {'; '.join(differ)}; pass the run's own flags")
+            check_eval_settings(args, *found, EVAL_SETTINGS)
             return True
-        results = os.path.join(args.output_dir, RESULTS_NAME)
-        if found is None or not os.path.isfile(results):
-            return True
-        epoch, _ = ckpt_lib.progress_of(found[1])
-        if epoch < args.epochs and not found[1].get("stopped_early"):
-            raise SetupError(f"this run finished after {epoch} epoch(s) and scored its test list ({results}); "
-                             f"--epochs {args.epochs} would score the test list again. Start a new run in another "
-                             "--output_dir (--finetune with the new --epochs), or leave --epochs as it was.")
-        logger.info("this run is complete and its test list was scored: %s (--eval --resume CHECKPOINT scores a "
-                    "checkpoint again, in another --output_dir)", results)
-        return False
+        return not test_already_scored(args, found, RESULTS_NAME)
 
     def before_epochs(self, run, state: SegmentationState, resumed: dict | None) -> bool:
         if not run.args.eval:

@@ -22,6 +22,7 @@ import torch
 from segmentation_models_pytorch.losses import DiceLoss
 
 from data import segmentation
+from data.labelled import label_fraction
 from engine import (
     Selection,
     SelectionState,
@@ -139,8 +140,8 @@ class SegmentationTask(Task):
                 if info.is_main:
                     split.write(path)
                 self.splits[role] = replace(split, source=f"{path} (drawn with --fraction_seed {args.fraction_seed})")
-        self.splits["train"] = segmentation.label_fraction(self.splits["train"], args.label_fraction,
-                                                           args.fraction_seed, args.output_dir, write=info.is_main)
+        self.splits["train"] = label_fraction(self.splits["train"], args.label_fraction, args.fraction_seed,
+                                              args.output_dir, write=info.is_main, prefix="seg_train")
         train = segmentation.SegmentationDataset(self.splits["train"], segmentation.build_transform(args, True))
         pixels = args.input_size ** 2
         fraction = f", --label_fraction {args.label_fraction:g}" if args.label_fraction < 1 else ""

@@ -65,11 +65,7 @@ def add_data_args(parser) -> None:
                             f"val_official.txt; CheXpert {CHEXPERT_VAL_FRACTION * 100:g}%% of train.csv's patients)")
     group.add_argument("--test_list", default=None, type=str,
                        help="test list, scored once at the end (default: NIH test_official.txt; CheXpert valid.csv)")
-    group.add_argument("--label_fraction", default=1.0, type=float,
-                       help="train on this share of the training list, whole patients drawn with --fraction_seed; "
-                            "the drawn list is written to output_dir (default: 1.0)")
-    group.add_argument("--fraction_seed", default=0, type=int,
-                       help="seed of the --label_fraction draw and of CheXpert's validation patients (default: 0)")
+    add_fraction_args(group, "CheXpert's validation patients")
     add_exclude_args(group)
     group.add_argument("--check_images", default="sample", choices=CHECK_IMAGES,
                        help="decode images of every split at start-up, so a bad file fails before training: 'sample' "
@@ -92,6 +88,16 @@ def add_data_args(parser) -> None:
     group.add_argument("--chexpert_uncertain", default=DEFAULT_UNCERTAIN, type=str,
                        help="CheXpert uncertain (-1) labels: 'ones', 'zeros' or per finding 'Edema=ones,...' "
                             "(default: U-Ones for Atelectasis and Edema, U-Zeros for the rest)")
+
+
+def add_fraction_args(group, also_seeds: str) -> None:
+    """--label_fraction and --fraction_seed (classification and segmentation); `also_seeds`: what else the seed
+    draws."""
+    group.add_argument("--label_fraction", default=1.0, type=float,
+                       help="train on this share of the training list, whole patients drawn with --fraction_seed; "
+                            "the drawn list is written to output_dir (default: 1.0)")
+    group.add_argument("--fraction_seed", default=0, type=int,
+                       help=f"seed of the --label_fraction draw and of {also_seeds} (default: 0)")
 
 
 def add_exclude_args(group) -> None:
@@ -531,9 +537,11 @@ def check_disjoint(splits: dict[str, Split]) -> None:
                                  "the splits must be patient-disjoint")
 
 
-def label_fraction(train: Split, fraction: float, seed: int, out_dir: str, write: bool = True) -> Split:
+def label_fraction(train: Split, fraction: float, seed: int, out_dir: str, write: bool = True,
+                   prefix: str = "train") -> Split:
     """--label_fraction: whole patients drawn with --fraction_seed (the same draw on every rank), written to out_dir
-    so the run can be repeated with --train_list, and shared."""
+    as <prefix>_<percent>pct_seed<seed> in the split's own format, so the run can be repeated with --train_list, and
+    shared. Any split with patients, source, subset() and write() (segmentation's too)."""
     if fraction >= 1.0:
         return train
     patients = len(np.unique(train.patients))
@@ -542,8 +550,8 @@ def label_fraction(train: Split, fraction: float, seed: int, out_dir: str, write
                          f"{train.source} is less than one patient; the smallest fraction here is "
                          f"{1 / patients:.2g} (one patient)")
     keep = draw_by_patient(train.patients, fraction, seed)
-    ext = ".txt" if isinstance(train.rows, list) else ".csv"
-    path = os.path.join(out_dir, f"train_{fraction * 100:g}pct_seed{seed}{ext}")
+    ext = ".txt" if isinstance(getattr(train, "rows", None), list) else ".csv"
+    path = os.path.join(out_dir, f"{prefix}_{fraction * 100:g}pct_seed{seed}{ext}")
     drawn = train.subset(keep, path)
     if write:
         drawn.write(path)

@@ -37,8 +37,8 @@ from data.labelled import (
     CHECK_IMAGES,
     CHECK_SAMPLE,
     add_exclude_args,
+    add_fraction_args,
     check_disjoint,
-    draw_by_patient,
     excluded_images,
 )
 from data.transforms import GrayToNormalizedTensor, check_norm_policy, norm_stats_for
@@ -75,11 +75,7 @@ def add_data_args(parser) -> None:
                            help=f"the {role} split: siim/folder: a CSV with an 'image' column (as output_dir/"
                                 f"seg_{role}.csv writes it); csv: the split's CSV (default: siim/folder: drawn by "
                                 "patient with --fraction_seed; csv: required)")
-    group.add_argument("--label_fraction", default=1.0, type=float,
-                       help="train on this share of the training list, whole patients drawn with --fraction_seed; "
-                            "the drawn list is written to output_dir (default: 1.0)")
-    group.add_argument("--fraction_seed", default=0, type=int,
-                       help="seed of the split drawn without lists and of --label_fraction (default: 0)")
+    add_fraction_args(group, "the split drawn without lists")
     add_exclude_args(group)
     group.add_argument("--check_images", default="sample", choices=CHECK_IMAGES,
                        help=f"decode images and masks at start-up, so a bad file fails before training: 'sample' "
@@ -321,20 +317,6 @@ def check_decodes(split: SegSplit, policy: str) -> None:
         listing = "\n  ".join(f"{p}: {why}" for p, why in bad[:10])
         raise ValueError(f"{len(bad)} checked image(s) or mask(s) of the {split.role} list {split.source} are "
                          f"bad:\n  {listing}\nFix or remove them (--check_images all checks every pair)")
-
-
-def label_fraction(train: SegSplit, fraction: float, seed: int, out_dir: str, write: bool) -> SegSplit:
-    if fraction >= 1.0:
-        return train
-    patients = len(np.unique(train.patients))
-    if fraction * patients < 1:
-        raise ValueError(f"--label_fraction {fraction:g} of the {patients} training patients is less than one "
-                         f"patient; the smallest fraction here is {1 / patients:.2g}")
-    path = os.path.join(out_dir, f"seg_train_{fraction * 100:g}pct_seed{seed}.csv")
-    drawn = train.subset(draw_by_patient(train.patients, fraction, seed), path)
-    if write:
-        drawn.write(path)
-    return drawn
 
 
 # ---- images and masks ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import models_mae
 import models_mae_cnn
 import models_seg
 from data import rle, segmentation
+from data.labelled import label_fraction
 from data.synthetic import make_lung_masks, make_siim, siim_image_id
 from engine_segment import SegmentationTask
 from tests.helpers import ROOT, argv, run_cli
@@ -120,6 +121,23 @@ def test_siim_dicoms_split_by_patient_and_the_written_lists_come_back(siim, tmp_
     again, drawn = segmentation.build_splits(given)
     assert not drawn
     assert {r: s.names for r, s in again.items()} == {r: s.names for r, s in splits.items()}
+
+
+def test_label_fraction_draws_whole_patients_and_its_list_comes_back(siim, tmp_path):
+    splits, _ = segmentation.build_splits(split_args(siim, str(tmp_path), dataset="siim"))
+    train = splits["train"]
+    drawn = label_fraction(train, 0.5, 3, str(tmp_path), write=True, prefix="seg_train")
+    path = tmp_path / "seg_train_50pct_seed3.csv"
+    assert drawn.source == str(path) and path.is_file()
+    kept = set(drawn.patients.tolist())
+    assert len(drawn) >= len(train) / 2 and len(drawn) < len(train)
+    assert all((p in kept) == (n in drawn.names) for p, n in zip(train.patients.tolist(), train.names))  # whole
+    for role in ("val", "test"):
+        splits[role].write(str(tmp_path / f"seg_{role}.csv"))
+    given, _ = segmentation.build_splits(split_args(siim, str(tmp_path), dataset="siim", train_list=str(path),
+                                                    val_list=str(tmp_path / "seg_val.csv"),
+                                                    test_list=str(tmp_path / "seg_test.csv")))
+    assert given["train"].names == drawn.names
 
 
 def test_siim_png_conversions_are_each_their_own_patient(tmp_path):

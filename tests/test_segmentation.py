@@ -5,6 +5,8 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -22,7 +24,7 @@ from data import rle, segmentation
 from data.labelled import label_fraction
 from data.synthetic import make_lung_masks, make_siim, siim_image_id
 from engine_segment import SegmentationTask
-from tests.helpers import ROOT, argv, run_cli
+from tests.helpers import ROOT, argv, run_cli, spawn, wait_for_line
 from util.args import validate_args
 from util.checkpoint import load_checkpoint
 
@@ -370,6 +372,29 @@ def test_two_ranks_score_every_test_image_once_as_one_process_does(lungs, tmp_pa
     a, b = pd.read_csv(two / "test_metrics.csv"), pd.read_csv(one / "test_metrics.csv")
     assert list(a["image"]) == list(b["image"]) and len(a) == results["test"]["images"]
     np.testing.assert_allclose(a["dice"], b["dice"], atol=1e-6)
+
+
+@pytest.mark.slow  # three processes
+def test_preempted_run_resumes_to_the_weights_of_an_uninterrupted_one(lungs, tmp_path):
+    """SIGTERM mid-epoch: checkpoint-last and exit 3; the same command resumes there, and the random crops and
+    flips of the resumed epoch are the interrupted one's, so the final weights equal an uninterrupted run's."""
+    def flags(out):
+        return [*seg_flags(lungs, out, dataset="folder", mask_suffix="_mask", epochs=2, input_size=32,
+                           batch_size=2, print_freq=1, bootstrap=0), "--deterministic"]
+
+    script = str(ROOT / "main_segment_chestxray.py")
+    run_cli([sys.executable, script, *flags(tmp_path / "straight")], timeout=300)
+    proc = spawn([sys.executable, script, *flags(tmp_path / "cut")])
+    wait_for_line(proc, r"Epoch: \[1\]\s+\[\s*3/")
+    proc.send_signal(signal.SIGTERM)
+    first = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, first
+    resumed = run_cli([sys.executable, script, *flags(tmp_path / "cut")], timeout=300)
+    assert re.search(r"resumed from .*checkpoint-last.pth: epoch 1, step [1-9]", resumed.stdout), resumed.output
+    a, b = (load_checkpoint(str(tmp_path / run / "checkpoint-last.pth"))["model"] for run in ("straight", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run's weights differ"
+    assert (json.loads((tmp_path / "cut" / "results.json").read_text())["test"]["mean_dice"]
+            == json.loads((tmp_path / "straight" / "results.json").read_text())["test"]["mean_dice"])
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ EXCLUDED_METRICS_NAME = "test_metrics_excluded.csv"  # --exclude_list --exclude_
 OVERLAYS = {"best": "overlays_best.png", "worst": "overlays_worst.png"}
 OVERLAY_CASES = 4  # test images per overlay figure
 THRESHOLD = 0.5  # on the sigmoid of the mask logit
+# where the images and masks are found (--dataset folder and csv)
+LAYOUT_FLAGS = ("image_dir", "mask_dir", "mask_suffix", "image_column", "mask_column", "patient_column")
 # what decides how a checkpoint's test images are prepared: --eval must score with its run's values
 EVAL_SETTINGS = ("dataset", "input_size", "in_chans", "norm_stats")
 
@@ -113,8 +115,9 @@ class SegmentationTask(Task):
                 **{f"{r}_list": file_fingerprint(getattr(args, f"{r}_list")) for r in segmentation.ROLES},
                 "label_fraction": args.label_fraction, "fraction_seed": args.fraction_seed,
                 "finetune": args.finetune or None, "decoder_init": args.decoder_init, "loss": args.loss,
-                "norm_stats": args.norm_stats, "mask_suffix": args.mask_suffix,
-                "exclude_list": file_fingerprint(args.exclude_list), "exclude_mode": args.exclude_mode}
+                "norm_stats": args.norm_stats, "crop_scale": list(args.crop_scale), "hflip_prob": args.hflip_prob,
+                "exclude_list": file_fingerprint(args.exclude_list), "exclude_mode": args.exclude_mode,
+                **{k: getattr(args, k) for k in LAYOUT_FLAGS}}
 
     def evaluation_only(self, args) -> bool:
         return args.eval

@@ -109,9 +109,11 @@ def reference_flag_problems(args, linear_probe: bool) -> list[str]:
         problems.append(f"--optimizer {args.optimizer}: this script trains with {optimizer} (MAE's "
                         f"{'probe' if linear_probe else 'fine-tuning'} recipe, as the reference's commands); "
                         f"drop the flag or pass --optimizer {optimizer}")
-    if args.loss_func is not None:
-        problems.append(f"--loss_func {args.loss_func}: the loss follows the task here (BCE with logits for "
-                        "multi-label lists, cross-entropy for single-label ones such as COVIDx); drop the flag")
+    loss = "ce" if labelled.is_single_label(args) else "bce"  # the task's loss
+    if args.loss_func is not None and args.loss_func.lower() != loss:
+        problems.append(f"--loss_func {args.loss_func}: the loss follows the task here, {loss} for this one (BCE with "
+                        "logits for multi-label lists and one-logit NODE21, cross-entropy for single-label ones such "
+                        f"as COVIDx and two-logit NODE21: --nb_classes 2); drop the flag or pass --loss_func {loss}")
     if args.aug_strategy != "default":
         problems.append(f"--aug_strategy {args.aug_strategy}: only 'default' is supported; set the augmentation "
                         "with --build_timm_transform, --aa, --reprob, --mixup and --cutmix")

@@ -9,8 +9,8 @@ CheXpert (--dataset chexpert): the 5 competition findings, from train.csv (train
 train.csv (validation, --val_list to give one) and valid.csv (the radiologist-labelled set, scored once as test).
 Uncertain labels (-1.0) follow --chexpert_uncertain per finding; blank cells are negative.
 
-COVIDx (--dataset covidx, single-label) is described in data/covidx.py, NODE21 (--dataset node21, one logit) in
-data/node21.py; your own CSV files (--dataset csv) with the flags of that group.
+COVIDx (--dataset covidx, single-label) is described in data/covidx.py, NODE21 (--dataset node21, two logits or one)
+in data/node21.py; your own CSV files (--dataset csv) with the flags of that group.
 
 At start-up every file of the three splits is checked to exist, no list may name an image twice, every label of the
 three lists is checked (the test list's too), and the splits are checked to share no patient. The test labels are
@@ -52,8 +52,8 @@ def add_data_args(parser) -> None:
     group = parser.add_argument_group("Data")
     group.add_argument("--dataset", default="chestxray", choices=DATASETS,
                        help="chestxray: NIH ChestX-ray14, 14 findings; chexpert: CheXpert, 5 competition findings; "
-                            "covidx: COVIDx, 4 classes, single-label; node21: NODE21, one logit (a nodule or not); "
-                            "csv: your own CSV files (--path_column and "
+                            "covidx: COVIDx, 4 classes, single-label; node21: NODE21, a nodule or not (--nb_classes "
+                            "2 or 1); csv: your own CSV files (--path_column and "
                             "--label_columns or --label_column) (default: chestxray)")
     add_image_args(group, "the dataset's folder (NIH: images/ or images_*/images/ inside, or a folder holding "
                           "nih_chestxray/; CheXpert: the folder of train.csv, or one holding CheXpert-v1.0-small/)")
@@ -125,6 +125,10 @@ def check_data_args(args) -> list[str]:
         problems += _check_csv_args(args)
         if problems:
             return problems
+    if args.dataset == "node21" and args.nb_classes not in node21.HEADS:
+        problems.append(f"--nb_classes {args.nb_classes}: --dataset node21 takes --nb_classes 2 (two logits, "
+                        "cross-entropy: no nodule, nodule) or --nb_classes 1 (one logit, binary cross-entropy)")
+        return problems
     expected = len(findings(args))
     if args.nb_classes != expected:
         problems.append(f"--nb_classes {args.nb_classes}: --dataset {args.dataset} has {expected} findings "
@@ -149,8 +153,10 @@ def _check_csv_args(args) -> list[str]:
 
 
 def is_single_label(args) -> bool:
-    """One class per image (cross-entropy, accuracy): COVIDx, and --dataset csv with --label_column."""
-    return args.dataset == "covidx" or (args.dataset == "csv" and bool(args.label_column))
+    """One class per image (cross-entropy, accuracy): COVIDx, --dataset csv with --label_column, and NODE21's two
+    logits."""
+    return (args.dataset == "covidx" or (args.dataset == "csv" and bool(args.label_column))
+            or (args.dataset == "node21" and args.nb_classes == 2))
 
 
 def build_transform(args, is_train: bool):
@@ -165,8 +171,9 @@ def findings(args) -> list[str]:
     """The findings (multi-label) or classes (single-label) of --dataset, in the order of the logits."""
     if args.dataset == "csv":
         return _names(args.label_columns or args.classes)
-    return list({"chestxray": nih.FINDINGS, "chexpert": CHEXPERT_FINDINGS, "covidx": covidx.CLASSES,
-                 "node21": node21.FINDINGS}[args.dataset])
+    if args.dataset == "node21":
+        return list(node21.CLASSES if is_single_label(args) else node21.FINDINGS)
+    return list({"chestxray": nih.FINDINGS, "chexpert": CHEXPERT_FINDINGS, "covidx": covidx.CLASSES}[args.dataset])
 
 
 def _names(spec: str) -> list[str]:
@@ -360,30 +367,56 @@ def _covidx_splits(args, seed: int) -> dict[str, Split]:
 # ---- NODE21 -------------------------------------------------------------------------------------------------------
 
 def _node21_splits(args, with_test_labels: bool = False) -> dict[str, Split]:
-    """Given lists, or a seeded random split of metadata.csv's images (written to output_dir); every label checked
-    now, the test list's too."""
-    metadata = node21.read_metadata(os.path.join(args.data_path, node21.METADATA), "--data_path")
-    given = [args.train_list, args.val_list, args.test_list]
-    if any(given) and not all(given):
-        raise SetupError("--dataset node21 takes all three of --train_list/--val_list/--test_list, or none (a random "
-                         f"split of {node21.METADATA} with --fraction_seed)")
-    if all(given):
-        frames = {role: node21.read_list(path, f"--{role}_list", metadata)
-                  for role, path in zip(("train", "val", "test"), given)}
-        sources = dict(zip(("train", "val", "test"), given))
+    """The reference's train/test lists (given, or train_mae.txt and test_mae.txt in --data_path) with a validation
+    share held out of training; or given lists, or a seeded random split, of metadata.csv's images (data/node21.py).
+    Every label is checked now, the test list's too."""
+    metadata_path = os.path.join(args.data_path, node21.METADATA)
+    found = {role: os.path.join(args.data_path, name) for role, name in node21.REFERENCE_LISTS.items()}
+    train_list = args.train_list or (found["train"] if os.path.isfile(found["train"]) else None)
+    test_list = args.test_list or (found["test"] if os.path.isfile(found["test"]) else None)
+    reference = train_list and test_list and not str(train_list).lower().endswith(".csv")
+    if reference:
+        frames = {"train": node21.read_list(train_list, "--train_list", metadata_path),
+                  "test": node21.read_list(test_list, "--test_list", metadata_path)}
+        sources = {"train": train_list, "test": test_list}
+        if args.val_list:
+            frames["val"], sources["val"] = node21.read_list(args.val_list, "--val_list", metadata_path), args.val_list
+        else:  # the reference had no validation list: hold out part of the training images to select on
+            held = draw_by_patient(frames["train"]["img_name"].to_numpy(dtype=str).astype(np.bytes_),
+                                   node21.VAL_FRACTION, args.fraction_seed)
+            frames["val"] = frames["train"][held].reset_index(drop=True)
+            frames["train"] = frames["train"][~held].reset_index(drop=True)
+            sources["val"] = f"{train_list}, {node21.VAL_FRACTION:.0%} of its images (seed {args.fraction_seed})"
+            sources["train"] = f"{train_list} minus the validation images"
+        write_as = {role: f"node21_{role}.txt" for role in ("train", "val")} if not args.val_list else {}
     else:
-        roles = node21.random_split(len(metadata), args.fraction_seed)
-        frames = {role: metadata[roles == role].reset_index(drop=True) for role in ("train", "val", "test")}
-        sources = {role: f"{node21.METADATA}, a random {role} share (--fraction_seed {args.fraction_seed})"
-                   for role in frames}
+        given = [args.train_list, args.val_list, args.test_list]
+        if any(given) and not all(given):
+            raise SetupError("--dataset node21 takes --train_list and --test_list (the reference's `fname label` "
+                             "lists; --val_list optional) or all three lists of metadata.csv's images, or none (a "
+                             f"random split of {node21.METADATA} with --fraction_seed)")
+        metadata = node21.read_metadata(metadata_path, "--data_path")
+        if all(given):
+            frames = {role: node21.read_list(path, f"--{role}_list", metadata_path)
+                      for role, path in zip(("train", "val", "test"), given)}
+            sources, write_as = dict(zip(("train", "val", "test"), given)), {}
+        else:
+            roles = node21.random_split(len(metadata), args.fraction_seed)
+            frames = {role: metadata[roles == role].reset_index(drop=True) for role in ("train", "val", "test")}
+            sources = {role: f"{node21.METADATA}, a random {role} share (--fraction_seed {args.fraction_seed})"
+                       for role in frames}
+            write_as = {role: f"node21_{role}.csv" for role in frames}
+    two_logits = is_single_label(args)
     splits = {}
-    for role, df in frames.items():
+    for role in ("train", "val", "test"):
+        df = frames[role]
         names = df["img_name"].to_numpy(dtype=str)
         paths = np.array([node21.image_path(args.data_path, n) for n in names], dtype=np.bytes_)
-        labels = df["label"].to_numpy(dtype=np.float32)[:, None]
+        labels = df["label"].to_numpy(dtype=np.int64) if two_logits else df["label"].to_numpy(dtype=np.float32)[:, None]
         keep_labels = role != "test" or with_test_labels
-        splits[role] = Split(role, sources[role], paths, names.astype(np.bytes_), df, labels if keep_labels else None,
-                             write_as=None if all(given) else f"node21_{role}.csv")
+        rows = [f"{n} {label}" for n, label in zip(names, df["label"])] if reference else df  # the list's own format
+        splits[role] = Split(role, sources[role], paths, names.astype(np.bytes_), rows,
+                             labels if keep_labels else None, write_as=write_as.get(role))
     return splits
 
 

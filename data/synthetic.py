@@ -486,12 +486,15 @@ def make_csv_dataset(root: str, patients=(8, 3, 3), images_per_patient: int = 2,
     return files
 
 
-def make_node21(root: str, images: int = 40, size=(64, 64), seed: int = 0, extension: bool = True) -> str:
+def make_node21(root: str, images: int = 40, size=(64, 64), seed: int = 0, extension: bool = True,
+                reference_lists: bool = False) -> str:
     """NODE21's processed layout: root/metadata.csv (img_name, x, y, width, height, label: a row per nodule box, one
     row with label 0 for an image without one) and root/images/<name>.mha, 16-bit MetaImages written with SimpleITK.
     Every other image holds a nodule (a bright disc at its box, drawn so a classifier can learn it) and every
     fourth of those two, so their rows merge. Names are n0000.mha (nodule) and c0001.mha (control), as the release
-    names them; extension=False writes img_name without '.mha'. Returns the metadata path."""
+    names them; extension=False writes img_name without '.mha'. reference_lists also writes the reference's
+    train_mae.txt (the first 80% of the images) and test_mae.txt (the rest), `fname label` lines. Returns the
+    metadata path."""
     import SimpleITK as sitk
 
     rng = np.random.default_rng(seed)
@@ -514,6 +517,14 @@ def make_node21(root: str, images: int = 40, size=(64, 64), seed: int = 0, exten
                         os.path.join(root, "images", name + ".mha"))
     path = os.path.join(root, "metadata.csv")
     _write_csv(path, ["img_name", "x", "y", "width", "height", "label"], rows)
+    if reference_lists:
+        labels = {}
+        for row in rows:
+            labels[row[0]] = max(labels.get(row[0], 0), int(row[-1]))
+        names = list(labels)
+        cut = round(0.8 * len(names))
+        _write_lines(os.path.join(root, "train_mae.txt"), [f"{n} {labels[n]}" for n in names[:cut]])
+        _write_lines(os.path.join(root, "test_mae.txt"), [f"{n} {labels[n]}" for n in names[cut:]])
     return path
 
 

@@ -108,7 +108,8 @@ NODE21_BAD = [
      {"train_list": "TRAIN", "val_list": "VAL", "test_list": "TEST_CSV"},
      r"the train list \(\S+train.csv\) and the test list \(\S+test.csv\) share 1 patient\(s\), e.g. n0000.mha"),
     ("one list of three", lambda root, t: None, {"test_list": "TEST_CSV"},
-     r"--dataset node21 takes all three of --train_list/--val_list/--test_list, or none"),
+     r"--dataset node21 takes --train_list and --test_list \(the reference's `fname label` lists; --val_list "
+     r"optional\) or all three lists of metadata.csv's images, or none"),
 ]
 
 
@@ -127,7 +128,73 @@ def test_node21_bad_input_is_named_before_training(tmp_path, caplog, case, damag
     assert "Epoch: [0]" not in caplog.text and not (out / "checkpoint-last.pth").exists()
 
 
-def test_node21_takes_one_logit(tmp_path):
-    with pytest.raises(SystemExit, match=r"--nb_classes 14: --dataset node21 has 1 findings \(Nodule\); pass "
-                                         r"--nb_classes 1"):
+def test_node21_takes_two_logits_or_one(tmp_path):
+    with pytest.raises(SystemExit, match=r"--nb_classes 14: --dataset node21 takes --nb_classes 2 \(two logits, "
+                                         r"cross-entropy: no nodule, nodule\) or --nb_classes 1"):
         ft_main.main(node21_flags(tmp_path, tmp_path / "out", nb_classes=14))
+    with pytest.raises(SystemExit, match=r"--loss_func bce: the loss follows the task here, ce for this one"):
+        ft_main.main(node21_flags(tmp_path, tmp_path / "out", nb_classes=2, loss_func="bce"))
+    args = parse(node21_flags(tmp_path, tmp_path / "out", nb_classes=1, loss_func="bce"))
+    assert labelled.findings(args) == ["Nodule"] and not labelled.is_single_label(args)
+    args = parse(node21_flags(tmp_path, tmp_path / "out", nb_classes=2))
+    assert labelled.findings(args) == ["no nodule", "nodule"] and labelled.is_single_label(args)
+
+
+def test_the_reference_lists_at_nodes21_size_with_validation_held_out_of_training(tmp_path):
+    """train_mae.txt and test_mae.txt (`fname label` lines, the reference's interface) at NODE21's 4,882 images
+    (hard links make it cheap): used whenever they are in --data_path, 10% of the training images held out for
+    validation with --fraction_seed, and the labels are the files' (metadata.csv is not read for them)."""
+    root = tmp_path / "node21"
+    make_node21(str(root), images=10, size=(32, 32))
+    names = [f"{'n' if k % 2 == 0 else 'c'}{k:04d}.mha" for k in range(4882)]
+    for k, name in enumerate(names[10:], start=10):
+        os.link(root / "images" / names[k % 10], root / "images" / name)
+    (root / "train_mae.txt").write_text("".join(f"{n} {int(n[0] == 'n')}\n" for n in names[:3906]))
+    (root / "test_mae.txt").write_text("".join(f"{n} {int(n[0] == 'n')}\n" for n in names[3906:]))
+    os.remove(root / "metadata.csv")  # the reference's lists need no metadata.csv
+    args = parse(node21_flags(root, tmp_path / "out", nb_classes=2, check_images="none"))
+    splits = labelled.build_splits(args)
+    assert [len(splits[r]) for r in ("train", "val", "test")] == [3515, 391, 976]
+    assert splits["val"].write_as == "node21_val.txt" and splits["test"].labels is None
+    assert splits["train"].labels.dtype == np.int64  # two logits: class indices
+    for split in (splits["train"], splits["val"]):
+        for path, label in zip(split.paths, split.labels):
+            assert label == int(os.path.basename(path.decode())[0] == "n")
+    one_logit = labelled.build_splits(parse(node21_flags(root, tmp_path / "out", nb_classes=1, loss_func="bce",
+                                                         check_images="none")))
+    assert one_logit["train"].labels.shape == (3515, 1)
+    assert np.array_equal(one_logit["val"].paths, splits["val"].paths)  # the same held-out share
+
+
+@pytest.mark.slow
+def test_node21_two_logits_learn_and_the_written_lists_come_back(tmp_path):
+    root = tmp_path / "node21"
+    make_node21(str(root), images=80, size=(32, 32), reference_lists=True)
+    out = tmp_path / "out"
+    assert ft_main.main(node21_flags(root, out, nb_classes=2, epochs=8, blr=0.01)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["kind"] == "single-label" and results["classes"] == ["no nodule", "nodule"]
+    assert results["test"]["images"] == 16 and results["test"]["auroc"]["nodule"] > 0.75, results["test"]
+    written = {role: out / f"node21_{role}.txt" for role in ("train", "val")}
+    assert all(p.is_file() for p in written.values())
+    given = labelled.build_splits(parse(node21_flags(root, tmp_path / "again", nb_classes=2,
+                                                     train_list=written["train"], val_list=written["val"])))
+    drawn = labelled.build_splits(parse(node21_flags(root, tmp_path / "again", nb_classes=2)))
+    for role in ("train", "val", "test"):
+        assert np.array_equal(given[role].paths, drawn[role].paths)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("n0000.mha 2", r"test_mae.txt, line 1: label '2'; every label must be 0 \(no nodule\) or 1"),
+    ("n0000.mha 1 extra", r"test_mae.txt, line 1: expected `fname label` on every line"),
+    ("x9999.mha 1", r"of the test list \S+test_mae.txt are missing:\s+\S+x9999.mha"),
+])
+def test_the_reference_lists_bad_input_is_named(tmp_path, caplog, line, message):
+    root = tmp_path / "node21"
+    make_node21(str(root), images=20, size=(32, 32), reference_lists=True)
+    lines = (root / "test_mae.txt").read_text().splitlines()
+    (root / "test_mae.txt").write_text("\n".join([line, *lines[1:]]) + "\n")
+    out = tmp_path / "out"
+    assert ft_main.main(node21_flags(root, out, nb_classes=2)) == 1
+    assert re.search(message, caplog.text), caplog.text
+    assert not (out / "checkpoint-last.pth").exists()

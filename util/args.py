@@ -248,8 +248,9 @@ def add_finetune_args(parser: argparse.ArgumentParser, linear_probe: bool) -> No
                      help="accepted as the optimizer this script uses (adamw for fine-tuning, lars for the probe); "
                           "another is refused (default: the script's own)")
     ref.add_argument("--loss_func", type=str, default=None,
-                     help="the reference's loss switch; the loss follows the task here (BCE multi-label, "
-                          "cross-entropy single-label), so a value is refused (default: none)")
+                     help="the reference's loss switch; the loss follows the task here: bce (multi-label, one-logit "
+                          "NODE21) or ce (single-label, two-logit NODE21) is accepted where it is the task's, another "
+                          "is refused (default: none)")
     ref.add_argument("--aug_strategy", type=str, default="default",
                      help="the reference's augmentation switch; only 'default' is accepted: augmentation is set by "
                           "--build_timm_transform, --aa, --reprob, --mixup, --cutmix (default: default)")

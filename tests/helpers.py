@@ -244,3 +244,15 @@ def check_fp16_overflow_is_a_scaler_skip(data_path: str, tmp_path, device: str) 
     line = json.loads((tmp_path / "log.txt").read_text().splitlines()[-1])
     assert line["train_scaler_skips"] == 1 and line["train_bad_steps"] == 0 and line["train_loss_scale"] == 2.0**15
     assert math.isfinite(line["train_grad_norm"]) and math.isfinite(line["train_loss"])
+
+
+def run_main(main, argv: list[str], caplog) -> tuple[int, str]:
+    """(exit code, log text) of an entry script's main(argv) in this process; the flag checks' sys.exit(message) is
+    exit code 1 with its message appended, argparse's exit 2 stays 2."""
+    caplog.clear()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    text = caplog.text + (code if isinstance(code, str) else "")
+    return (1 if isinstance(code, str) else code), text

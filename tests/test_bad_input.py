@@ -14,7 +14,7 @@ import torch
 
 import main_finetune_chestxray as ft_main
 from data.synthetic import make_nih, make_nih_labelled
-from tests.helpers import argv, run_tool_in_process
+from tests.helpers import argv, run_main, run_tool_in_process
 
 FLAGS = {"model": "vit_debug_patch16", "input_size": 32, "batch_size": 4, "warmup_epochs": 0, "num_workers": 0,
          "device": "cpu", "print_freq": 50, "bootstrap": 0, "epochs": 1}
@@ -50,13 +50,7 @@ def finished(nih, tmp_path_factory):
 
 
 def run_finetune(argv, caplog) -> tuple[int, str]:
-    caplog.clear()
-    try:
-        code = ft_main.main(argv)
-    except SystemExit as e:  # the flag checks' sys.exit(message), argparse's exit 2
-        code = e.code
-    text = caplog.text + (code if isinstance(code, str) else "")
-    return (1 if isinstance(code, str) else code), text
+    return run_main(ft_main.main, argv, caplog)
 
 
 def edited_list(path: str, tmp_path, name: str, edit) -> str:

@@ -24,7 +24,7 @@ from data import rle, segmentation
 from data.labelled import label_fraction
 from data.synthetic import make_lung_masks, make_siim, siim_image_id
 from engine_segment import SegmentationTask
-from tests.helpers import ROOT, argv, run_cli, spawn, wait_for_line
+from tests.helpers import ROOT, argv, run_cli, run_main, spawn, wait_for_line
 from util.args import validate_args
 from util.checkpoint import load_checkpoint
 
@@ -39,12 +39,7 @@ def seg_flags(data_path: str, out, **extra) -> list[str]:
 
 
 def run_segment(flags, caplog) -> tuple[int, str]:
-    caplog.clear()
-    try:
-        code = seg_main.main(flags)
-    except SystemExit as e:  # the flag checks' sys.exit(message), argparse's exit 2
-        code = e.code
-    return (1 if isinstance(code, str) else code), caplog.text + (code if isinstance(code, str) else "")
+    return run_main(seg_main.main, flags, caplog)
 
 
 @pytest.fixture(scope="module")

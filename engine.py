@@ -614,7 +614,7 @@ def predict_in_shares(run: Run, dataset, score_batch, what: str, dtype=np.float6
     values, positions = [], []
     for _, batch in MetricLogger().log_every(loader, args.print_freq, f"Scoring {what}:", len(loader)):
         with autocast(run.precision, run.device):
-            values.append(torch.as_tensor(score_batch(batch)).float().cpu())
+            values.append(torch.as_tensor(score_batch(batch)).double().cpu())
         positions.append(batch[-1])
     part = ((torch.cat(positions).numpy(), torch.cat(values).numpy()) if positions
             else (np.zeros(0, dtype=np.int64), None))

@@ -59,13 +59,17 @@ def check_files(idx: SourceIndex, policy: str) -> None:
     idx.select(exists, "files present")
 
 
+def sample_positions(n: int, count: int | None) -> np.ndarray:
+    """`count` evenly spaced positions of n items (None: every one), the first and the last included."""
+    if count is None:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, min(count, n)).astype(int))
+
+
 def undecodable(paths: np.ndarray, count: int | None) -> tuple[int, list[tuple[str, str]]]:
     """Decode `count` evenly spaced images of `paths` (None: every one); (how many were decoded, [(path, what is
     wrong)] for each that failed)."""
-    if count is None:
-        picks = np.arange(len(paths))
-    else:
-        picks = np.unique(np.linspace(0, len(paths) - 1, min(count, len(paths))).astype(int))
+    picks = sample_positions(len(paths), count)
     return len(picks), [(p, why) for p in (paths[i].decode() for i in picks) if (why := decode_problem(p))]
 
 

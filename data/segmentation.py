@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 
 from data import rle
 from data.base import BadImageError, find_given_file, require_columns, seeded
-from data.checks import files_exist, undecodable
+from data.checks import files_exist, sample_positions
 from data.config import add_image_args
 from data.image_io import ImageDecodeError, load_gray
 from data.labelled import (
@@ -155,7 +155,7 @@ def dicom_patient(path: str) -> str | None:
     import pydicom
 
     value = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["PatientID"]).get("PatientID")
-    return str(value).strip() or None if value is not None else None
+    return (str(value).strip() or None) if value is not None else None
 
 
 def siim_images(data_path: str) -> tuple[list, list, list, list]:
@@ -179,9 +179,10 @@ def siim_images(data_path: str) -> tuple[list, list, list, list]:
     paths = [files[i] for i in ids]
     patients = [(dicom_patient(p) if p.lower().endswith((".dcm", ".dicom")) else None) or i
                 for i, p in zip(ids, paths)]
-    if any(p == i for p, i in zip(patients, ids)):
-        logger.info("siim: %d of %d images carry no PatientID (PNG conversions): each is its own patient",
-                    sum(p == i for p, i in zip(patients, ids)), len(ids))
+    without = sum(p == i for p, i in zip(patients, ids))
+    if without:
+        logger.info("siim: %d of %d images carry no PatientID (PNG conversions): each is its own patient", without,
+                    len(ids))
     return ids, paths, [tuple(rows[i]) for i in ids], patients
 
 
@@ -304,15 +305,12 @@ def check_decodes(split: SegSplit, policy: str) -> None:
     """--check_images: decode a sample (or all) of a split's images and their masks now, naming each bad file."""
     if policy == "none":
         return
-    checked, bad = undecodable(split.paths, None if policy == "all" else CHECK_SAMPLE)
-    picks = (np.arange(len(split)) if policy == "all"
-             else np.unique(np.linspace(0, len(split) - 1, min(CHECK_SAMPLE, len(split))).astype(int)))
-    if not bad:
-        for i in picks:
-            try:
-                load_pair(split, int(i))
-            except (BadImageError, ImageDecodeError, rle.RLEError, ValueError) as e:
-                bad.append((split.paths[i].decode(), str(e)))
+    bad = []
+    for i in sample_positions(len(split), None if policy == "all" else CHECK_SAMPLE):
+        try:
+            load_pair(split, int(i))  # decodes the image, then its mask against the image's size
+        except (BadImageError, ImageDecodeError, rle.RLEError, ValueError) as e:
+            bad.append((split.paths[i].decode(), str(e)))
     if bad:
         listing = "\n  ".join(f"{p}: {why}" for p, why in bad[:10])
         raise ValueError(f"{len(bad)} checked image(s) or mask(s) of the {split.role} list {split.source} are "

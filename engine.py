@@ -221,6 +221,48 @@ class Task:
         """After the last epoch (every rank): the task's final outputs."""
 
 
+class ScoredOnceTask(Task):
+    """A Task that selects on validation and scores its test list once, after training (classification,
+    segmentation): --eval scores the --resume checkpoint instead of training, into a folder without results and with
+    the run's own test-time settings; a complete run (its results_name written) is not trained or scored again.
+    Subclasses give score_test(run, state, weights), results_name and eval_settings."""
+
+    results_name = "results.json"  # written last: its presence means the run is complete and its test list scored
+    eval_settings: tuple[str, ...] = ()  # the flags that decide how test images are prepared: --eval must keep them
+
+    def evaluation_only(self, args) -> bool:
+        return args.eval
+
+    def check_before_writing(self, args, found: tuple[str, dict] | None) -> bool:
+        if args.eval:
+            if os.path.isfile(os.path.join(args.output_dir, self.results_name)):
+                raise SetupError(f"--eval: {args.output_dir} already holds {self.results_name}; give the evaluation "
+                                 "its own --output_dir, so no result is overwritten")
+            check_eval_settings(args, *found, self.eval_settings)
+            return True
+        if not already_scored(args, found, self.results_name):
+            return True
+        self.complete_outputs(args)
+        return False
+
+    def complete_outputs(self, args) -> None:
+        """A complete run's command again: draw again whatever output file a kill left missing (nothing is scored)."""
+
+    def before_epochs(self, run: "Run", state: TrainState, resumed: dict | None) -> bool:
+        if not run.args.eval:
+            return True
+        state.restore(resumed)  # the selection and the load report, as recorded (older key names too)
+        if "best_epoch" not in resumed:  # a checkpoint without a selection record: the epoch it was written at
+            state.best_epoch = resumed.get("epoch")
+        self.score_test(run, state, None)
+        return False
+
+    def score_test(self, run: "Run", state: TrainState, weights: str | None) -> None:
+        """Score the test list once with the `weights` checkpoint (None: --eval's --resume, already loaded) and write
+        the results, results_name last."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Run:
     """Everything built once by the engine and used by the loop and the task (what changes is in TrainState)."""
@@ -571,7 +613,7 @@ def resume(run: Run, state: TrainState, found: tuple[str, dict] | None) -> dict 
 
 # ---- for tasks that select on validation and score a test set once ----------------------------------------------
 
-def test_already_scored(args, found: tuple[str, dict] | None, results_name: str) -> bool:
+def already_scored(args, found: tuple[str, dict] | None, results_name: str) -> bool:
     """True when output_dir's run is complete (its test results, results_name, are written): the same command then
     has nothing to do. Asked for more --epochs than the run trained, SetupError: the test set is scored once."""
     results = os.path.join(args.output_dir, results_name)

@@ -24,16 +24,14 @@ from timm.optim import create_optimizer_v2
 
 from data import covidx, labelled
 from engine import (
+    ScoredOnceTask,
     Selection,
     SelectionState,
-    Task,
     TaskData,
-    check_eval_settings,
     checkpointed,
     file_fingerprint,
     log_load_report,
     predict_in_shares,
-    test_already_scored,
 )
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
@@ -152,11 +150,13 @@ def check_args(args) -> list[str]:
     return problems
 
 
-class ClassificationTask(Task):
+class ClassificationTask(ScoredOnceTask):
     """Multi-label classification of chest X-ray findings; `build_classifier(args)` makes a util.model_api.Classifier.
     name is "finetune" or "linprobe" (a linear probe trains the head alone, with LARS, on a frozen encoder)."""
 
     state_class = ClassificationState
+    results_name = RESULTS_NAME
+    eval_settings = EVAL_SETTINGS
     multi_label = True
     weights_flag = "--finetune"
     selection = Selection("val_auroc", higher_is_better=True, description="mean validation AUROC")
@@ -188,13 +188,7 @@ class ClassificationTask(Task):
                 "exclude_list": file_fingerprint(args.exclude_list), "exclude_mode": args.exclude_mode,
                 **({k: getattr(args, k) for k in CSV_COLUMNS} if args.dataset == "csv" else {})}
 
-    def evaluation_only(self, args) -> bool:
-        return args.eval
-
     def build_data(self, args, info, device) -> TaskData:
-        if args.eval and os.path.isfile(os.path.join(args.output_dir, RESULTS_NAME)):
-            raise SetupError(f"--eval: {args.output_dir} already holds results.json; give the evaluation its own "
-                             "--output_dir, so no result is overwritten")
         self.findings = labelled.findings(args)
         self.splits = shared_splits(args, info, device)
         for split in self.splits.values():
@@ -237,30 +231,11 @@ class ClassificationTask(Task):
                         report, kinds=("loaded", "adapted", "missing", "ignored"))
         state.pretrained_keys = report
 
-    def check_before_writing(self, args, found: tuple[str, dict] | None) -> bool:
-        """A run whose test list was scored (results.json) is complete: the same command says so and stops (after
-        drawing any missing plot again); asked for more epochs, it refuses: the test set is scored once."""
-        if args.eval:
-            check_eval_settings(args, *found, EVAL_SETTINGS)
-            return True
-        if not test_already_scored(args, found, RESULTS_NAME):
-            return True
-        self.findings = labelled.findings(args)
-        self.complete_outputs(args.output_dir)
-        return False
-
-    def before_epochs(self, run, state: ClassificationState, resumed: dict | None) -> bool:
-        if not run.args.eval:
-            return True
-        state.restore(resumed)  # the selection and the load report, as recorded (older key names too)
-        if "best_epoch" not in resumed:  # a checkpoint without a selection record: the epoch it was written at
-            state.best_epoch = resumed.get("epoch")
-        self.score_test(run, state, None)
-        return False
-
-    def complete_outputs(self, out: str) -> None:
+    def complete_outputs(self, args) -> None:
         """A complete run whose plots are missing (a kill after results.json, an older version wrote that first)
         gets them again from test_predictions.csv and log.txt; nothing is scored again."""
+        self.findings = labelled.findings(args)
+        out = args.output_dir
         labels, scores = predictions.arrays(predictions.read(out, PREDICTIONS_NAME), self.findings, np.float32)
         aurocs = per_finding_auroc(scores, labels)
         expected = [roc_path(os.path.join(out, "roc"), name) for name, a in zip(self.findings, aurocs) if a is not None]
@@ -609,7 +584,8 @@ class SingleLabelTask(ClassificationTask):
         logger.info("%s", single_label_table(results))
         logger.info("wrote %s, %s and %s", os.path.join(out, RESULTS_NAME), PREDICTIONS_NAME, CONFUSION_NAME)
 
-    def complete_outputs(self, out: str) -> None:
+    def complete_outputs(self, args) -> None:
+        out = args.output_dir
         if not os.path.isfile(os.path.join(out, CONFUSION_NAME)):
             with open(os.path.join(out, RESULTS_NAME), encoding="utf-8") as f:
                 results = json.load(f)

@@ -24,16 +24,14 @@ from segmentation_models_pytorch.losses import DiceLoss
 from data import segmentation
 from data.labelled import label_fraction
 from engine import (
+    ScoredOnceTask,
     Selection,
     SelectionState,
-    Task,
     TaskData,
-    check_eval_settings,
     checkpointed,
     file_fingerprint,
     log_load_report,
     predict_in_shares,
-    test_already_scored,
 )
 from util import checkpoint as ckpt_lib
 from util import dist as dist_lib
@@ -92,12 +90,14 @@ def check_args(args) -> list[str]:
     return problems
 
 
-class SegmentationTask(Task):
+class SegmentationTask(ScoredOnceTask):
     """Binary segmentation: one mask logit per pixel. `build_segmenter(args)` makes a util.model_api.Segmenter;
     `check_model_args(args)` lists problems with the model flags."""
 
     name = "segment"
     state_class = SegmentationState
+    results_name = RESULTS_NAME
+    eval_settings = EVAL_SETTINGS
     weights_flag = "--finetune"
     selection = Selection("val_dice", higher_is_better=True, description="mean validation Dice")
 
@@ -119,15 +119,9 @@ class SegmentationTask(Task):
                 "exclude_list": file_fingerprint(args.exclude_list), "exclude_mode": args.exclude_mode,
                 **{k: getattr(args, k) for k in LAYOUT_FLAGS}}
 
-    def evaluation_only(self, args) -> bool:
-        return args.eval
-
     # ---- data -----------------------------------------------------------------------------------------------------
 
     def build_data(self, args, info, device) -> TaskData:
-        if args.eval and os.path.isfile(os.path.join(args.output_dir, RESULTS_NAME)):
-            raise SetupError(f"--eval: {args.output_dir} already holds results.json; give the evaluation its own "
-                             "--output_dir, so no result is overwritten")
         built = None
 
         def build() -> bytes:  # rank 0 reads the dataset; the others receive its splits and touch no file
@@ -232,23 +226,6 @@ class SegmentationTask(Task):
         out = run.args.output_dir
         save_loss_curve(os.path.join(out, "log.txt"), os.path.join(out, "val_dice.png"), keys=("val_dice",),
                         ylabel=self.selection.description)
-
-    def check_before_writing(self, args, found) -> bool:
-        """A run whose test list was scored is complete: the same command says so and stops; more epochs are
-        refused (the test set is scored once). --eval must prepare the test images as the run did."""
-        if args.eval:
-            check_eval_settings(args, *found, EVAL_SETTINGS)
-            return True
-        return not test_already_scored(args, found, RESULTS_NAME)
-
-    def before_epochs(self, run, state: SegmentationState, resumed: dict | None) -> bool:
-        if not run.args.eval:
-            return True
-        state.restore(resumed)
-        if "best_epoch" not in resumed:
-            state.best_epoch = resumed.get("epoch")
-        self.score_test(run, state, None)
-        return False
 
     def finish(self, run, state: SegmentationState) -> None:
         self.score_test(run, state, os.path.join(run.args.output_dir, ckpt_lib.BEST_NAME))

@@ -324,6 +324,14 @@ def test_siim_run_writes_every_output_and_a_rerun_is_complete(siim, runs, tmp_pa
     alone = pd.read_csv(apart / "test_metrics_excluded.csv")
     assert list(alone["image"]) == [first_test] and alone["dice"][0] == pytest.approx(table["dice"][0])
     assert kept["mean_dice"] == pytest.approx(table["dice"][1:].mean())
+    holds_results = tmp_path / "copied_results"  # results without a run (a run's folder is refused before)
+    holds_results.mkdir()
+    (holds_results / "results.json").write_text((out / "results.json").read_text())
+    before = tree_md5(holds_results)
+    code, text = run_segment(seg_flags(siim, holds_results, model="unet_densenet121", dataset="siim", eval=True,
+                                       resume=str(out / "checkpoint-best.pth")), caplog)
+    assert code == 1 and f"--eval: {holds_results} already holds results.json; give the evaluation" in text, text
+    assert tree_md5(holds_results) == before  # refused before anything was written there
     evaluated = tmp_path / "eval"
     code, text = run_segment(seg_flags(siim, evaluated, model="unet_densenet121", dataset="siim", eval=True,
                                        resume=str(out / "checkpoint-best.pth"),

@@ -106,9 +106,12 @@ def weights_hash(state: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def fingerprint_parts(encoder: Encoder, preprocessing: dict, transform, device) -> dict:
-    probe = transform(_probe_image(preprocessing["input_size"]))[None].to(device)
-    feature = encoder(probe)[0].float().cpu().numpy()
+def probe_feature(encoder: Encoder, transform, input_size: int, device) -> np.ndarray:
+    """The feature of the fixed synthetic probe image: its length is the features', and it joins the fingerprint."""
+    return encoder(transform(_probe_image(input_size))[None].to(device))[0].float().cpu().numpy()
+
+
+def fingerprint_parts(encoder: Encoder, preprocessing: dict, feature: np.ndarray) -> dict:
     rounded = np.round(feature.astype(np.float64), PROBE_DECIMALS) + 0.0  # + 0.0: no negative zero
     return {"weights": weights_hash(encoder.state_dict()),
             "preprocessing": hashlib.sha256(json.dumps(preprocessing, sort_keys=True).encode()).hexdigest()[:16],
@@ -204,11 +207,12 @@ def extract(args) -> int:
                      "resize": "Resize((s, s)), bilinear, antialiased (the pre-training's evaluation transform)",
                      "decode": "data.image_io.load_gray (8-bit gray; 16-bit and DICOM windowed)"}
     transform = build_eval_transform(input_size, mean, std, model.in_chans)
-    parts = fingerprint_parts(encoder, preprocessing, transform, device)
+    probe = probe_feature(encoder, transform, input_size, device)
+    parts = fingerprint_parts(encoder, preprocessing, probe)
     if args.check:
         check_fingerprint(args.check, parts)
     list_hash = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
-    dim = encoder(transform(_probe_image(input_size))[None].to(device)).shape[1]
+    dim = len(probe)
     start = resume_point(progress_path, partial, parts, list_hash, (len(paths), dim))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     features = np.lib.format.open_memmap(partial, mode="r+" if start else "w+", dtype=np.float32,

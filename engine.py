@@ -903,6 +903,8 @@ def run_reporting_failures(args, body) -> int:
         return ExitCode.FAILED
     setup_logging(None, info.rank)  # console only until output_dir has passed its write probe
     logger.info("%s", dist_lib.describe(info))
+    if info.is_main and (problem := dist_lib.elastic_restart_problem()):
+        logger.warning("%s", problem)
     try:
         if info.distributed:
             logger.info("%d process(es) on %s", info.world_size, dist_lib.host_layout(info))

@@ -33,7 +33,10 @@ case "$SHAPE" in
                         --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT")
         fi
         # --max-restarts: a crashed worker makes torchrun restart the whole group (every node), which resumes from
-        # checkpoint-last in seconds, instead of failing the job and waiting for a requeue
+        # checkpoint-last in seconds, instead of failing the job and waiting for a requeue. Each node's agent counts
+        # its own restarts (one whose workers were still alive counts none), so the restarted group must not share
+        # the previous round's store: a fresh one per round (PRETRAIN.md section 6)
+        export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
         cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON" -m torch.distributed.run "${rendezvous[@]}"
              --max-restarts="${MAX_RESTARTS:-1}" --nproc_per_node="$GPUS_PER_NODE" "$SCRIPT") ;;
     srun)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -209,9 +210,23 @@ def test_shipped_srun_per_gpu_sbatch_runs_one_rank_per_gpu_on_both_nodes(slurm_n
     training_checkpoint(os.path.join(out, "checkpoint-0.pth"), epoch=0, world_size=4)
 
 
+def worker_rank(pid: str) -> int:
+    environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text(errors="replace").split("\0")
+                   if "=" in item)
+    return int(environ["RANK"])
+
+
+def sigterm_pending(pid: int) -> bool:
+    """SIGTERM waits, undelivered, on a stopped process: /proc/PID/status's pending masks (thread and process)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    bit = 1 << (signal.SIGTERM - 1)
+    return any(int(status[mask].strip(), 16) & bit for mask in ("SigPnd", "ShdPnd"))
+
+
 def test_crashed_worker_then_preemption_across_two_nodes(slurm_nodes, tiny_data, tmp_path):
-    """One pretrain_multinode.sbatch job meets both failures a cluster week brings. First kill -9 of one worker:
-    torchrun's --max-restarts (set by slurm_pretrain.sh) restarts the group on both nodes in place, which resumes from
+    """One pretrain_multinode.sbatch job meets both failures a cluster week brings. First kill -9 of one worker while
+    the other node's ranks are stopped (as ranks blocked in an NCCL collective are): torchrun's --max-restarts (set by
+    slurm_pretrain.sh) restarts the group on both nodes in place, at the first try, and it resumes from
     checkpoint-last. Then USR1 to the job's batch shell (what --signal=B:USR1@300 does): every rank on both nodes
     stops at the same step, rank 0 writes one checkpoint, the job exits 3 and requeues itself, and the rerun resumes
     and completes. log.txt ends with one line per epoch, whenever the kill landed."""
@@ -229,11 +244,24 @@ def test_crashed_worker_then_preemption_across_two_nodes(slurm_nodes, tiny_data,
 
     wait_for(r"Epoch: \[1\]\s+\[\s*1/")
     pattern = f"main_pretrain_multi_datasets_xray.py.*--output_dir {out}"
-    workers = [pid for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-               if "torch.distributed.run" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
-    assert len(workers) == 4, workers
-    os.kill(int(workers[-1]), 9)
+    workers = {worker_rank(pid): int(pid) for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True,
+                                                               text=True).stdout.split()
+               if "torch.distributed.run" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")}
+    assert sorted(workers) == [0, 1, 2, 3], workers
+    # node1 loses rank 3 while node0's ranks stay alive, as ranks blocked in an NCCL collective do: node0's agent
+    # then restarts them for the membership change, counting no restart of its own, while node1's agent counts one
+    for rank in (0, 1):
+        os.kill(workers[rank], signal.SIGSTOP)
+    os.kill(workers[3], signal.SIGKILL)
+    deadline = time.time() + 120
+    while not all(sigterm_pending(workers[rank]) for rank in (0, 1)):  # node0's agent is stopping its group
+        assert time.time() < deadline, log.read_text()[-4000:]
+        time.sleep(0.1)
+    for rank in (0, 1):
+        os.kill(workers[rank], signal.SIGCONT)
     restarted = wait_for(r"resumed from .*checkpoint-last.pth: epoch ([1-9]), step \d+")
+    # the restarted ranks formed one group at the first try: none read the dead group's addresses
+    assert "connectFullMesh" not in log.read_text(), log.read_text()[-4000:]
     assert int(restarted.group(1)) < epochs - 3, "the run was nearly over when it restarted: raise epochs"
     wait_for(r"Epoch: \[\d+\]", after=restarted.end())
     slurm_nodes.run(0, ["scancel", "--batch", "--signal=USR1", job_id])

@@ -177,11 +177,14 @@ def init_distributed(args) -> tuple[DistInfo, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=args.dist_timeout)
         store, _, _ = next(dist.rendezvous(args.dist_url, info.rank, info.world_size, timeout=timeout))
-        # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix, the restarted ranks
-        # can read the dead ranks' gloo/NCCL addresses from the first attempt and fail (or hang) connecting to them
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"medmae/attempt_{attempt}", store),
-                                world_size=info.world_size, rank=info.rank, timeout=timeout)
+        # torchrun's agents keep their shared store across --max-restarts: without a per-attempt prefix, restarted
+        # ranks can read the dead ranks' gloo/NCCL addresses and fail (or hang) connecting to them. The restart count
+        # is per agent, so over several nodes only a fresh store per round is safe (elastic_restart_problem); that
+        # store is hosted by rank 0 itself and holds nothing stale, and there the per-agent count must not be used
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.PrefixStore(f"medmae/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, world_size=info.world_size, rank=info.rank,
+                                timeout=timeout)
     return info, device
 
 
@@ -350,6 +353,23 @@ def describe(info: DistInfo) -> str:
             f"{info.source}, backend {dist.get_backend()}, master "
             f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
             + (" (--force_process_group)" if info.forced and info.world_size == 1 else ""))
+
+
+def elastic_restart_problem(env=None) -> str | None:
+    """torchrun --max-restarts over several nodes with the agents' shared TCPStore (torch's default) keeps that store
+    across restarts, and each node's agent counts its own restarts: the agent whose worker crashed counts one, an agent
+    whose workers were still alive (blocked in an NCCL collective, say) restarts them for the membership change and
+    counts none. The restarted ranks then disagree on TORCHELASTIC_RESTART_COUNT, so on the per-attempt prefix, and
+    some read the dead group's addresses. With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the agents' environment each
+    round gets a fresh store hosted by the new rank 0, and nothing stale is left to read."""
+    env = os.environ if env is None else env
+    if (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and int(env.get("GROUP_WORLD_SIZE", "1")) > 1):
+        return (f"torchrun --max-restarts {env['TORCHELASTIC_MAX_RESTARTS']} across {env['GROUP_WORLD_SIZE']} nodes "
+                "shares the agents' store between restarts, and the nodes' agents can count restarts differently: a "
+                "restart may then fail to form the group. Export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun "
+                "on every node (scripts/slurm_pretrain.sh does) so that every restart starts from a fresh store.")
+    return None
 
 
 def host_layout(info: DistInfo) -> str:

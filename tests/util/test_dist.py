@@ -1,6 +1,6 @@
 import pytest
 
-from util.dist import DEFAULT_MASTER_PORT, expand_nodelist, resolve_env
+from util.dist import DEFAULT_MASTER_PORT, elastic_restart_problem, expand_nodelist, resolve_env
 
 
 @pytest.mark.parametrize("nodelist, hosts", [
@@ -69,3 +69,20 @@ def test_more_ranks_than_visible_gpus_is_an_error_naming_both():
     with pytest.raises(SetupError, match=r"local rank 2 has no GPU of its own: 2 GPU\(s\) are visible on this node"
                                          r".*--nproc_per_node 2"):
         cuda_index(2, 2)
+
+
+AGENT = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "1", "GROUP_WORLD_SIZE": "2"}
+
+
+@pytest.mark.parametrize("env, unsafe", [
+    (AGENT, True),  # restarts across 2 nodes on the agents' shared store: the restart counts can differ
+    ({**AGENT, "TORCHELASTIC_USE_AGENT_STORE": "False"}, False),  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    ({**AGENT, "GROUP_WORLD_SIZE": "1"}, False),  # one agent counts every restart
+    ({**AGENT, "TORCHELASTIC_MAX_RESTARTS": "0"}, False),  # no restart
+    ({}, False),  # not torchrun
+])
+def test_multinode_restarts_on_a_shared_store_are_named_with_the_fix(env, unsafe):
+    problem = elastic_restart_problem(env)
+    assert (problem is not None) == unsafe
+    if unsafe:
+        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in problem and "--max-restarts 1 across 2 nodes" in problem

@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from PIL import Image
@@ -25,7 +26,9 @@ COPY = ROOT / "tests" / "reference_commands.md"  # the commands alone, so the co
 
 
 def code_blocks(markdown: str) -> list[str]:
-    return re.findall(r"^```[a-z0-9_]*\n(.*?)^```", markdown, re.S | re.M)
+    """Every fenced block, also one indented inside a list item (its lines dedented)."""
+    return [textwrap.dedent(body) for _, body in re.findall(r"^([ \t]*)```[a-z0-9_]*\n(.*?)^\1```", markdown,
+                                                             re.S | re.M)]
 
 
 REFERENCE_COMMANDS = dict(re.findall(r"^```([a-z0-9_]+)\n(.*?)^```", COPY.read_text(), re.S | re.M))
@@ -333,6 +336,9 @@ NOT_RUN = {
     r"^python -m tools\.\w+( \.\.\.)?$": "the tool named in prose; its flags are in the tables",
     r"-m tools\.(compare_runs|collect_results) ": "needs finished runs; tests/tools/ runs it on run folders",
     r"-m tools\.sweep ": "a sweep of 18 full fine-tuning runs; tests/tools/test_sweep_and_collect.py runs a small one",
+    r"data/prepared_320": "each would first prepare the fixture's every NIH image (86,524 hard links); "
+                          "tests/data/test_prepared.py and tests/tools/test_find_duplicates.py run tools.prepare_data, "
+                          "--prepared_dir and --pool_prepared on small pools",
 }
 REFERENCE_RUN_ELSEWHERE = "a reference command: run by test_reference_command_runs_with_sizes_shrunk"
 SMALLER = [(r"--nproc_per_node=\d+", "--nproc_per_node=1"), (r"--batch_size \d+", "--batch_size 2"),

@@ -177,11 +177,9 @@ def init_distributed(args) -> tuple[DistInfo, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=args.dist_timeout)
         store, _, _ = next(dist.rendezvous(args.dist_url, info.rank, info.world_size, timeout=timeout))
-        # torchrun's agents keep their shared store across --max-restarts: without a per-attempt prefix, restarted
-        # ranks can read the dead ranks' gloo/NCCL addresses and fail (or hang) connecting to them. The restart count
-        # is per agent, so over several nodes only a fresh store per round is safe (elastic_restart_problem); that
-        # store is hosted by rank 0 itself and holds nothing stale, and there the per-agent count must not be used
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # on the agents' store, which outlives a restart, a per-attempt prefix keeps restarted ranks from reading the
+        # dead ranks' gloo/NCCL addresses; a fresh store per round holds nothing stale (see elastic_restart_problem)
+        if on_agent_store():
             store = dist.PrefixStore(f"medmae/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend=backend, store=store, world_size=info.world_size, rank=info.rank,
                                 timeout=timeout)
@@ -355,6 +353,12 @@ def describe(info: DistInfo) -> str:
             + (" (--force_process_group)" if info.forced and info.world_size == 1 else ""))
 
 
+def on_agent_store(env=None) -> bool:
+    """Whether torchrun gave the ranks its agents' shared TCPStore, which is kept across --max-restarts (the default;
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives a fresh store per round instead)."""
+    return (os.environ if env is None else env).get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
 def elastic_restart_problem(env=None) -> str | None:
     """torchrun --max-restarts over several nodes with the agents' shared TCPStore (torch's default) keeps that store
     across restarts, and each node's agent counts its own restarts: the agent whose worker crashed counts one, an agent
@@ -363,7 +367,7 @@ def elastic_restart_problem(env=None) -> str | None:
     some read the dead group's addresses. With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the agents' environment each
     round gets a fresh store hosted by the new rank 0, and nothing stale is left to read."""
     env = os.environ if env is None else env
-    if (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    if (on_agent_store(env) and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
             and int(env.get("GROUP_WORLD_SIZE", "1")) > 1):
         return (f"torchrun --max-restarts {env['TORCHELASTIC_MAX_RESTARTS']} across {env['GROUP_WORLD_SIZE']} nodes "
                 "shares the agents' store between restarts, and the nodes' agents can count restarts differently: a "

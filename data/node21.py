@@ -44,7 +44,8 @@ def read_metadata(path: str, flag: str) -> pd.DataFrame:
     checked now, naming the file and row."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{flag}: {path} not found; --data_path must hold NODE21's {METADATA} and "
-                                f"{IMAGE_DIR}/ (the release's processed data)")
+                                f"{IMAGE_DIR}/ (the release's processed data), or the reference's "
+                                f"{' and '.join(REFERENCE_LISTS.values())} with {IMAGE_DIR}/")
     df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     require_columns(df, ["img_name", "label"], path)
     labels = df["label"].str.strip()

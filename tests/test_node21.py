@@ -198,3 +198,25 @@ def test_the_reference_lists_bad_input_is_named(tmp_path, caplog, line, message)
     assert ft_main.main(node21_flags(root, out, nb_classes=2)) == 1
     assert re.search(message, caplog.text), caplog.text
     assert not (out / "checkpoint-last.pth").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: os.remove(root / "test_mae.txt"),
+     r"--data_path holds \S+train_mae.txt but not \S+test_mae.txt: the reference's lists come as a pair"),
+    (lambda root: os.remove(root / "train_mae.txt"),
+     r"--data_path holds \S+test_mae.txt but not \S+train_mae.txt: the reference's lists come as a pair"),
+    (lambda root: (root / "test_mae.txt").write_text(""), r"--test_list \S+test_mae.txt lists no image"),
+    (lambda root: (root / "test_mae.txt").write_text((root / "train_mae.txt").read_text().splitlines()[0] + "\n"),
+     r"the train list \(\S+train_mae.txt minus the validation images\) and the test list \(\S+test_mae.txt\) share 1 "
+     r"patient\(s\)"),
+], ids=["no test_mae.txt", "no train_mae.txt", "an empty test_mae.txt", "an image in train_mae.txt and test_mae.txt"])
+def test_the_reference_lists_missing_empty_or_shared_are_named(tmp_path, caplog, damage, message):
+    """One file of the pair alone is refused (the fixture also has metadata.csv, which it would otherwise fall back to
+    without a word), as are an empty list and an image in both lists."""
+    root = tmp_path / "node21"
+    make_node21(str(root), images=20, size=(32, 32), reference_lists=True)
+    damage(root)
+    out = tmp_path / "out"
+    assert ft_main.main(node21_flags(root, out, nb_classes=2)) == 1
+    assert re.search(message, caplog.text), caplog.text
+    assert "Epoch: [0]" not in caplog.text and not (out / "checkpoint-last.pth").exists()

@@ -566,15 +566,24 @@ def resume_source(task: "Task", args, now: dict) -> tuple[str, dict] | None:
     return None
 
 
-def load_model_state(model: torch.nn.Module, ckpt: dict, path: str) -> None:
-    """The checkpoint's weights, strictly; a checkpoint of another model is a SetupError naming the fix."""
+# flags that set a model's parameter shapes: the ones to name when a checkpoint's weights do not fit
+SHAPE_FLAGS = ("model", "input_size", "in_chans", "nb_classes", "global_pool")
+
+
+def load_model_state(model: torch.nn.Module, ckpt: dict, path: str, args) -> None:
+    """The checkpoint's weights, strictly; a checkpoint of another model is a SetupError naming the flags that differ
+    from the ones it was written with, and the fix."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        detail = "; ".join(str(e).splitlines()[1:4])
-        raise SetupError(f"{path} holds another model than --model {ckpt.get('args', {}).get('model', '?')!r} "
-                         f"builds here ({detail[:300]} ...). Give this run its own --output_dir, or pass the "
-                         "--model that wrote the checkpoint.") from e
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
+        saved = ckpt.get("args") or {}
+        saved = saved if isinstance(saved, dict) else vars(saved)
+        differ = [f"--{k} {saved[k]} there, {getattr(args, k)} here" for k in SHAPE_FLAGS
+                  if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+        raise SetupError(f"{path} holds a model that this run's flags do not build "
+                         f"({'; '.join(differ) or 'no shape flag differs'}: {detail[:300]} ...). Give this run its "
+                         "own --output_dir, or pass the flags that wrote the checkpoint.") from e
 
 
 def resume(run: Run, state: TrainState, found: tuple[str, dict] | None) -> dict | None:
@@ -590,7 +599,7 @@ def resume(run: Run, state: TrainState, found: tuple[str, dict] | None) -> dict 
                 run.task.weights_flag else "give this run its own --output_dir")
         raise SetupError(f"{path} is a checkpoint of {ckpt.get('task') or 'pre-training'}, and this script runs "
                          f"{run.task.name or 'pre-training'}; {hint}")
-    load_model_state(run.model_without_ddp, ckpt, path)
+    load_model_state(run.model_without_ddp, ckpt, path, run.args)
     if run.task.evaluation_only(run.args):
         logger.info("scoring %s (epoch %s)", path, ckpt.get("epoch"))
         return ckpt

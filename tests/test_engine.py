@@ -121,6 +121,18 @@ def test_a_checkpoint_of_another_task_is_refused_in_one_line(tmp_path, caplog):
     assert "Traceback" not in caplog.text
 
 
+def test_a_checkpoint_of_another_shape_names_the_flags_that_differ(tmp_path, caplog):
+    assert engine.run(ToyTask(), toy_args(tmp_path / "a", "--epochs", "1")) == 0
+    wider = ToyTask()
+    wider.build_model = lambda args: torch.nn.Linear(args.input_size, 1, bias=False)
+    resumed = toy_args(tmp_path / "b", "--epochs", "2", "--input_size", "5",
+                       "--resume", str(tmp_path / "a" / "checkpoint-last.pth"))
+    assert engine.run(wider, resumed) == ExitCode.FAILED
+    expected = "holds a model that this run's flags do not build (--input_size 4 there, 5 here: size mismatch"
+    assert expected in caplog.text
+    assert "Traceback" not in caplog.text and not (tmp_path / "b" / "checkpoint-last.pth").exists()
+
+
 def test_a_bug_is_reported_with_its_traceback_then_one_line(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     assert engine.run(ToyTask(), toy_args(tmp_path, "--fail_in", "loss")) == ExitCode.FAILED

@@ -153,7 +153,10 @@ def load_checkpoint(path: str, trust_pickle: bool = False) -> dict:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # a damaged or foreign file, not a disallowed object
-            raise ValueError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]})") from e
+            # torch's own first line advises weights_only=False, which cannot help a file that is no pickle at all
+            reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(e), re.S)
+            raise ValueError(f"{path} is not a readable checkpoint: torch.save did not write it, or it is damaged "
+                             f"({reason.group(1) if reason else str(e).splitlines()[0]})") from e
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise UnsafeCheckpointError(
             f"refused to load {path}: it contains objects other than tensors and plain data "

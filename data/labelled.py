@@ -630,7 +630,7 @@ class LabelledDataset(XrayDataset):
     def __init__(self, split: Split, transform, dataset: str):
         index = SourceIndex(f"{dataset} {split.role}", "", split.paths, split.patients, [""] * len(split))
         super().__init__(index, transform, bad_files="error")
-        self.labels = torch.from_numpy(split.labels)
+        self.labels = torch.tensor(split.labels)  # a copy: pandas may hand out read-only arrays
 
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, None)  # the training sampler sends a seed

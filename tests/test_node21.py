@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+import torch
 
 import main_finetune_chestxray as ft_main
 from data import labelled, node21
@@ -220,3 +221,13 @@ def test_the_reference_lists_missing_empty_or_shared_are_named(tmp_path, caplog,
     assert ft_main.main(node21_flags(root, out, nb_classes=2)) == 1
     assert re.search(message, caplog.text), caplog.text
     assert "Epoch: [0]" not in caplog.text and not (out / "checkpoint-last.pth").exists()
+
+
+@pytest.mark.filterwarnings("error")
+def test_the_labels_are_a_writable_copy_of_the_lists(tmp_path):
+    """pandas hands out read-only label arrays; torch warns (undefined behaviour on a write) unless they are copied."""
+    root = tmp_path / "node21"
+    make_node21(str(root), images=20, size=(32, 32), reference_lists=True)
+    splits = labelled.build_splits(parse(node21_flags(root, tmp_path / "out", nb_classes=2)))
+    dataset = labelled.LabelledDataset(splits["train"], transform=None, dataset="node21")
+    assert dataset.labels.dtype == torch.int64 and dataset.labels.tolist() == splits["train"].labels.tolist()

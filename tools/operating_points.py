@@ -126,8 +126,9 @@ def _logit(p: np.ndarray) -> np.ndarray:
 def operating_points(args) -> int:
     outputs = [os.path.join(args.out, "operating_points.json"), os.path.join(args.out, "reliability.png")]
     check_outputs(outputs, [], args.overwrite)
-    findings, val_labels, val_scores, _ = read_predictions(args.run, "val_predictions.csv")
+    # test first: every finished run has it, so a single-label run is named as such (it writes no validation file)
     test_findings, test_labels, test_scores, patients = read_predictions(args.run, "test_predictions.csv")
+    findings, val_labels, val_scores, _ = read_predictions(args.run, "val_predictions.csv")
     if test_findings != findings:
         raise SetupError(f"{args.run}: the validation and test predictions name other findings")
     per_finding = {}

@@ -28,7 +28,9 @@ def findings_of(table: pd.DataFrame) -> list[str]:
 def require_findings(table: pd.DataFrame, path: str, what: str) -> list[str]:
     findings = findings_of(table)
     if not findings:
-        raise SetupError(f"{path} has no '<finding> label' columns: {what} are for multi-label runs")
+        raise SetupError(f"{path} has no '<finding> label' columns: {what} are for multi-label runs. A single-label "
+                         "run decides by the largest probability; its results.json has each class's sensitivity and "
+                         "PPV with their intervals")
     return findings
 
 

@@ -61,3 +61,14 @@ def test_a_run_without_validation_predictions_is_named(tmp_path):
     write(tmp_path, "test", np.array([0.0, 1.0]), np.array([0.2, 0.8]))
     proc = run_tool_in_process("operating_points.py", str(tmp_path), "--out", str(tmp_path / "op"))
     assert proc.returncode == 1 and "has no val_predictions.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_single_label_run_is_named_as_such(tmp_path):
+    """A COVIDx-style run writes test predictions with class probabilities and no validation file: the error says the
+    tool is for multi-label runs, not that the run is unfinished."""
+    pd.DataFrame({"image": ["a.png", "b.png"], "patient": ["p0", "p1"], "label": ["normal", "COVID-19"],
+                  "predicted": ["normal", "normal"], "normal probability": [0.7, 0.6],
+                  "COVID-19 probability": [0.3, 0.4]}).to_csv(tmp_path / "test_predictions.csv", index=False)
+    proc = run_tool_in_process("operating_points.py", str(tmp_path), "--out", str(tmp_path / "op"))
+    assert proc.returncode == 1 and "operating points are for multi-label runs" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "op").exists()

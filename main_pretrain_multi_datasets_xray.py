@@ -16,6 +16,7 @@ import models_mae
 from data import add_data_args
 from engine_pretrain import PretrainTask
 from util.args import ExitCode, add_pretrain_args
+from util.masking import no_patch_removed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,8 @@ def check_model_args(args) -> list[str]:
     if config.get("fixed_input_size") and args.input_size != config["input_size"]:
         problems.append(f"--model {args.model} is the {config['input_size']}-pixel variant; pass --input_size "
                         f"{config['input_size']}")
-    return problems
+    problem = no_patch_removed((args.input_size // config["patch_size"]) ** 2, args.mask_ratio)
+    return problems + ([problem] if problem else [])
 
 
 def build_model(args):

@@ -12,6 +12,7 @@ import models_mae_cnn
 from data import add_data_args
 from engine_pretrain import PretrainTask
 from util.args import ExitCode, add_pretrain_args
+from util.masking import no_patch_removed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def check_model_args(args) -> list[str]:
         models_mae_cnn.check_cnn_config(args.model, args.model_arch, args.input_size, args.patch_size)
     except ValueError as e:
         return [str(e)]
+    problem = no_patch_removed((args.input_size // args.patch_size) ** 2, args.mask_ratio)
+    if args.cnn_loss == "masked" and problem:  # 'all' (the reference's) is defined without a removed patch
+        return [problem]
     if args.deterministic and args.model_arch in models_mae_cnn.NONDETERMINISTIC_ON_CUDA and args.device != "cpu":
         return [f"--deterministic with --model_arch {args.model_arch}: its CUDA backward (bilinear upsampling or "
                 "adaptive pooling) has no deterministic kernel and would fail at the first step; use --model_arch "

@@ -99,6 +99,7 @@ def test_cli_resume_continues_next_epoch(tiny_data, tmp_path):
 
 BAD_INPUT = [
     ({"mask_ratio": 1.0}, r"--mask_ratio is the fraction removed and must be in \[0, 1\), got 1.0"),
+    ({"mask_ratio": 0.0}, r"--mask_ratio 0.0 removes none of the \d+ patches, and the loss is the mean over"),
     ({"model": "mae_vit_small_patch16_dec128d"}, "Did you mean: mae_vit_small_patch16_dec128d2b"),
     ({"input_size": 40}, "--input_size 40 must be divisible by the patch size 16"),
     ({"norm_stats": "bogus"}, "--norm_stats must be one of"),

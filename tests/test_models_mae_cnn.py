@@ -161,3 +161,20 @@ def test_deterministic_with_an_architecture_without_a_deterministic_cuda_backwar
     assert problems("--model_arch", "FPN", "--deterministic", "--device", "cpu") == []  # CPU kernels are fine
     assert problems("--model_arch", "Unet", "--deterministic") == []
     assert problems("--model_arch", "PSPNet") == []
+
+
+def test_a_mask_ratio_that_removes_no_patch_is_refused_only_for_the_masked_loss():
+    """--cnn_loss masked averages over the removed patches (0/0 without one); the reference's 'all' is defined."""
+    import argparse
+
+    import main_pretrain_multi_datasets_xray_cnn as cnn_main
+
+    def problems(*argv):
+        args = argparse.ArgumentParser(parents=[cnn_main.get_args_parser()]).parse_args(["--input_size", "64", *argv])
+        return cnn_main.check_model_args(args)
+
+    assert problems("--mask_ratio", "0", "--cnn_loss", "masked") == [
+        "--mask_ratio 0.0 removes none of the 16 patches, and the loss is the mean over the removed ones (NaN at every "
+        "step); pass a larger --mask_ratio (the reference's 0.75, the paper's 0.9)"]
+    assert problems("--mask_ratio", "0", "--cnn_loss", "all") == []
+    assert problems("--mask_ratio", "0.1", "--cnn_loss", "masked") == []  # int(16 * 0.9) = 14 kept: 2 removed

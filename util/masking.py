@@ -57,6 +57,15 @@ def check_mask_ratio(mask_ratio: float) -> None:
         raise ValueError(f"mask_ratio is the fraction of patches removed and must be in [0, 1), got {mask_ratio}")
 
 
+def no_patch_removed(num_patches: int, mask_ratio: float) -> str | None:
+    """A loss averaged over the removed patches is 0/0 (NaN at every step) when --mask_ratio removes none of the
+    image's patches: the problem, for the start-up checks, or None."""
+    if int(num_patches * (1 - mask_ratio)) < num_patches:
+        return None
+    return (f"--mask_ratio {mask_ratio} removes none of the {num_patches} patches, and the loss is the mean over the "
+            "removed ones (NaN at every step); pass a larger --mask_ratio (the reference's 0.75, the paper's 0.9)")
+
+
 def normalize_patch_targets(target: torch.Tensor) -> torch.Tensor:
     """norm_pix_loss targets: each patch normalised by its own mean and variance (MAE's rule)."""
     mean = target.mean(dim=-1, keepdim=True)

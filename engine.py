@@ -595,8 +595,12 @@ def resume(run: Run, state: TrainState, found: tuple[str, dict] | None) -> dict 
         raise SetupError(f"{path} holds no 'model' weights (keys: {sorted(ckpt)[:8]}); it is not a checkpoint of "
                          "this project or the reference")
     if ckpt.get("task") != run.task.name:
-        hint = (f"to start from its weights, pass it as {run.task.weights_flag}" if ckpt.get("task") is None and
-                run.task.weights_flag else "give this run its own --output_dir")
+        # pre-training's --init_from takes any task's weights; the downstream tasks' --finetune takes pre-training's
+        takes_weights = run.task.weights_flag and (ckpt.get("task") is None or run.task.name is None)
+        hints = ["give this run its own --output_dir" if inside(path, run.args.output_dir)
+                 else "--resume continues a run of this script",
+                 f"to start from its weights, pass it as {run.task.weights_flag}" if takes_weights else ""]
+        hint = "; ".join(h for h in hints if h)
         raise SetupError(f"{path} is a checkpoint of {ckpt.get('task') or 'pre-training'}, and this script runs "
                          f"{run.task.name or 'pre-training'}; {hint}")
     load_model_state(run.model_without_ddp, ckpt, path, run.args)

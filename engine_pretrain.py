@@ -53,6 +53,8 @@ def index_pool(args, info, device) -> data_lib.IndexPool:
 class PretrainTask(Task):
     """Masked reconstruction on the pre-training pool; `build_model(args)` makes a util.model_api.PretrainModel."""
 
+    weights_flag = "--init_from"
+
     def __init__(self, build_model, check_model_args=None):
         self.factory = build_model
         self.check_model_args = check_model_args

@@ -188,3 +188,15 @@ def test_tools_run_as_modules_from_the_repository_root():
     assert [line for line in proc.stdout.splitlines() if line.startswith("== ")] == [
         f"== {tool} exited 0" for tool in TOOLS], proc.output
     assert proc.stdout.count("usage:") == len(TOOLS) and len(TOOLS) >= 10, proc.output
+
+
+def test_a_resume_of_another_tasks_checkpoint_names_init_from(tiny_data, tmp_path, caplog):
+    """--resume from elsewhere continues a run of this script; a fine-tuning checkpoint's weights go in --init_from."""
+    torch.save({"model": {}, "epoch": 0, "task": "finetune", "args": {"model": "vit_debug_patch16"}},
+               tmp_path / "finetuned.pth")
+    out = tmp_path / "out"
+    code = vit_main.main(tiny_run_args(tiny_data[0], str(out), resume=str(tmp_path / "finetuned.pth")))
+    assert code == 1
+    assert ("finetuned.pth is a checkpoint of finetune, and this script runs pre-training; --resume continues a run "
+            "of this script; to start from its weights, pass it as --init_from") in caplog.text, caplog.text
+    assert not (out / "checkpoint-last.pth").exists()

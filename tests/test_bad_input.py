@@ -215,7 +215,8 @@ TOOL_CASES = [
      r"checkpoint not found: \S+none.pth"),
     ("export, a fine-tuning checkpoint",
      lambda t, runs: ("export_encoder.py", "--checkpoint", str(t / "finetuned.pth"), "--out", str(t / "e")),
-     r"finetuned.pth is a finetune checkpoint \(a classifier\); this tool takes a pre-training checkpoint"),
+     r"finetuned.pth is a finetune checkpoint \(a classifier\); this tool takes a pre-training checkpoint .* "
+     r"\(tools.export_classifier exports a fine-tuned classifier\)"),
     ("prepare_data, --prepare_size 0",
      lambda t, runs: ("prepare_data.py", "--out", str(t / "p"), "--prepare_size", "0"),
      r"--prepare_size 0: the shorter side in pixels, at least 16"),

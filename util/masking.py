@@ -31,13 +31,18 @@ def unpatchify(x: torch.Tensor, p: int, in_chans: int, grid_size: tuple[int, int
     return x.reshape(n, in_chans, gh * p, gw * p)
 
 
+def kept_patches(num_patches: int, mask_ratio: float) -> int:
+    """How many of the image's patches stay visible: the reference's int(L*(1-r))."""
+    return int(num_patches * (1 - mask_ratio))
+
+
 def random_masking_ids(n: int, num_patches: int, mask_ratio: float, device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The reference rule: one torch.rand(N, L) on `device`, argsort, keep the int(L*(1-r)) lowest.
 
     Returns ids_shuffle [N, L], ids_restore [N, L] and len_keep. Drawing the noise here, in one call
     of the same shape and device as the reference, keeps masks identical for a given RNG state.
     """
-    len_keep = int(num_patches * (1 - mask_ratio))
+    len_keep = kept_patches(num_patches, mask_ratio)
     noise = torch.rand(n, num_patches, device=device)  # noise in [0, 1)
     ids_shuffle = torch.argsort(noise, dim=1)  # ascend: small is keep, large is remove
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -60,7 +65,7 @@ def check_mask_ratio(mask_ratio: float) -> None:
 def no_patch_removed(num_patches: int, mask_ratio: float) -> str | None:
     """A loss averaged over the removed patches is 0/0 (NaN at every step) when --mask_ratio removes none of the
     image's patches: the problem, for the start-up checks, or None."""
-    if int(num_patches * (1 - mask_ratio)) < num_patches:
+    if kept_patches(num_patches, mask_ratio) < num_patches:
         return None
     return (f"--mask_ratio {mask_ratio} removes none of the {num_patches} patches, and the loss is the mean over the "
             "removed ones (NaN at every step); pass a larger --mask_ratio (the reference's 0.75, the paper's 0.9)")

@@ -577,10 +577,7 @@ def load_model_state(model: torch.nn.Module, ckpt: dict, path: str, args) -> Non
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-        saved = ckpt.get("args") or {}
-        saved = saved if isinstance(saved, dict) else vars(saved)
-        differ = [f"--{k} {saved[k]} there, {getattr(args, k)} here" for k in SHAPE_FLAGS
-                  if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+        differ = [f"--{k} {old} there, {new} here" for k, old, new in changed_flags(args, ckpt, SHAPE_FLAGS)]
         raise SetupError(f"{path} holds a model that this run's flags do not build "
                          f"({'; '.join(differ) or 'no shape flag differs'}: {detail[:300]} ...). Give this run its "
                          "own --output_dir, or pass the flags that wrote the checkpoint.") from e
@@ -644,12 +641,18 @@ def already_scored(args, found: tuple[str, dict] | None, results_name: str) -> b
     return True
 
 
+def changed_flags(args, ckpt: dict, flags: tuple[str, ...]) -> list[tuple[str, object, object]]:
+    """(flag, the value the checkpoint's run had, this command's) for each of `flags` that differs; flags the
+    checkpoint does not record (older files) are not compared."""
+    saved = ckpt.get("args") or {}
+    return [(k, saved[k], getattr(args, k)) for k in flags
+            if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+
+
 def check_eval_settings(args, path: str, ckpt: dict, settings: tuple[str, ...]) -> None:
     """--eval scores a checkpoint as its run scored: the flags in `settings` (what decides how the test images are
     prepared) must be the run's."""
-    saved = ckpt.get("args") or {}
-    differ = [f"--{k} {saved[k]!r} in its run, {getattr(args, k)!r} now" for k in settings
-              if k in saved and saved[k] != getattr(args, k)]
+    differ = [f"--{k} {old!r} in its run, {new!r} now" for k, old, new in changed_flags(args, ckpt, settings)]
     if differ:
         raise SetupError(f"--eval --resume {path}: {'; '.join(differ)}. Scoring with other transforms gives "
                          "another number for the same model: pass the run's own flags")

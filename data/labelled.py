@@ -372,15 +372,16 @@ def _node21_splits(args, with_test_labels: bool = False) -> dict[str, Split]:
     Every label is checked now, the test list's too."""
     metadata_path = os.path.join(args.data_path, node21.METADATA)
     found = {role: os.path.join(args.data_path, name) for role, name in node21.REFERENCE_LISTS.items()}
-    present = [role for role, path in found.items() if os.path.isfile(path)]
+    present = {role: path for role, path in found.items() if os.path.isfile(path)}
     if len(present) == 1 and not (args.train_list or args.test_list):
         # one file of the pair alone would otherwise fall back to metadata.csv's random split without a word
-        have, lack = found[present[0]], found["test" if present[0] == "train" else "train"]
-        raise SetupError(f"--data_path holds {have} but not {lack}: the reference's lists come as a pair. Add "
-                         f"{os.path.basename(lack)}, name it with --{'test' if present[0] == 'train' else 'train'}"
-                         f"_list, or remove {os.path.basename(have)} to split {node21.METADATA} at random")
-    train_list = args.train_list or (found["train"] if os.path.isfile(found["train"]) else None)
-    test_list = args.test_list or (found["test"] if os.path.isfile(found["test"]) else None)
+        (role, have), = present.items()
+        lacking = "test" if role == "train" else "train"
+        raise SetupError(f"--data_path holds {have} but not {found[lacking]}: the reference's lists come as a pair. "
+                         f"Add {os.path.basename(found[lacking])}, name it with --{lacking}_list, or remove "
+                         f"{os.path.basename(have)} to split {node21.METADATA} at random")
+    train_list = args.train_list or present.get("train")
+    test_list = args.test_list or present.get("test")
     reference = train_list and test_list and not str(train_list).lower().endswith(".csv")
     if reference:
         frames = {"train": node21.read_list(train_list, "--train_list", metadata_path),

@@ -15,12 +15,11 @@ def model_from_checkpoint(path: str):
         raise ValueError(f"{path} is not a pre-training checkpoint (it has no 'model' and 'args'); "
                          "an encoder export cannot be visualised or re-exported")
     if ckpt.get("task"):
-        kind = {"finetune": " (a classifier)", "linprobe": " (a classifier)", "segment": " (a segmenter)"}
-        other = (" (tools.export_classifier exports a fine-tuned classifier)"
-                 if ckpt["task"] in ("finetune", "linprobe") else "")
-        raise ValueError(f"{path} is a {ckpt['task']} checkpoint{kind.get(ckpt['task'], '')}; this tool takes a "
+        what = {"finetune": "a classifier", "linprobe": "a classifier", "segment": "a segmenter"}.get(ckpt["task"])
+        raise ValueError(f"{path} is a {ckpt['task']} checkpoint{f' ({what})' if what else ''}; this tool takes a "
                          "pre-training checkpoint (main_pretrain_multi_datasets_xray*.py), whose encoder and decoder "
-                         f"it rebuilds{other}")
+                         "it rebuilds" + (" (tools.export_classifier exports a fine-tuned classifier)"
+                                          if what == "a classifier" else ""))
     saved = ckpt["args"]
     name = saved.get("model")
     if name not in models_mae.MODELS and name not in models_mae_cnn.encoder_names():

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny datasets in the real layouts, trained tiny runs, a free port, state resets (plain helpers are
 in tests/helpers.py)."""
+import os
 import random
 import socket
 
@@ -17,10 +18,20 @@ def pytest_configure(config):
     """Under pytest-xdist each worker gets one intra-op thread: `make test` runs one worker per core, and two threads
     per worker on two cores made the in-process training tests several times slower (the child processes the tests
     start already get OMP_NUM_THREADS=1 from tests/helpers.child_env)."""
-    import os
-
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+
+
+def pytest_report_header(config):
+    """The free space where the tests write: the documented commands save full-size checkpoints, and a passed test's
+    folder is deleted when it ends (pyproject.toml), so a full `make test` peaks near 3.5 GB. A disk that fills shows
+    up as a run of setup errors; this line says why before they start."""
+    import shutil
+    import tempfile
+
+    folder = config.getoption("basetemp") or tempfile.gettempdir()
+    free = shutil.disk_usage(folder if os.path.isdir(folder) else tempfile.gettempdir()).free
+    return f"test folders under {folder}: {free / 2**30:.1f} GiB free (a full make test needs about 3.5 GiB)"
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,10 @@ def model_from_checkpoint(path: str):
                          "an encoder export cannot be visualised or re-exported")
     if ckpt.get("task"):
         what = {"finetune": "a classifier", "linprobe": "a classifier", "segment": "a segmenter"}.get(ckpt["task"])
-        raise ValueError(f"{path} is a {ckpt['task']} checkpoint{f' ({what})' if what else ''}; this tool takes a "
-                         "pre-training checkpoint (main_pretrain_multi_datasets_xray*.py), whose encoder and decoder "
-                         "it rebuilds" + (" (tools.export_classifier exports a fine-tuned classifier)"
-                                          if what == "a classifier" else ""))
+        held = f" ({what})" if what else ""
+        pointer = " (tools.export_classifier exports a fine-tuned classifier)" if what == "a classifier" else ""
+        raise ValueError(f"{path} is a {ckpt['task']} checkpoint{held}; this tool takes a pre-training checkpoint "
+                         f"(main_pretrain_multi_datasets_xray*.py), whose encoder and decoder it rebuilds{pointer}")
     saved = ckpt["args"]
     name = saved.get("model")
     if name not in models_mae.MODELS and name not in models_mae_cnn.encoder_names():

@@ -29,8 +29,11 @@ def pytest_report_header(config):
     import shutil
     import tempfile
 
-    folder = config.getoption("basetemp") or tempfile.gettempdir()
-    free = shutil.disk_usage(folder if os.path.isdir(folder) else tempfile.gettempdir()).free
+    folder = os.path.abspath(config.getoption("basetemp") or tempfile.gettempdir())
+    disk = folder
+    while not os.path.isdir(disk):  # a --basetemp pytest has not made yet lies on its nearest existing parent's disk
+        disk = os.path.dirname(disk)
+    free = shutil.disk_usage(disk).free
     return f"test folders under {folder}: {free / 2**30:.1f} GiB free (a full make test needs about 3.5 GiB)"
 
 
